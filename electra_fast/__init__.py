@@ -1,0 +1,36 @@
+"""electra-fast: fused kernels and a slim model for fast ELECTRA (replaced-token detection) pretraining.
+
+Layout: `electra_fast.ops` (public functional ops, each with a PyTorch reference and registered with
+`torch.library`) -> `electra_fast.model` (slim encoder) -> `ElectraPretrainer` -> CLI.
+Kernels live in `electra_fast.kernels` (Triton) and `electra_fast.cuda` (CUDA C++ from `csrc/`).
+"""
+import os as _os
+
+__version__ = "0.1.0"
+
+# In a source checkout used in place (PYTHONPATH=.), `kernels/` and `csrc/` sit beside this package rather
+# than inside it (setup.py maps them in at install time); let the import system find them there too.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")) and _os.path.isfile(
+    _os.path.join(_root, "kernels", "__init__.py")
+):
+    __path__.append(_root)  # noqa: F821  (module __path__)
+
+from electra_fast import ops  # noqa: E402
+
+
+def __getattr__(name):
+    # The model and pretrainer import lazily so `import electra_fast.ops` stays light.
+    if name in ("ElectraPretrainer", "PretrainerOutput"):
+        from electra_fast import pretrainer
+
+        return getattr(pretrainer, name)
+    if name in ("ElectraConfig", "PRESETS", "Generator", "Discriminator"):
+        from electra_fast import model
+
+        return getattr(model, name)
+    if name == "rtd_step":
+        from electra_fast.pretrainer import rtd_step
+
+        return rtd_step
+    raise AttributeError(f"module 'electra_fast' has no attribute {name!r}")

@@ -1,0 +1,19 @@
+"""Public functional ops for ELECTRA replaced-token detection (SPEC section 4).
+
+Each op has a plain PyTorch reference (the CPU path and the test oracle), is registered with `torch.library`
+(fake kernel, autograd where differentiable) so `torch.compile(fullgraph=True)` traces it, and dispatches to a
+Triton or CUDA kernel through the backend switch in `_backend`.
+"""
+from electra_fast.ops._backend import BACKENDS, available_backends, get_backend, set_backend
+from electra_fast.ops.gumbel_sample import gumbel_sample
+from electra_fast.ops.mask_tokens import mask_tokens, num_slots
+from electra_fast.ops.masked_gather import masked_gather
+from electra_fast.ops.mlm_loss import mlm_loss_and_sample
+from electra_fast.ops.replace_tokens import replace_tokens
+from electra_fast.ops.rtd_bce import rtd_bce_loss
+
+__all__ = [
+    "BACKENDS", "available_backends", "get_backend", "set_backend",
+    "mask_tokens", "num_slots", "masked_gather", "mlm_loss_and_sample", "gumbel_sample", "replace_tokens",
+    "rtd_bce_loss",
+]

@@ -1,0 +1,108 @@
+"""Backend switch: which implementation of an op runs.
+
+Three backends: "torch" (the PyTorch reference; the CPU path and the test oracle), "triton"
+(`electra_fast.kernels`) and "cuda" (`electra_fast.cuda`, CUDA C++ from `csrc/`, built with ninja).
+Choice, first match wins: the op's `backend=` argument, `set_backend()`, the `ELECTRA_FAST_BACKEND`
+environment variable, then the default: for CUDA tensors the first available of `DEFAULT_ORDER[op]`,
+for CPU tensors "torch". A backend asked for explicitly that cannot run raises (a globally forced one runs
+the reference for ops it has no kernel for); the default falls back silently. Triton runs on CPU tensors only under `TRITON_INTERPRET=1`, and only when asked for.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Optional
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+_KERNEL_MODULES = {"triton": "electra_fast.kernels", "cuda": "electra_fast.cuda"}
+# Per-op preference on CUDA tensors; benchmarks/RESULTS.md is where a change of order must be justified.
+DEFAULT_ORDER = {
+    "mask_tokens": ("torch",),
+    "masked_gather": ("triton", "cuda", "torch"),
+    "mlm_loss_and_sample": ("triton", "cuda", "torch"),
+    "gumbel_sample": ("triton", "cuda", "torch"),
+    "replace_tokens": ("triton", "cuda", "torch"),
+    "rtd_bce_loss": ("triton", "cuda", "torch"),
+    "rtd_head_loss": ("triton", "cuda", "torch"),
+}
+_forced: Optional[str] = None
+
+
+def _check_name(name: str, arg: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{arg} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Force one backend for every op (None restores the per-device default)."""
+    global _forced
+    _forced = None if name is None else _check_name(name, "backend")
+
+
+def get_backend() -> Optional[str]:
+    """The backend forced by `set_backend` or `ELECTRA_FAST_BACKEND`, or None for the default."""
+    if _forced is not None:
+        return _forced
+    env = os.environ.get("ELECTRA_FAST_BACKEND")
+    return _check_name(env, "ELECTRA_FAST_BACKEND") if env else None
+
+
+def _module(backend: str):
+    try:
+        return importlib.import_module(_KERNEL_MODULES[backend])
+    except ImportError:
+        return None
+
+
+def _why_unavailable(backend: str, op: str, device: torch.device) -> Optional[str]:
+    """None when `backend` can run `op` on `device`, else the reason."""
+    if backend == "torch":
+        return None
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"Triton needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU); got device {device}"
+    if backend == "cuda" and device.type != "cuda":
+        return f"the CUDA backend needs CUDA tensors; got device {device}"
+    mod = _module(backend)
+    if mod is None:
+        return f"{_KERNEL_MODULES[backend]} could not be imported"
+    if backend == "cuda" and not mod.is_available():
+        return mod.unavailable_reason()
+    if not hasattr(mod, op):
+        return f"the {backend} backend has no kernel for {op}"
+    return None
+
+
+def resolve(op: str, backend: Optional[str], device: torch.device):
+    """Return (backend name, kernel function or None for the torch reference)."""
+    name = backend if backend is not None else get_backend()
+    if name is not None:
+        _check_name(name, "backend")
+        why = _why_unavailable(name, op, device)
+        mod = None if name == "torch" else _module(name)
+        if why is not None and backend is None and mod is not None and not hasattr(mod, op):
+            name = "torch"  # a globally forced backend covers the ops it has; the rest run the reference
+        elif why is not None:
+            raise RuntimeError(f"backend {name!r} cannot run {op}: {why}")
+    elif device.type != "cuda":
+        name = "torch"
+    else:
+        name = next(b for b in DEFAULT_ORDER[op] if _why_unavailable(b, op, device) is None)
+    return name, (None if name == "torch" else getattr(_module(name), op))
+
+
+def available_backends(device="cuda", op: str = "mlm_loss_and_sample") -> list:
+    """Backends that can run `op` on `device` here."""
+    device = torch.device(device)
+    return [b for b in BACKENDS if _why_unavailable(b, op, device) is None]
+
+
+def draw_seed(device: torch.device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """A Philox seed as a 1-element int64 device tensor, drawn with torch's RNG.
+
+    Kernels read it from memory rather than taking a Python int, so results follow
+    `torch.manual_seed`/`generator=` and each replay of a captured CUDA graph draws a fresh seed.
+    """
+    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64, generator=generator)

@@ -1,0 +1,51 @@
+"""Argument checks shared by the public ops: each error names the argument, the expected and the actual value.
+
+They look at shapes, dtypes and Python scalars only, never at tensor data, so they cost no host sync and
+`torch.compile(fullgraph=True)` traces through them.
+"""
+from __future__ import annotations
+
+import torch
+
+INT_DTYPES = (torch.int64, torch.int32)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _dtype_names(dtypes) -> str:
+    return "/".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(x, name: str, *, ndim: int | None = None, dtypes=None) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype {_dtype_names(dtypes)}, got {x.dtype}")
+    return x
+
+
+def check_shape(x: torch.Tensor, name: str, shape, what: str) -> None:
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} ({what}), got {tuple(x.shape)}")
+
+
+def check_same_device(tensors: dict) -> None:
+    devices = {n: t.device for n, t in tensors.items() if t is not None}
+    first = next(iter(devices))
+    for n, d in devices.items():
+        if d != devices[first]:
+            raise ValueError(f"{n} must be on the same device as {first} ({devices[first]}), got {d}")
+
+
+def check_temperature(temperature) -> float:
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    return float(temperature)
+
+
+def check_logits(logits, name: str = "logits") -> torch.Tensor:
+    check_tensor(logits, name, ndim=2, dtypes=FLOAT_DTYPES)
+    if logits.shape[1] == 0:
+        raise ValueError(f"{name} must have a non-empty vocabulary (dim 1 > 0), got shape {tuple(logits.shape)}")
+    return logits

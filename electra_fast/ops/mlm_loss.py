@@ -1,0 +1,112 @@
+"""Generator MLM loss and replacement sampling from the same logits (SPEC 1.2-1.3).
+
+`loss = sum(w * ce) / (sum(w) + 1e-6)`, `sampled = argmax(logits / T + gumbel)`, `correct = argmax(logits) == target`.
+The backward is `(softmax - onehot) * w / (sum(w) + 1e-6)`, recomputed from the saved per-row log-sum-exp
+so nothing else of size `[M, V]` is kept. Kernels fuse all of it into one pass over each logit row.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from electra_fast.ops._backend import draw_seed, resolve
+from electra_fast.ops._checks import FLOAT_DTYPES, INT_DTYPES, check_logits, check_same_device, check_shape, \
+    check_tensor, check_temperature
+from electra_fast.ops.gumbel_sample import disallow_ids, gumbel_scores
+
+WEIGHT_EPS = 1e-6  # the reference's denominator guard: a batch with no real slot gives loss 0, not NaN
+
+
+def mlm_loss_and_sample_reference(logits, targets, weights, uniform, temperature: float, disallow_correct: bool):
+    """Returns `(loss, sampled, correct, lse)`; lse `[M]` fp32 is what the backward needs."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=1)
+    ce = lse - x.gather(1, targets[:, None])[:, 0]
+    w = weights.float()
+    loss = (w * ce).sum() / (w.sum() + WEIGHT_EPS)
+    correct = x.argmax(dim=1) == targets
+    scores = gumbel_scores(logits, uniform, temperature)
+    if disallow_correct:
+        scores = disallow_ids(scores, targets)
+    return loss, scores.argmax(dim=1), correct, lse
+
+
+def mlm_loss_backward_reference(grad_loss, logits, targets, weights, lse):
+    w = weights.float()
+    scale = (w / (w.sum() + WEIGHT_EPS) * grad_loss)[:, None]
+    grad = torch.exp(logits.float() - lse[:, None])
+    grad.scatter_add_(1, targets[:, None], -torch.ones_like(grad[:, :1]))
+    return (grad * scale).to(logits.dtype)
+
+
+@torch.library.custom_op("electra_fast::mlm_loss_and_sample", mutates_args=())
+def _mlm_op(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, uniform: torch.Tensor,
+            temperature: float, disallow_correct: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return mlm_loss_and_sample_reference(logits, targets, weights, uniform, temperature, disallow_correct)
+
+
+@_mlm_op.register_fake
+def _(logits, targets, weights, uniform, temperature, disallow_correct):
+    m = logits.shape[0]
+    return (logits.new_empty((), dtype=torch.float32), logits.new_empty((m,), dtype=torch.int64),
+            logits.new_empty((m,), dtype=torch.bool), logits.new_empty((m,), dtype=torch.float32))
+
+
+@torch.library.custom_op("electra_fast::mlm_loss_backward", mutates_args=())
+def _mlm_backward_op(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                     lse: torch.Tensor) -> torch.Tensor:
+    return mlm_loss_backward_reference(grad_loss, logits, targets, weights, lse)
+
+
+@_mlm_backward_op.register_fake
+def _(grad_loss, logits, targets, weights, lse):
+    return torch.empty_like(logits)
+
+
+def _setup(ctx, inputs, output):
+    logits, targets, weights = inputs[:3]
+    ctx.save_for_backward(logits, targets, weights, output[3])
+
+
+def _backward(ctx, grad_loss, *_):
+    logits, targets, weights, lse = ctx.saved_tensors
+    return _mlm_backward_op(grad_loss, logits, targets, weights, lse), None, None, None, None, None
+
+
+_mlm_op.register_autograd(_backward, setup_context=_setup)
+
+
+def mlm_loss_and_sample(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, *,
+                        temperature: float = 1.0, disallow_correct: bool = False,
+                        generator: Optional[torch.Generator] = None, backend: Optional[str] = None):
+    """Masked-LM loss and Gumbel-max replacement samples from one set of logits.
+
+    Args:
+        logits: `[M, V]` generator logits at the M gathered slots (fp32/fp16/bf16).
+        targets: `[M]` original token ids, each in `[0, V)` (padding slots too: use any valid id).
+        weights: `[M]` slot weights (1 real, 0 padding).
+        temperature: sampling temperature > 0 (the loss is always at T = 1).
+        disallow_correct: forbid sampling the original token.
+        generator: torch RNG for the sampling noise.
+
+    Returns:
+        `(loss, sampled, correct)`: fp32 scalar `sum(w * ce) / (sum(w) + 1e-6)`, differentiable w.r.t. logits;
+        `[M]` int64 samples (no gradient); `[M]` bool, whether `argmax(logits) == targets`.
+    """
+    check_logits(logits)
+    m = logits.shape[0]
+    check_tensor(targets, "targets", ndim=1, dtypes=INT_DTYPES)
+    check_shape(targets, "targets", (m,), "one per row of logits")
+    check_tensor(weights, "weights", ndim=1, dtypes=FLOAT_DTYPES + INT_DTYPES + (torch.bool,))
+    check_shape(weights, "weights", (m,), "one per row of logits")
+    check_same_device({"logits": logits, "targets": targets, "weights": weights})
+    temperature = check_temperature(temperature)
+    logits, targets, weights = logits.contiguous(), targets.long().contiguous(), weights.float().contiguous()
+    _, kernel = resolve("mlm_loss_and_sample", backend, logits.device)
+    if kernel is not None:
+        return kernel(logits, targets, weights, draw_seed(logits.device, generator), temperature,
+                      bool(disallow_correct))
+    uniform = torch.rand(logits.shape, device=logits.device, dtype=torch.float32, generator=generator)
+    loss, sampled, correct, _ = _mlm_op(logits, targets, weights, uniform, temperature, bool(disallow_correct))
+    return loss, sampled, correct
