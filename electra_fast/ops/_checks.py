@@ -49,3 +49,8 @@ def check_logits(logits, name: str = "logits") -> torch.Tensor:
     if logits.shape[1] == 0:
         raise ValueError(f"{name} must have a non-empty vocabulary (dim 1 > 0), got shape {tuple(logits.shape)}")
     return logits
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp32 for fp32/fp16/bf16 inputs, fp64 for fp64 (so float64 gradchecks stay exact)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

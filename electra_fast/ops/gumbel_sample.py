@@ -11,13 +11,13 @@ from typing import Optional
 import torch
 
 from electra_fast.ops._backend import draw_seed, resolve
-from electra_fast.ops._checks import INT_DTYPES, check_logits, check_same_device, check_shape, check_tensor, \
+from electra_fast.ops._checks import INT_DTYPES, acc_dtype, check_logits, check_same_device, check_shape, check_tensor, \
     check_temperature
 
 
 def gumbel_scores(logits: torch.Tensor, uniform: torch.Tensor, temperature: float) -> torch.Tensor:
     """`logits / T + g` in fp32. U = 0 gives g = -inf: that token cannot win, which is the right limit."""
-    return logits.float() / temperature - torch.log(-torch.log(uniform))
+    return logits.to(acc_dtype(logits.dtype)) / temperature - torch.log(-torch.log(uniform))
 
 
 def disallow_ids(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

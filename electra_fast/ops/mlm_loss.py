@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from electra_fast.ops._backend import draw_seed, resolve
-from electra_fast.ops._checks import FLOAT_DTYPES, INT_DTYPES, check_logits, check_same_device, check_shape, \
+from electra_fast.ops._checks import FLOAT_DTYPES, INT_DTYPES, acc_dtype, check_logits, check_same_device, check_shape, \
     check_tensor, check_temperature
 from electra_fast.ops.gumbel_sample import disallow_ids, gumbel_scores
 
@@ -19,11 +19,11 @@ WEIGHT_EPS = 1e-6  # the reference's denominator guard: a batch with no real slo
 
 
 def mlm_loss_and_sample_reference(logits, targets, weights, uniform, temperature: float, disallow_correct: bool):
-    """Returns `(loss, sampled, correct, lse)`; lse `[M]` fp32 is what the backward needs."""
-    x = logits.float()
+    """Returns `(loss, sampled, correct, lse)`; lse `[M]` (fp32, fp64 for fp64 logits) is what the backward needs."""
+    x = logits.to(acc_dtype(logits.dtype))
     lse = torch.logsumexp(x, dim=1)
     ce = lse - x.gather(1, targets[:, None])[:, 0]
-    w = weights.float()
+    w = weights.to(x.dtype)
     loss = (w * ce).sum() / (w.sum() + WEIGHT_EPS)
     correct = x.argmax(dim=1) == targets
     scores = gumbel_scores(logits, uniform, temperature)
@@ -33,9 +33,9 @@ def mlm_loss_and_sample_reference(logits, targets, weights, uniform, temperature
 
 
 def mlm_loss_backward_reference(grad_loss, logits, targets, weights, lse):
-    w = weights.float()
+    w = weights.to(lse.dtype)
     scale = (w / (w.sum() + WEIGHT_EPS) * grad_loss)[:, None]
-    grad = torch.exp(logits.float() - lse[:, None])
+    grad = torch.exp(logits.to(lse.dtype) - lse[:, None])
     grad.scatter_add_(1, targets[:, None], -torch.ones_like(grad[:, :1]))
     return (grad * scale).to(logits.dtype)
 
@@ -48,9 +48,9 @@ def _mlm_op(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, 
 
 @_mlm_op.register_fake
 def _(logits, targets, weights, uniform, temperature, disallow_correct):
-    m = logits.shape[0]
-    return (logits.new_empty((), dtype=torch.float32), logits.new_empty((m,), dtype=torch.int64),
-            logits.new_empty((m,), dtype=torch.bool), logits.new_empty((m,), dtype=torch.float32))
+    m, acc = logits.shape[0], acc_dtype(logits.dtype)
+    return (logits.new_empty((), dtype=acc), logits.new_empty((m,), dtype=torch.int64),
+            logits.new_empty((m,), dtype=torch.bool), logits.new_empty((m,), dtype=acc))
 
 
 @torch.library.custom_op("electra_fast::mlm_loss_backward", mutates_args=())

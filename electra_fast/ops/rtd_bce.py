@@ -11,12 +11,13 @@ from typing import Optional
 import torch
 
 from electra_fast.ops._backend import resolve
-from electra_fast.ops._checks import FLOAT_DTYPES, check_same_device, check_shape, check_tensor
+from electra_fast.ops._checks import FLOAT_DTYPES, acc_dtype, check_same_device, check_shape, check_tensor
 
 
 def rtd_bce_reference(logits, labels, attention_mask):
-    """Returns `(loss, grad)` with `grad = d loss / d logits` in fp32."""
-    x, y, m = logits.float(), labels.float(), (attention_mask != 0).float()
+    """Returns `(loss, grad)` with `grad = d loss / d logits`, both fp32 (fp64 for fp64 logits)."""
+    acc = acc_dtype(logits.dtype)
+    x, y, m = logits.to(acc), labels.to(acc), (attention_mask != 0).to(acc)
     count = m.sum().clamp(min=1.0)
     # Stable BCE-with-logits: max(x, 0) - x * y + log(1 + exp(-|x|)).
     bce = x.clamp(min=0) - x * y + torch.log1p(torch.exp(-x.abs()))
@@ -30,7 +31,8 @@ def _rtd_bce_op(logits: torch.Tensor, labels: torch.Tensor, attention_mask: torc
 
 @_rtd_bce_op.register_fake
 def _(logits, labels, attention_mask):
-    return logits.new_empty((), dtype=torch.float32), torch.empty_like(logits, dtype=torch.float32)
+    acc = acc_dtype(logits.dtype)
+    return logits.new_empty((), dtype=acc), torch.empty_like(logits, dtype=acc)
 
 
 def _setup(ctx, inputs, output):
