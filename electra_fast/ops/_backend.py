@@ -50,6 +50,8 @@ def get_backend() -> Optional[str]:
     return _check_name(env, "ELECTRA_FAST_BACKEND") if env else None
 
 
+# Dynamo cannot trace importlib; the answers are constant for a process, so torch.compile may fold them.
+@torch.compiler.assume_constant_result
 def _module(backend: str):
     try:
         return importlib.import_module(_KERNEL_MODULES[backend])
@@ -57,6 +59,7 @@ def _module(backend: str):
         return None
 
 
+@torch.compiler.assume_constant_result
 def _why_unavailable(backend: str, op: str, device: torch.device) -> Optional[str]:
     """None when `backend` can run `op` on `device`, else the reason."""
     if backend == "torch":
@@ -75,8 +78,10 @@ def _why_unavailable(backend: str, op: str, device: torch.device) -> Optional[st
     return None
 
 
-def resolve(op: str, backend: Optional[str], device: torch.device):
-    """Return (backend name, kernel function or None for the torch reference)."""
+def resolve(op: str, backend: Optional[str], device: torch.device, dtype: Optional[torch.dtype] = None):
+    """Return (backend name, kernel function or None for the torch reference).
+
+    float64 inputs default to the reference: the kernels compute in fp32."""
     name = backend if backend is not None else get_backend()
     if name is not None:
         _check_name(name, "backend")
@@ -86,7 +91,7 @@ def resolve(op: str, backend: Optional[str], device: torch.device):
             name = "torch"  # a globally forced backend covers the ops it has; the rest run the reference
         elif why is not None:
             raise RuntimeError(f"backend {name!r} cannot run {op}: {why}")
-    elif device.type != "cuda":
+    elif device.type != "cuda" or dtype == torch.float64:
         name = "torch"
     else:
         name = next(b for b in DEFAULT_ORDER[op] if _why_unavailable(b, op, device) is None)

@@ -64,7 +64,7 @@ def gumbel_sample(logits: torch.Tensor, *, temperature: float = 1.0, disallow: O
         check_same_device({"logits": logits, "disallow": disallow})
         disallow = disallow.long().contiguous()
     logits = logits.detach().contiguous()
-    _, kernel = resolve("gumbel_sample", backend, logits.device)
+    _, kernel = resolve("gumbel_sample", backend, logits.device, logits.dtype)
     if kernel is not None:
         return kernel(logits, draw_seed(logits.device, generator), temperature, disallow)
     uniform = torch.rand(logits.shape, device=logits.device, dtype=torch.float32, generator=generator)

@@ -64,6 +64,6 @@ def masked_gather(hidden: torch.Tensor, positions: torch.Tensor, *, backend: Opt
         raise ValueError(f"positions must have batch size {hidden.shape[0]} (that of hidden), got shape "
                          f"{tuple(positions.shape)}")
     check_same_device({"hidden": hidden, "positions": positions})
-    _, kernel = resolve("masked_gather", backend, hidden.device)
+    _, kernel = resolve("masked_gather", backend, hidden.device, hidden.dtype)
     hidden, positions = hidden.contiguous(), positions.long().contiguous()
     return (kernel or _masked_gather_op)(hidden, positions)

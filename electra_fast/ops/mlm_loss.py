@@ -103,7 +103,7 @@ def mlm_loss_and_sample(logits: torch.Tensor, targets: torch.Tensor, weights: to
     check_same_device({"logits": logits, "targets": targets, "weights": weights})
     temperature = check_temperature(temperature)
     logits, targets, weights = logits.contiguous(), targets.long().contiguous(), weights.float().contiguous()
-    _, kernel = resolve("mlm_loss_and_sample", backend, logits.device)
+    _, kernel = resolve("mlm_loss_and_sample", backend, logits.device, logits.dtype)
     if kernel is not None:
         return kernel(logits, targets, weights, draw_seed(logits.device, generator), temperature,
                       bool(disallow_correct))

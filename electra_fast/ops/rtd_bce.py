@@ -67,7 +67,7 @@ def rtd_bce_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask: Opt
     check_tensor(attention_mask, "attention_mask")
     check_shape(attention_mask, "attention_mask", logits.shape, "same as logits")
     check_same_device({"logits": logits, "labels": labels, "attention_mask": attention_mask})
-    _, kernel = resolve("rtd_bce_loss", backend, logits.device)
+    _, kernel = resolve("rtd_bce_loss", backend, logits.device, logits.dtype)
     if kernel is not None:
         return kernel(logits.contiguous(), labels.contiguous(), attention_mask.contiguous())
     return _rtd_bce_op(logits.contiguous(), labels.contiguous(), attention_mask.contiguous())[0]

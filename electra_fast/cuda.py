@@ -1,0 +1,344 @@
+"""CUDA C++ backend: the kernels in `csrc/`, built with ninja on first use, registered as torch.library ops.
+
+Select it with `backend="cuda"` on an op, `electra_fast.ops.set_backend("cuda")` or `ELECTRA_FAST_BACKEND=cuda`.
+
+Build. The extension is compiled just in time by `torch.utils.cpp_extension.load` (ninja) the first time a
+kernel runs, and cached in torch's extensions directory (`TORCH_EXTENSIONS_DIR`, default
+`~/.cache/torch_extensions`): the first call of a fresh install waits about a minute or two for nvcc, later
+processes load the cached build in well under a second. `pip install` with `ELECTRA_FAST_BUILD_CUDA=1` builds it
+ahead of time instead (module `electra_fast._cuda_ext`, tried first). `TORCH_CUDA_ARCH_LIST` is honoured;
+otherwise the build targets sm_90 (Hopper), the GPUs present, and compute_80 PTX for newer cards (see
+`_cuda_build.py`). `ELECTRA_FAST_CUDA_VERBOSE=1` shows the compiler output.
+
+Availability. `is_available()` must stay cheap, since the backend switch asks it on every op and in its default
+order; so it never compiles. It is True when a CUDA device is visible and either the ahead-of-time module
+imports or nvcc and ninja are present to build one; `unavailable_reason()` says which of those is missing.
+A build that then fails raises a RuntimeError with the compiler's message, and from then on `is_available()`
+is False with that message as the reason, so the default backend order moves on to the next backend.
+
+Ops. Each kernel is a `torch.library.custom_op` named `electra_fast::<op>_cuda` with a fake kernel (so
+`torch.compile(fullgraph=True)` traces it without building or running anything) and registered autograd.
+Random draws use in-kernel Philox keyed by a seed read from a device tensor: replays of a captured CUDA graph
+sample afresh, and a test can recompute the exact noise with `gumbel_noise`. Inputs: fp32/fp16/bf16 logits
+(fp64 is left to the reference backend), int64 ids and positions, fp32 weights, labels and masks of any dtype.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from electra_fast import _cuda_build
+
+__all__ = ["is_available", "unavailable_reason", "extension", "gumbel_noise", "mlm_loss_and_sample",
+           "gumbel_sample", "masked_gather", "replace_tokens", "rtd_bce_loss"]
+
+_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_lock = threading.Lock()
+_ext = None  # the loaded extension module
+_build_error: Optional[str] = None  # why building or loading it failed, once it has
+_probe: Optional[str] = None  # cached answer of the cheap availability probe ("" = available)
+
+
+def _csrc_dir() -> str:
+    """The CUDA sources: `electra_fast/csrc/` when installed, the repository's `csrc/` in a source checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates = [os.path.join(here, "csrc"), os.path.join(os.path.dirname(here), "csrc")]
+    try:  # any other layout that maps the electra_fast.csrc package somewhere (e.g. an editable install)
+        candidates += list(importlib.import_module("electra_fast.csrc").__path__)
+    except ImportError:
+        pass
+    for path in candidates:
+        if os.path.isfile(os.path.join(path, _cuda_build.SOURCES[0])):
+            return path
+    raise FileNotFoundError(f"the CUDA sources ({_cuda_build.SOURCES[0]} and others) were not found in any of "
+                            f"{candidates}")
+
+
+def _aot_module():
+    try:
+        return importlib.import_module(_cuda_build.AOT_NAME)
+    except ImportError:
+        return None
+
+
+def _probe_toolchain() -> str:
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} was built without CUDA"
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible (torch.cuda.is_available() is False)"
+    if _aot_module() is not None:
+        return ""
+    from torch.utils import cpp_extension  # imported here: it pulls in setuptools
+
+    home = cpp_extension.CUDA_HOME
+    if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return ("nvcc was not found (CUDA_HOME is {}): install the CUDA toolkit and set CUDA_HOME or put nvcc on "
+                "PATH, or install with ELECTRA_FAST_BUILD_CUDA=1 to build the kernels ahead of time".format(home))
+    if not cpp_extension.is_ninja_available():
+        return "ninja was not found: pip install ninja (it builds the CUDA kernels on first use)"
+    return ""
+
+
+# Evaluated once at trace time under torch.compile (the probe imports modules and runs `ninja --version`, which
+# dynamo cannot trace), and a plain call in eager mode.
+@torch.compiler.assume_constant_result
+def unavailable_reason() -> str:
+    """Why the CUDA backend cannot run here, or "" when it can. Never compiles anything."""
+    global _probe
+    if _build_error is not None:
+        return f"building the CUDA extension failed: {_build_error}"
+    if _ext is not None:
+        return ""
+    if _probe is None:
+        _probe = _probe_toolchain()
+    return _probe
+
+
+def is_available() -> bool:
+    """True when a CUDA device is visible and the extension is built or can be (nvcc and ninja present)."""
+    return unavailable_reason() == ""
+
+
+def _jit_build():
+    from torch.utils.cpp_extension import load
+
+    csrc = _csrc_dir()
+    local_archs = []
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        local_archs = sorted({"{}.{}".format(*torch.cuda.get_device_capability(i))
+                              for i in range(torch.cuda.device_count())})
+    return load(
+        name=_cuda_build.JIT_NAME,
+        sources=_cuda_build.source_paths(csrc),
+        extra_cflags=_cuda_build.CXX_FLAGS + [f"-DELECTRA_FAST_SOURCES={_cuda_build.sources_digest(csrc)}"],
+        extra_cuda_cflags=_cuda_build.NVCC_FLAGS + _cuda_build.arch_flags(local_archs),
+        extra_include_paths=[csrc],
+        verbose=os.environ.get("ELECTRA_FAST_CUDA_VERBOSE") == "1",
+    )
+
+
+def extension():
+    """The compiled extension module: the ahead-of-time build if installed, else built (once) with ninja."""
+    global _ext, _build_error
+    if _ext is not None:
+        return _ext
+    with _lock:
+        if _ext is None:
+            reason = unavailable_reason()
+            if reason:
+                raise RuntimeError(f"the electra_fast CUDA backend is unavailable: {reason}")
+            module = _aot_module()
+            if module is None:
+                try:
+                    module = _jit_build()
+                except Exception as exc:  # compiler or loader errors: keep the message, stop advertising the backend
+                    _build_error = f"{type(exc).__name__}: {exc}"
+                    raise RuntimeError(f"building the electra_fast CUDA extension failed: {_build_error}\n"
+                                       "Set ELECTRA_FAST_CUDA_VERBOSE=1 for the full compiler output, or use "
+                                       "backend='triton' / 'torch'.") from exc
+            _ext = module
+    return _ext
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.library ops. Their bodies call the extension; their fake kernels only describe shapes, so tracing and
+# compiling never build or launch anything.
+
+
+@torch.library.custom_op("electra_fast::mlm_loss_and_sample_cuda", mutates_args=(), device_types="cuda")
+def _mlm_op(logits: Tensor, targets: Tensor, weights: Tensor, seed: Tensor, temperature: float,
+            disallow_correct: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (loss, sampled, correct, lse [M], sum(weights) + 1e-6); the last two are saved for the backward."""
+    return extension().mlm_forward(logits, targets, weights, seed, temperature, disallow_correct)
+
+
+@_mlm_op.register_fake
+def _(logits, targets, weights, seed, temperature, disallow_correct):
+    m = logits.shape[0]
+    return (logits.new_empty((), dtype=torch.float32), logits.new_empty((m,), dtype=torch.int64),
+            logits.new_empty((m,), dtype=torch.bool), logits.new_empty((m,), dtype=torch.float32),
+            logits.new_empty((), dtype=torch.float32))
+
+
+@torch.library.custom_op("electra_fast::mlm_loss_backward_cuda", mutates_args=(), device_types="cuda")
+def _mlm_backward_op(grad_loss: Tensor, logits: Tensor, targets: Tensor, weights: Tensor, lse: Tensor,
+                     wsum_eps: Tensor) -> Tensor:
+    return extension().mlm_backward(grad_loss, logits, targets, weights, lse, wsum_eps)
+
+
+@_mlm_backward_op.register_fake
+def _(grad_loss, logits, targets, weights, lse, wsum_eps):
+    return torch.empty_like(logits)
+
+
+def _mlm_setup(ctx, inputs, output):
+    logits, targets, weights = inputs[:3]
+    ctx.save_for_backward(logits, targets, weights, output[3], output[4])
+
+
+def _mlm_backward(ctx, grad_loss, *_):
+    logits, targets, weights, lse, wsum_eps = ctx.saved_tensors
+    grad = _mlm_backward_op(grad_loss.float().contiguous(), logits, targets, weights, lse, wsum_eps)
+    return grad, None, None, None, None, None
+
+
+_mlm_op.register_autograd(_mlm_backward, setup_context=_mlm_setup)
+
+
+@torch.library.custom_op("electra_fast::gumbel_sample_cuda", mutates_args=(), device_types="cuda")
+def _gumbel_op(logits: Tensor, seed: Tensor, temperature: float, disallow: Optional[Tensor]) -> Tensor:
+    return extension().gumbel_sample(logits, seed, temperature, disallow)
+
+
+@_gumbel_op.register_fake
+def _(logits, seed, temperature, disallow):
+    return logits.new_empty((logits.shape[0],), dtype=torch.int64)
+
+
+@torch.library.custom_op("electra_fast::masked_gather_cuda", mutates_args=(), device_types="cuda")
+def _gather_op(hidden: Tensor, positions: Tensor) -> Tensor:
+    return extension().masked_gather(hidden, positions)
+
+
+@_gather_op.register_fake
+def _(hidden, positions):
+    return hidden.new_empty((hidden.shape[0], positions.shape[1], hidden.shape[2]))
+
+
+@torch.library.custom_op("electra_fast::masked_scatter_add_cuda", mutates_args=(), device_types="cuda")
+def _scatter_add_op(grad: Tensor, positions: Tensor, seq_len: int) -> Tensor:
+    return extension().masked_scatter_add(grad, positions, seq_len)
+
+
+@_scatter_add_op.register_fake
+def _(grad, positions, seq_len):
+    return grad.new_empty((grad.shape[0], seq_len, grad.shape[2]))
+
+
+def _gather_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+    ctx.seq_len = inputs[0].shape[1]
+
+
+def _gather_backward(ctx, grad):
+    (positions,) = ctx.saved_tensors
+    return _scatter_add_op(grad.contiguous(), positions, ctx.seq_len), None
+
+
+_gather_op.register_autograd(_gather_backward, setup_context=_gather_setup)
+
+
+@torch.library.custom_op("electra_fast::replace_tokens_cuda", mutates_args=(), device_types="cuda")
+def _replace_op(input_ids: Tensor, positions: Tensor, weights: Tensor, sampled: Tensor) -> tuple[Tensor, Tensor]:
+    return extension().replace_tokens(input_ids, positions, weights, sampled)
+
+
+@_replace_op.register_fake
+def _(input_ids, positions, weights, sampled):
+    return torch.empty_like(input_ids), torch.empty_like(input_ids, dtype=torch.bool)
+
+
+@torch.library.custom_op("electra_fast::rtd_bce_loss_cuda", mutates_args=(), device_types="cuda")
+def _bce_op(logits: Tensor, labels: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (loss, (sigmoid(x) - y) * mask in fp32, 1 / max(count, 1)); the backward scales the second by the third."""
+    return extension().rtd_bce_forward(logits, labels, attention_mask)
+
+
+@_bce_op.register_fake
+def _(logits, labels, attention_mask):
+    return (logits.new_empty((), dtype=torch.float32), torch.empty_like(logits, dtype=torch.float32),
+            logits.new_empty((), dtype=torch.float32))
+
+
+@torch.library.custom_op("electra_fast::rtd_bce_backward_cuda", mutates_args=(), device_types="cuda")
+def _bce_backward_op(grad_loss: Tensor, grad_unscaled: Tensor, inv_count: Tensor, dtype: torch.dtype) -> Tensor:
+    return extension().rtd_bce_backward(grad_loss, grad_unscaled, inv_count, dtype)
+
+
+@_bce_backward_op.register_fake
+def _(grad_loss, grad_unscaled, inv_count, dtype):
+    return torch.empty_like(grad_unscaled, dtype=dtype)
+
+
+def _bce_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1], output[2])
+    ctx.dtype = inputs[0].dtype
+
+
+def _bce_backward(ctx, grad_loss, *_):
+    grad_unscaled, inv_count = ctx.saved_tensors
+    return _bce_backward_op(grad_loss.float().contiguous(), grad_unscaled, inv_count, ctx.dtype), None, None
+
+
+_bce_op.register_autograd(_bce_backward, setup_context=_bce_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The kernel-backend contract (called by electra_fast.ops with canonicalised inputs). The checks look at
+# metadata only: no host sync, and a wrong device fails here, before anything is built.
+
+
+def _require_cuda(tensors: dict) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device.type != "cuda":
+            raise ValueError(f"{name} must be a CUDA tensor for the CUDA backend, got device {t.device}")
+
+
+def _require_logits(logits: Tensor) -> None:
+    if logits.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"logits must have dtype float32/float16/bfloat16 on the CUDA backend, got {logits.dtype} "
+                        "(use backend='torch' for float64)")
+
+
+def mlm_loss_and_sample(logits: Tensor, targets: Tensor, weights: Tensor, seed: Tensor, temperature: float,
+                        disallow_correct: bool):
+    """Fused MLM loss and Gumbel-max sample: `(loss, sampled, correct)`, loss differentiable w.r.t. logits."""
+    _require_cuda({"logits": logits, "targets": targets, "weights": weights, "seed": seed})
+    _require_logits(logits)
+    loss, sampled, correct, _, _ = _mlm_op(logits.contiguous(), targets.long().contiguous(),
+                                           weights.float().contiguous(), seed, float(temperature),
+                                           bool(disallow_correct))
+    return loss, sampled, correct
+
+
+def gumbel_sample(logits: Tensor, seed: Tensor, temperature: float, disallow: Optional[Tensor] = None) -> Tensor:
+    """One Gumbel-max draw per row of `logits / temperature`; `disallow[m]` (>= 0) is excluded from row m."""
+    _require_cuda({"logits": logits, "seed": seed, "disallow": disallow})
+    _require_logits(logits)
+    if disallow is not None:
+        disallow = disallow.long().contiguous()
+    return _gumbel_op(logits.detach().contiguous(), seed, float(temperature), disallow)
+
+
+def masked_gather(hidden: Tensor, positions: Tensor) -> Tensor:
+    """`hidden[b, positions[b, n]]`, differentiable (the backward is a deterministic scatter-add)."""
+    _require_cuda({"hidden": hidden, "positions": positions})
+    return _gather_op(hidden.contiguous(), positions.long().contiguous())
+
+
+def replace_tokens(input_ids: Tensor, positions: Tensor, weights: Tensor, sampled: Tensor):
+    """`(disc_ids, is_replaced)`: the real slots' samples written into `input_ids`, and where they changed it."""
+    _require_cuda({"input_ids": input_ids, "positions": positions, "weights": weights, "sampled": sampled})
+    return _replace_op(input_ids.contiguous(), positions.long().contiguous(), weights.float().contiguous(),
+                       sampled.reshape(positions.shape).long().contiguous())
+
+
+def rtd_bce_loss(logits: Tensor, labels: Tensor, attention_mask: Tensor) -> Tensor:
+    """Mean sigmoid BCE over tokens with `attention_mask != 0` (0 when there are none), differentiable."""
+    _require_cuda({"logits": logits, "labels": labels, "attention_mask": attention_mask})
+    _require_logits(logits)
+    return _bce_op(logits.contiguous(), labels.contiguous(), attention_mask.contiguous())[0]
+
+
+def gumbel_noise(seed: Tensor, m: int, v: int) -> Tensor:
+    """The `[m, v]` fp32 Gumbel noise the sampling kernels add to the logits under `seed` (element (i, j) gets
+    `out[i, j]`). For tests and debugging: `argmax(logits / T + gumbel_noise(seed, *logits.shape))` is the
+    kernels' sample, so a sample can be checked exactly against the PyTorch reference."""
+    _require_cuda({"seed": seed})
+    return extension().gumbel_noise(seed, int(m), int(v))
