@@ -21,16 +21,16 @@ from electra_fast import ops  # noqa: E402
 
 def __getattr__(name):
     # The model and pretrainer import lazily so `import electra_fast.ops` stays light.
-    if name in ("ElectraPretrainer", "PretrainerOutput"):
+    if name in ("ElectraPretrainer", "PretrainerOutput", "rtd_step", "param_groups"):
         from electra_fast import pretrainer
 
         return getattr(pretrainer, name)
-    if name in ("ElectraConfig", "PRESETS", "Generator", "Discriminator"):
+    if name in ("ElectraModelConfig", "PRESETS", "Generator", "Discriminator"):
         from electra_fast import model
 
         return getattr(model, name)
-    if name == "rtd_step":
-        from electra_fast.pretrainer import rtd_step
+    if name == "CUDAGraphStep":
+        from electra_fast.cuda_graph import CUDAGraphStep
 
-        return rtd_step
+        return CUDAGraphStep
     raise AttributeError(f"module 'electra_fast' has no attribute {name!r}")

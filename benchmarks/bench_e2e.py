@@ -1,0 +1,323 @@
+"""End-to-end ELECTRA training step: electra-fast vs the way it is written with `transformers` today (SPEC 5).
+
+One step = forward, backward and a fused AdamW step of generator + discriminator, bf16 autocast, in one run:
+- `transformers`: ElectraForMaskedLM over all L positions, boolean indexing for the masked tokens, Gumbel-max
+  sampling in eager PyTorch, ElectraForPreTraining, BCE over real tokens (the shared embeddings tied as ELECTRA
+  does); modes eager and compiled (`torch.compile` of both models: the boolean indexing keeps the step itself
+  out of one graph).
+- `hf-dropin`: the same transformers models through `ElectraPretrainer` (static shapes, LM head at the slots only,
+  our ops); modes eager and compiled (graph breaks allowed, as transformers' internals vary by version).
+- `ours`: `ElectraPretrainer.from_preset` (slim model); modes eager, compiled (`fullgraph=True`), graph (the
+  eager step captured whole with `CUDAGraphStep`) and compiled+graph.
+Timing: CUDA events around `--iters` steps, median of `--repeats`, after `--warmup` steps; compile time (first
+steps' wall time minus their steady-state cost) reported apart. Peak memory covers parameters, optimizer state
+and activations during the timed steps. The id-range check (`validate`, one host sync) is off for `ours`.
+
+    python benchmarks/bench_e2e.py --out benchmarks/results/e2e               # small and base
+    python benchmarks/bench_e2e.py --shapes small --impls ours,transformers   # a subset
+Writes e2e.json, e2e.csv and e2e.md under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SHAPES = {"small": ("small", 128, 128), "base": ("base", 64, 512)}  # name -> (preset, batch, seq_len)
+IMPLS = ("transformers", "hf-dropin", "ours")
+MODES = {"transformers": ("eager", "compiled"), "hf-dropin": ("eager", "compiled"),
+         "ours": ("eager", "compiled", "graph", "compiled+graph")}
+# Dense bf16 peak by device-name substring, first match wins (datasheet figures; override with --peak-flops).
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+MASK_ID, CLS, SEP, PAD = 103, 101, 102, 0
+SPECIAL = (0, 100, 101, 102, 103)
+
+
+# ------------------------------------------------------------------------------------------------ FLOPs / MFU
+def model_flops_per_step(gen_cfg, disc_cfg, batch: int, seq_len: int, mask_prob: float) -> float:
+    """Useful training FLOPs of one step (forward + backward = 3 x forward = 6 per multiply-add per token).
+
+    Per encoder and token: 6 x (matmul parameters: 4H^2 + 2HI per layer, plus E x H for embeddings_project when
+    E != H) + 12 x layers x L x H (attention scores QK^T and the weighted sum AV: 2 x 2 x L x H forward, x3).
+    Generator head at the real slots only (B x round(mask_prob x L) of them): 6 x (H_g x E + E x V) per slot.
+    Discriminator head at every token: 6 x (H x H + H). Embedding lookups, LayerNorm, softmax, GELU and the
+    optimizer are not counted. The same count is used for every implementation (wasted work is not credited).
+    """
+    def encoder(c):
+        h, i, e = c.hidden_size, c.intermediate_size, c.embedding_size
+        matmul = c.num_hidden_layers * (4 * h * h + 2 * h * i) + (e * h if e != h else 0)
+        return 6.0 * matmul + 12.0 * c.num_hidden_layers * seq_len * h
+
+    tokens = batch * seq_len
+    slots = batch * round(mask_prob * seq_len)
+    gen_head = 6.0 * (gen_cfg.hidden_size * gen_cfg.embedding_size + gen_cfg.embedding_size * gen_cfg.vocab_size)
+    disc_head = 6.0 * (disc_cfg.hidden_size * disc_cfg.hidden_size + disc_cfg.hidden_size)
+    return tokens * (encoder(gen_cfg) + encoder(disc_cfg) + disc_head) + slots * gen_head
+
+
+def peak_flops(name: str, override: float | None) -> float | None:
+    if override:
+        return override
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+# ------------------------------------------------------------------------------------------------ the models
+def hf_models(gen_cfg, disc_cfg):
+    from transformers import ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining
+
+    from electra_fast.hf import to_hf_config
+
+    gen = ElectraForMaskedLM(ElectraConfig(**to_hf_config(gen_cfg, "ElectraForMaskedLM")))
+    disc = ElectraForPreTraining(ElectraConfig(**to_hf_config(disc_cfg, "ElectraForPreTraining")))
+    disc.electra.embeddings = gen.electra.embeddings  # ELECTRA shares them; so does a careful user
+    return gen.cuda().train(), disc.cuda().train()
+
+
+def transformers_step_fn(gen, disc, mask_prob: float):
+    """The step as users write it today with transformers (all-position LM head, boolean indexing)."""
+    def step(ids, attention_mask):
+        real = attention_mask.bool()
+        candidates = real & (ids != CLS) & (ids != SEP) & (ids != MASK_ID) & (ids != PAD)
+        masked = candidates & (torch.rand(ids.shape, device=ids.device) < mask_prob)
+        to_mask = masked & (torch.rand(ids.shape, device=ids.device) < 0.85)
+        gen_ids = torch.where(to_mask, torch.full_like(ids, MASK_ID), ids)
+        logits = gen(input_ids=gen_ids, attention_mask=attention_mask).logits  # [B, L, V]: every position
+        masked_logits = logits[masked]  # boolean indexing: a host sync and a dynamic shape
+        targets = ids[masked]
+        mlm_loss = F.cross_entropy(masked_logits.float(), targets)
+        with torch.no_grad():
+            u = torch.rand(masked_logits.shape, device=ids.device)
+            sampled = (masked_logits.float() - torch.log(-torch.log(u + 1e-9) + 1e-9)).argmax(-1)
+        disc_ids = ids.clone()
+        disc_ids[masked] = sampled
+        labels = (disc_ids != ids).float()
+        disc_logits = disc(input_ids=disc_ids, attention_mask=attention_mask).logits
+        disc_loss = F.binary_cross_entropy_with_logits(disc_logits[real].float(), labels[real])
+        return mlm_loss + 50.0 * disc_loss
+
+    return step
+
+
+def make_optimizer(params, capturable: bool):
+    kw = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
+    try:
+        return torch.optim.AdamW(params, fused=True, capturable=capturable, **kw), "fused"
+    except (RuntimeError, ValueError, TypeError):  # fused + capturable unsupported in this torch
+        return torch.optim.AdamW(params, foreach=True, capturable=capturable, **kw), "foreach"
+
+
+def build(impl: str, mode: str, preset: str, vocab: int):
+    """Returns (step function taking (ids, mask) and returning a loss tensor, notes dict)."""
+    from electra_fast.cuda_graph import CUDAGraphStep
+    from electra_fast.model import preset_configs
+    from electra_fast.pretrainer import ElectraPretrainer, param_groups
+
+    gen_cfg, disc_cfg = preset_configs(preset, vocab_size=vocab)
+    notes = {}
+    if impl == "ours":
+        model = ElectraPretrainer.from_preset(preset, vocab_size=vocab, validate=False).cuda()
+    else:
+        gen, disc = hf_models(gen_cfg, disc_cfg)
+        if impl == "transformers":
+            if mode == "compiled":
+                gen, disc = torch.compile(gen), torch.compile(disc)
+            params = {id(p): p for p in list(gen.parameters()) + list(disc.parameters())}.values()
+            opt, notes["adamw"] = make_optimizer(list(params), capturable=False)
+            loss_fn = transformers_step_fn(gen, disc, 0.15)
+
+            def hf_step(ids, mask):
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = loss_fn(ids, mask)
+                loss.backward()
+                opt.step()
+                return loss
+
+            return hf_step, notes
+        model = ElectraPretrainer(gen, disc, mask_token_id=MASK_ID, special_token_ids=SPECIAL, validate=False).cuda()
+
+    graph = mode.endswith("graph")
+    opt, notes["adamw"] = make_optimizer(param_groups(model), capturable=graph)
+    net = model
+    if mode.startswith("compiled"):
+        # fullgraph for ours proves the one-graph claim; transformers' internals may differ between versions
+        net = torch.compile(model, fullgraph=impl == "ours")
+    if graph:
+        holder = {}
+
+        def graph_step(ids, mask):
+            if "step" not in holder:  # capture on the first call, so compile time is measured like the others
+                holder["step"] = CUDAGraphStep(net, opt, ids, mask, dtype=torch.bfloat16)
+            return holder["step"](ids, mask).loss
+
+        return graph_step, notes
+
+    def step(ids, mask):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = net(ids, mask)
+        out.loss.backward()
+        opt.step()
+        return out.loss
+
+    return step, notes
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+def make_batches(n: int, batch: int, seq_len: int, vocab: int):
+    out = []
+    for _ in range(n):
+        ids = torch.randint(999, vocab, (batch, seq_len), device="cuda")
+        ids[:, 0] = CLS
+        mask = torch.ones_like(ids)
+        lengths = torch.randint(seq_len // 2, seq_len + 1, (batch // 8,), device="cuda")  # 1 row in 8 is short
+        mask[: batch // 8] = (torch.arange(seq_len, device="cuda") < lengths[:, None]).long()
+        ids = torch.where(mask.bool(), ids, PAD)
+        ids[torch.arange(batch // 8, device="cuda"), lengths - 1] = SEP
+        ids[batch // 8:, -1] = SEP
+        out.append((ids, mask))
+    return out
+
+
+def measure(step, batches, warmup: int, iters: int, repeats: int) -> dict:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    first_loss = float(step(*batches[0]))  # compile / capture happen here
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(1, warmup):
+        step(*batches[i % len(batches)])
+    torch.cuda.synchronize()
+    warm = (time.perf_counter() - t0) / max(1, warmup - 1)
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(iters):
+            step(*batches[i % len(batches)])
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+    ms = statistics.median(times)
+    return {"ms_per_step": ms, "ms_spread": [min(times), max(times)], "compile_s": max(0.0, first - warm),
+            "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "first_loss": first_loss}
+
+
+def free():
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch._dynamo.reset()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", required=True, help="directory for e2e.json, e2e.csv, e2e.md")
+    p.add_argument("--shapes", default="small,base", help=f"comma list of {list(SHAPES)}")
+    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {list(IMPLS)}")
+    p.add_argument("--modes", default="eager,compiled,graph,compiled+graph",
+                   help="comma list; each impl runs the modes it has")
+    p.add_argument("--vocab", type=int, default=30522)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--backend", default=None, help="force an ops backend (torch/triton/cuda); default per op")
+    p.add_argument("--peak-flops", type=float, default=None, help="peak bf16 FLOP/s (default: by GPU name)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_e2e.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured.")
+    import transformers
+
+    import electra_fast
+    from electra_fast.model import preset_configs
+    from electra_fast.ops import set_backend
+
+    if args.backend:
+        set_backend(args.backend)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    device = torch.cuda.get_device_name()
+    peak = peak_flops(device, args.peak_flops)
+    env = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
+           "electra_fast": electra_fast.__version__, "python": platform.python_version(), "backend": args.backend,
+           "peak_bf16_flops": peak, "warmup": args.warmup, "iters": args.iters, "repeats": args.repeats}
+    print(json.dumps(env))
+    rows = []
+    for shape in args.shapes.split(","):
+        preset, batch, seq_len = SHAPES[shape]
+        gen_cfg, disc_cfg = preset_configs(preset, vocab_size=args.vocab)
+        flops = model_flops_per_step(gen_cfg, disc_cfg, batch, seq_len, 0.15)
+        torch.manual_seed(0)
+        batches = make_batches(4, batch, seq_len, args.vocab)
+        for impl in args.impls.split(","):
+            for mode in [m for m in args.modes.split(",") if m in MODES[impl]]:
+                row = {"shape": shape, "batch": batch, "seq_len": seq_len, "impl": impl, "mode": mode}
+                try:
+                    torch.manual_seed(0)
+                    step, notes = build(impl, mode, preset, args.vocab)
+                    row.update(notes)
+                    row.update(measure(step, batches, args.warmup, args.iters, args.repeats))
+                    row["tokens_per_s"] = batch * seq_len / (row["ms_per_step"] / 1e3)
+                    row["mfu"] = flops / (row["ms_per_step"] / 1e3) / peak if peak else None
+                except Exception as e:  # one failing configuration must not lose the others
+                    row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+                    traceback.print_exc()
+                step = None
+                free()
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        ref = next((r for r in rows if r["shape"] == shape and r["impl"] == "transformers" and r["mode"] == "eager"
+                    and "error" not in r), None)
+        for r in rows:
+            if r["shape"] == shape and ref and "error" not in r:
+                r["speedup_vs_hf_eager"] = ref["ms_per_step"] / r["ms_per_step"]
+                r["mem_vs_hf_eager"] = r["peak_mem_gb"] / ref["peak_mem_gb"]
+        env.setdefault("model_flops_per_step", {})[shape] = flops
+    write(args.out, env, rows)
+
+
+def write(out: str, env: dict, rows: list) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "e2e.json"), "w") as f:
+        json.dump({"env": env, "rows": rows}, f, indent=2)
+    cols = ["shape", "batch", "seq_len", "impl", "mode", "ms_per_step", "tokens_per_s", "peak_mem_gb", "mfu",
+            "speedup_vs_hf_eager", "mem_vs_hf_eager", "compile_s", "first_loss", "adamw", "error"]
+    with open(os.path.join(out, "e2e.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+    def fmt(v, spec, suffix=""):
+        return "-" if v is None else format(v, spec) + suffix
+
+    lines = [f"{env['device']}, torch {env['torch']}, transformers {env['transformers']}, bf16 autocast, "
+             "fused AdamW", "",
+             "| shape | impl | mode | ms/step | tokens/s | peak GB | MFU | speed-up | compile s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['impl']} | {r['mode']} | failed: {r['error'][:80]} | | | | | |")
+            continue
+        lines.append(f"| {r['shape']} B={r['batch']} L={r['seq_len']} | {r['impl']} | {r['mode']} | "
+                     f"{r['ms_per_step']:.1f} | {r['tokens_per_s'] / 1e3:.0f}k | {r['peak_mem_gb']:.1f} | "
+                     f"{fmt(r.get('mfu'), '.1%')} | {fmt(r.get('speedup_vs_hf_eager'), '.2f', 'x')} | "
+                     f"{r['compile_s']:.0f} |")
+    with open(os.path.join(out, "e2e.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
