@@ -262,7 +262,7 @@ class ElectraPretrainer(nn.Module):
 
     @classmethod
     def from_preset(cls, name: str, *, vocab_size: int = 30522, mask_token_id: int = 103, pad_token_id: int = 0,
-                    special_token_ids: Sequence[int] = (0, 100, 101, 102, 103), gdes: bool = False,
+                    special_token_ids: Sequence[int] = (0, 101, 102, 103), gdes: bool = False,
                     **overrides) -> "ElectraPretrainer":
         """Fresh generator + discriminator with shared embeddings, sized by `PRESETS[name]` (SPEC 2).
 
@@ -303,7 +303,7 @@ class ElectraPretrainer(nn.Module):
         `save_pretrained`) as slim models sharing one set of embeddings (the discriminator's; with GDES the
         generator's, and `word_delta` = the difference). `kwargs` override the saved settings
         (`mask_token_id`, `special_token_ids`, `gdes`, `mask_prob`, ...; defaults as `from_preset`)."""
-        settings = {"mask_token_id": 103, "special_token_ids": (0, 100, 101, 102, 103), "gdes": False}
+        settings = {"mask_token_id": 103, "special_token_ids": (0, 101, 102, 103), "gdes": False}
         path = os.path.join(directory, SETTINGS_FILE)
         if os.path.isfile(path):
             with open(path) as f:

@@ -1,0 +1,229 @@
+"""The `electra-fast` command: pretrain, prepare, train-tokenizer, export.
+
+    electra-fast pretrain                              # tiny model, built-in corpus, about a minute on a CPU
+    electra-fast prepare corpus/*.txt -o data/ --seq-len 128
+    electra-fast pretrain --preset small --data data/ --bf16 --compile
+    torchrun --nproc-per-node 8 -m electra_fast pretrain --preset base --data data/
+    electra-fast export runs/small -o electra-small/   # discriminator/ + generator/ for transformers
+
+Bad input ends with one line, `electra-fast: error: ...` saying what to do, and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+from electra_fast.errors import InputError, ensure_writable
+
+EXIT_INPUT = 2
+
+
+def _key_value(text: str):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except ValueError:
+        return key.strip(), value
+
+
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser("pretrain", help="pretrain an ELECTRA model (no arguments: a short demo run)",
+                       description="Pretrain generator + discriminator. Without arguments: the tiny preset on the "
+                                   "built-in corpus (Python's documentation), a minute or two on a CPU.")
+    # Every default is None: what is not given comes from --config, then the checkpoint (--resume), then the preset.
+    a = p.add_argument
+    a("--preset", choices=["tiny", "small", "base", "large"], help="model size and its defaults (default: tiny)")
+    a("--config", metavar="FILE", help="JSON file with any of these options (underscores), e.g. "
+      '{"preset": "small", "model": {"num_hidden_layers": 6}}; command-line options win')
+    a("--model", metavar="KEY=VALUE", type=_key_value, action="append",
+      help="model config override, e.g. num_hidden_layers=6 or generator_hidden_size=128 (repeatable)")
+    a("--gdes", action="store_true", default=None, help="gradient-disentangled embedding sharing (DeBERTa-v3)")
+    a("--mask-prob", type=float, help="fraction of tokens masked (default: the preset's, 0.15 or 0.25)")
+    a("--data", nargs="+", metavar="PATH", help="a prepared dataset directory, or text files/directories "
+      "(one sentence per line, blank line between documents); default: the built-in corpus")
+    a("--tokenizer", metavar="PATH", help="tokenizer.json, vocab.txt or a directory with one; default: the "
+      "prepared dataset's, or one trained on the text")
+    a("--vocab-size", type=int, help="vocabulary size of a tokenizer trained on the text (default 30522)")
+    a("-o", "--output-dir", help="checkpoints, metrics and the exported model go here (default runs/<preset>)")
+    a("--steps", type=int, help="optimizer steps (default: the preset's; 1M for small as the reference)")
+    a("--batch-size", type=int, help="global batch per optimizer step (default: the preset's)")
+    a("--seq-len", type=int, help="tokens per example (default: the preset's)")
+    a("--lr", type=float, help="peak learning rate (default: the preset's)")
+    a("--warmup-steps", type=int, help="linear warm-up steps (default: 10000 or 10%% of --steps if fewer)")
+    a("--weight-decay", type=float, help="AdamW weight decay, not on LayerNorm/bias (default 0.01)")
+    a("--max-grad-norm", type=float, help="gradient-norm clip (default 1.0)")
+    a("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    a("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on for CUDA GPUs)")
+    a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the step (default: on for CUDA)")
+    a("--fsdp", action="store_true", default=None, help="FSDP2 (fully_shard) instead of DDP under torchrun")
+    a("--seed", type=int, help="random seed (default 1234)")
+    a("--log-interval", type=int, help="steps between metric logs (default 10)")
+    a("--save-interval", type=int, help="steps between checkpoints (default 1000; one is always written at the end)")
+    a("--keep-checkpoints", type=int, help="how many recent checkpoints to keep (default 3; 0 keeps all)")
+    a("--tensorboard", action="store_true", default=None, help="also log to TensorBoard (<output>/tensorboard)")
+    a("--device", help="torch device (default: cuda if available, else cpu)")
+    a("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 for the tiny preset on a CPU)")
+    a("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+      help="continue from the newest checkpoint in the output dir (or the file given)")
+    a("--overwrite", action="store_true", default=None,
+      help="start afresh in an output dir holding another run's checkpoints (they are deleted)")
+    a("--no-export", dest="export", action="store_false", default=None,
+      help="do not write discriminator/ and generator/ at the end")
+    a("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    p.set_defaults(func=_pretrain)
+
+
+def _read_config_file(path: str) -> dict:
+    from electra_fast.train import TrainConfig
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+    except FileNotFoundError:
+        raise InputError(f"--config {path!r} does not exist: pass a JSON file") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"--config {path!r} is not valid JSON ({e}): fix the file") from None
+    if not isinstance(values, dict):
+        raise InputError(f"--config {path!r} must hold a JSON object, got {type(values).__name__}")
+    known = {f for f in TrainConfig.__dataclass_fields__}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise InputError(f"--config {path!r} has unknown option(s) {unknown}: use some of {sorted(known)}")
+    return values
+
+
+def _pretrain(args) -> int:
+    from electra_fast.checkpoint import load_checkpoint
+    from electra_fast.train import TrainConfig, find_resume_checkpoint, train
+
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command", "config", "resume")}
+    if "model" in given:
+        given["model"] = dict(given["model"])
+    values = _read_config_file(args.config) if args.config else {}
+    values.update(given)
+    if "model" in values and not isinstance(values["model"], dict):
+        raise InputError("model settings must be a JSON object of ElectraModelConfig fields")
+    resume = None
+    if args.resume:
+        output_dir = values.get("output_dir") or os.path.join("runs", values.get("preset", "tiny"))
+        resume = load_checkpoint(find_resume_checkpoint(args.resume, output_dir))
+        values = {**resume["config"], **values}
+    cfg = TrainConfig(**values)
+    summary = train(cfg, resume=resume)
+    if summary["checkpoint"]:
+        m = summary["metrics"]
+        loss = f", final loss {m['loss']:.4f}, discriminator accuracy {m['disc_accuracy']:.3f}" if m else ""
+        print(f"done: {summary['step']} steps{loss}; checkpoint {summary['checkpoint']}"
+              + (f"; transformers model in {summary['output_dir']}/discriminator" if cfg.export is not False else ""))
+    return 0
+
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="text files -> packed, tokenized, memory-mapped training shards",
+                       description="Tokenize text (one sentence per line, blank line between documents) and pack "
+                                   "it into [CLS] A [SEP] B [SEP] examples, as the reference "
+                                   "build_pretraining_dataset.py.")
+    p.add_argument("inputs", nargs="*", metavar="PATH", help="text files or directories (default: built-in corpus)")
+    p.add_argument("-o", "--output", required=True, help="dataset directory to write")
+    p.add_argument("--tokenizer", help="tokenizer.json / vocab.txt / directory (default: train one on the inputs)")
+    p.add_argument("--vocab-size", type=int, default=30522, help="size of a trained tokenizer (default 30522)")
+    p.add_argument("--cased", action="store_true", help="keep case (tokenizer training and vocab.txt loading)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per example (default 128)")
+    p.add_argument("--seed", type=int, default=12345, help="packing randomness (default 12345)")
+    p.add_argument("--shard-size", type=int, help="examples per shard (default: ~64 MB shards)")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=_prepare)
+
+
+def _prepare(args) -> int:
+    from electra_fast.data import prepare_text
+
+    if args.seq_len < 5:
+        raise InputError(f"--seq-len must be at least 5, got {args.seq_len}")
+    if args.shard_size is not None and args.shard_size < 1:
+        raise InputError(f"--shard-size must be a positive integer, got {args.shard_size}")
+    index = prepare_text(args.inputs or None, args.output, tokenizer=args.tokenizer, seq_len=args.seq_len,
+                         vocab_size=args.vocab_size, lowercase=not args.cased, seed=args.seed,
+                         overwrite=args.overwrite, shard_size=args.shard_size, progress=args.progress)
+    skipped = index.get("skipped_lines", 0)
+    print(f"wrote {index['num_examples']} examples ({index['num_tokens']} tokens, {len(index['shards'])} shards, "
+          f"vocabulary {index['vocab_size']}) to {args.output}"
+          + (f"; skipped {skipped} lines that were not UTF-8" if skipped else ""))
+    return 0
+
+
+def _add_train_tokenizer(sub) -> None:
+    p = sub.add_parser("train-tokenizer", help="train a BERT WordPiece tokenizer on text files")
+    p.add_argument("inputs", nargs="*", metavar="PATH", help="text files or directories (default: built-in corpus)")
+    p.add_argument("-o", "--output", required=True, help="directory for tokenizer.json and vocab.txt")
+    p.add_argument("--vocab-size", type=int, default=30522, help="vocabulary size (default 30522)")
+    p.add_argument("--cased", action="store_true", help="keep case")
+    p.set_defaults(func=_train_tokenizer)
+
+
+def _train_tokenizer(args) -> int:
+    from electra_fast.data.sources import TextSource
+    from electra_fast.data.tokenizer import save_tokenizer, train_tokenizer
+
+    reader = TextSource(args.inputs).lines()
+    tok = train_tokenizer(reader, args.vocab_size, lowercase=not args.cased)
+    ensure_writable(args.output, "--output")
+    save_tokenizer(tok, args.output)
+    skipped = getattr(reader, "skipped", 0)
+    print(f"wrote a {tok.get_vocab_size()}-token tokenizer to {args.output}"
+          + (f"; skipped {skipped} lines that were not UTF-8" if skipped else ""))
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a checkpoint's discriminator and generator in transformers format")
+    p.add_argument("checkpoint", help="a run's output directory (its newest checkpoint) or a checkpoint file")
+    p.add_argument("-o", "--output", help="where discriminator/ and generator/ go (default: the run directory)")
+    p.set_defaults(func=_export)
+
+
+def _export(args) -> int:
+    from electra_fast.train import export
+
+    output = args.output
+    if output is None:  # runs/x/checkpoints/checkpoint-N.pt -> runs/x
+        output = args.checkpoint if os.path.isdir(args.checkpoint) else \
+            os.path.dirname(os.path.dirname(os.path.abspath(args.checkpoint)))
+    export(args.checkpoint, output)
+    print(f"wrote {os.path.join(output, 'discriminator')} (ElectraForPreTraining) and "
+          f"{os.path.join(output, 'generator')} (ElectraForMaskedLM)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="electra-fast", description="Fast ELECTRA pretraining.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_pretrain(sub)
+    _add_prepare(sub)
+    _add_train_tokenizer(sub)
+    _add_export(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the `electra-fast` console script. Returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as e:
+        print(f"electra-fast: error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("electra-fast: interrupted; `electra-fast pretrain --resume` continues from the last checkpoint",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

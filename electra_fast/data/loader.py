@@ -1,0 +1,123 @@
+"""Reading prepared shards: random access through memory maps and a deterministic, rank-split batch order.
+
+The order is a pure function of (seed, batch number): epoch `e` is a fresh permutation drawn from `(seed, e)`,
+and global batch `k` is the `k`-th run of `global_batch` examples in it (the tail that does not fill a batch is
+dropped). Resuming needs nothing but `k`: no sampler state to save, and nothing to replay.
+
+A global batch is cut into `world_size * accum_steps` equal chunks; micro-step `a` of rank `r` takes chunk
+`a * world_size + r`. Ranks therefore never share an example, and a run on one process with `accum_steps *
+world_size` micro-steps sees exactly the same chunks in the same roles, which is what makes a multi-GPU run
+reproducible on one device (see `electra_fast.train`, which seeds each chunk's randomness by its number).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+from electra_fast.data.prepare import read_index
+from electra_fast.data.tokenizer import load_tokenizer
+from electra_fast.errors import InputError
+
+
+class PretrainingData:
+    """A prepared dataset (`electra-fast prepare` output): `len()` examples of `seq_len` tokens, memory-mapped."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.index = read_index(directory)
+        self.seq_len = int(self.index["seq_len"])
+        self.vocab_size = int(self.index["vocab_size"])
+        self._ids, self._lens, counts = [], [], []
+        for shard in self.index["shards"]:
+            ids = self._open(f"{shard['name']}-ids.npy")
+            lens = self._open(f"{shard['name']}-len.npy")
+            n = shard["num_examples"]
+            if ids.shape != (n, self.seq_len) or lens.shape != (n, 2):
+                raise InputError(f"shard {shard['name']} in {directory!r} has shape {ids.shape}, expected "
+                                 f"({n}, {self.seq_len}): the dataset is damaged, re-run `electra-fast prepare`")
+            self._ids.append(ids)
+            self._lens.append(lens)
+            counts.append(n)
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def _open(self, name: str) -> np.ndarray:
+        path = os.path.join(self.directory, name)
+        try:
+            return np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read {path!r} ({e}): the dataset is damaged, re-run `electra-fast prepare`") \
+                from None
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def tokenizer(self):
+        """The tokenizer the data was prepared with."""
+        return load_tokenizer(os.path.join(self.directory, self.index["tokenizer"]))
+
+    def gather(self, indices: np.ndarray) -> Dict[str, torch.Tensor]:
+        """Examples `indices` (in that order) as int64 tensors `input_ids`, `attention_mask`, `token_type_ids`."""
+        indices = np.asarray(indices, dtype=np.int64)
+        shard = np.searchsorted(self._starts, indices, side="right") - 1
+        ids = np.empty((len(indices), self.seq_len), dtype=np.int64)
+        lens = np.empty((len(indices), 2), dtype=np.int64)
+        for s in np.unique(shard):
+            rows = np.nonzero(shard == s)[0]
+            local = indices[rows] - self._starts[s]
+            ids[rows] = self._ids[s][local]
+            lens[rows] = self._lens[s][local]
+        pos = np.arange(self.seq_len)
+        real = pos[None, :] < lens[:, :1]
+        segment_b = real & (pos[None, :] >= lens[:, 1:])
+        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(real.astype(np.int64)),
+                "token_type_ids": torch.from_numpy(segment_b.astype(np.int64))}
+
+
+@dataclass
+class MicroBatch:
+    """One forward/backward's worth of examples on one rank; `chunk` numbers it within the global batch."""
+    chunk: int
+    indices: np.ndarray
+
+
+class BatchPlan:
+    """Which examples each rank reads at each optimizer step (see the module docstring)."""
+
+    def __init__(self, num_examples: int, global_batch: int, *, world_size: int = 1, rank: int = 0,
+                 accum_steps: int = 1, seed: int = 0):
+        parts = world_size * accum_steps
+        if global_batch % parts:
+            raise InputError(f"--batch-size {global_batch} must be divisible by the number of processes times "
+                             f"--grad-accum ({world_size} x {accum_steps} = {parts})")
+        if num_examples < global_batch:
+            raise InputError(f"the dataset has {num_examples} examples, fewer than one batch of {global_batch}: "
+                             "use more data or a smaller --batch-size")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.num_examples, self.global_batch = num_examples, global_batch
+        self.world_size, self.rank, self.accum_steps, self.seed = world_size, rank, accum_steps, seed
+        self.micro_batch = global_batch // parts
+        self.batches_per_epoch = num_examples // global_batch
+        self._epoch, self._perm = -1, None
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+            self._epoch = epoch
+        return self._perm
+
+    def global_indices(self, batch: int) -> np.ndarray:
+        """All `global_batch` example indices of global batch number `batch` (every rank's part)."""
+        epoch, k = divmod(batch, self.batches_per_epoch)
+        return self.permutation(epoch)[k * self.global_batch:(k + 1) * self.global_batch]
+
+    def micro_batches(self, batch: int) -> List[MicroBatch]:
+        """This rank's `accum_steps` micro-batches of global batch number `batch`."""
+        idx = self.global_indices(batch)
+        b, w = self.micro_batch, self.world_size
+        chunks = [a * w + self.rank for a in range(self.accum_steps)]
+        return [MicroBatch(c, idx[c * b:(c + 1) * b]) for c in chunks]

@@ -1,0 +1,513 @@
+"""The pretraining loop: data -> `ElectraPretrainer` steps -> metrics, checkpoints, a transformers export.
+
+Optimisation as the reference (SPEC 2): AdamW (0.9, 0.999, eps 1e-6), weight decay 0.01 except LayerNorm and
+biases, gradient-norm clip 1.0, LR = peak * min(1, step / warmup) * (1 - step / steps).
+
+Multi-process runs come from `torchrun` (the environment names rank and world size): DDP by default, FSDP2
+(`fully_shard`) with `fsdp=True`; each rank reads its own part of every global batch (`data.BatchPlan`), and
+only rank 0 logs and writes files.
+
+Reproducibility: before each micro-batch, torch's RNG is seeded from (seed, step, chunk), where `chunk` numbers
+the micro-batch within the global batch. Masking, sampling and dropout of a chunk are then the same whatever
+the number of processes or the accumulation that split the batch, and whether or not the run was interrupted:
+N processes x 1 micro-batch equals 1 process x N accumulated micro-batches up to float summation order, and a
+resumed run repeats the losses of an uninterrupted one exactly (on the same device). The RNG states are also
+saved in checkpoints, for anything else that draws from them.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from electra_fast.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
+                                     set_rng_state)
+from electra_fast.data import BUILTIN, BatchPlan, open_training_data, save_tokenizer, special_ids, vocab_fingerprint
+from electra_fast.data.tokenizer import tokenizer_from_str
+from electra_fast.errors import InputError, ensure_writable
+from electra_fast.model import PRESETS, ElectraModelConfig
+from electra_fast.pretrainer import ElectraPretrainer, param_groups
+
+# Reference training lengths (`configure_pretraining.py`); `tiny` is a demo that finishes in about a minute on a CPU.
+DEFAULT_STEPS = {"tiny": 1000, "small": 1_000_000, "base": 766_000, "large": 400_000}
+DEFAULT_WARMUP = 10_000
+METRICS = ("loss", "mlm_loss", "disc_loss", "gen_accuracy", "disc_accuracy", "replaced_frac", "precision", "recall")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; `None` means "the preset's value" (or, for bf16/compile, "yes on a GPU").
+
+    `model`: `ElectraModelConfig` overrides for the discriminator (shared fields reach the generator) and
+    `generator_hidden_size` / `generator_num_attention_heads` / `generator_intermediate_size`.
+    `batch_size` is the global batch per optimizer step (all processes and accumulation steps together).
+    """
+    preset: str = "tiny"
+    model: dict = field(default_factory=dict)
+    gdes: bool = False
+    mask_prob: Optional[float] = None
+    data: Optional[List[str]] = None  # None: the built-in corpus
+    tokenizer: Optional[str] = None
+    vocab_size: int = 30522  # for a tokenizer trained on the data
+    output_dir: Optional[str] = None  # default runs/<preset>
+    steps: Optional[int] = None
+    batch_size: Optional[int] = None
+    seq_len: Optional[int] = None
+    lr: Optional[float] = None
+    warmup_steps: Optional[int] = None  # default: 10000, or 10% of the steps if that is fewer
+    weight_decay: float = 0.01
+    adam_betas: tuple = (0.9, 0.999)
+    adam_eps: float = 1e-6
+    max_grad_norm: float = 1.0
+    grad_accum: int = 1
+    bf16: Optional[bool] = None
+    compile: Optional[bool] = None
+    fsdp: bool = False
+    seed: int = 1234
+    log_interval: int = 10
+    save_interval: int = 1000
+    keep_checkpoints: int = 3
+    tensorboard: bool = False
+    progress: bool = True
+    device: Optional[str] = None
+    threads: Optional[int] = None  # torch intra-op threads; default torch's (1 for the tiny preset on a CPU)
+    export: bool = True  # write discriminator/ and generator/ (transformers format) at the end
+    overwrite: bool = False  # start afresh in an output dir that holds an older run's checkpoints
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with the preset's defaults filled in and every value checked."""
+        if self.preset not in PRESETS:
+            raise InputError(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        c = dataclasses.replace(self)
+        c.output_dir = c.output_dir or os.path.join("runs", c.preset)
+        c.steps = c.steps if c.steps is not None else DEFAULT_STEPS.get(c.preset, 100_000)
+        for name in ("batch_size", "seq_len", "lr", "mask_prob"):
+            if getattr(c, name) is None:
+                setattr(c, name, PRESETS[c.preset][name])
+        if c.warmup_steps is None:
+            c.warmup_steps = min(DEFAULT_WARMUP, c.steps // 10)
+        c.adam_betas = tuple(c.adam_betas)
+        if c.data is not None:  # absolute, so a resumed run finds the data from any working directory
+            c.data = [p if p == BUILTIN else os.path.abspath(p) for p in c.data]
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_interval", "save_interval"):
+            value = getattr(c, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if c.warmup_steps < 0:
+            raise InputError(f"--warmup-steps must be >= 0, got {c.warmup_steps}")
+        if not c.lr > 0:
+            raise InputError(f"--lr must be positive, got {c.lr}")
+        if not 0 < c.mask_prob < 1:
+            raise InputError(f"--mask-prob must be in (0, 1), got {c.mask_prob}")
+        return c
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["adam_betas"] = list(d["adam_betas"])
+        return d
+
+
+def lr_factor(step: int, steps: int, warmup: int) -> float:
+    """LR multiplier at optimizer step `step` (0-based): linear decay to 0 over `steps`, times linear warm-up."""
+    decay = max(0.0, 1.0 - step / steps)
+    return decay * (min(1.0, step / warmup) if warmup > 0 else 1.0)
+
+
+def chunk_seed(seed: int, step: int, chunk: int) -> int:
+    """Independent, well-mixed seed for micro-batch `chunk` of step `step` (SeedSequence hashing)."""
+    return int(np.random.SeedSequence([seed, step, chunk]).generate_state(1, np.uint64)[0])
+
+
+# --------------------------------------------------------------------------------------------- distributed
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def init_distributed(device: Optional[str]) -> tuple:
+    """`(Dist, torch.device)`: from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), else one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return Dist(), dev
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if use_cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Dist(rank, world, local), torch.device(f"cuda:{local}" if use_cuda else "cpu")
+
+
+# ------------------------------------------------------------------------------------------------- the model
+def build_model(cfg: TrainConfig, tok_ids: dict, vocab_size: int) -> ElectraPretrainer:
+    """A fresh model from the preset, sized to the tokenizer; `cfg.model` overrides the preset's shapes."""
+    overrides = dict(cfg.model)
+    if "vocab_size" in overrides and overrides.pop("vocab_size") != vocab_size:
+        raise InputError(f"the model's vocab_size does not match the tokenizer's {vocab_size} tokens: drop "
+                         "vocab_size from the model settings or pass the matching --tokenizer")
+    try:
+        return ElectraPretrainer.from_preset(
+            cfg.preset, vocab_size=vocab_size, mask_token_id=tok_ids["mask"], pad_token_id=tok_ids["pad"],
+            # SPEC 1.1: never masked are [PAD] [CLS] [SEP] [MASK]; [UNK] stays a candidate, as in the reference.
+            special_token_ids=[tok_ids[k] for k in ("pad", "cls", "sep", "mask")], gdes=cfg.gdes,
+            mask_prob=cfg.mask_prob, **overrides)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"invalid model settings: {e}") from None
+
+
+def model_spec(model) -> dict:
+    """What rebuilds the model's structure (configs + pretrainer settings), stored in checkpoints."""
+    return {"generator": dataclasses.asdict(model.generator.config),
+            "discriminator": dataclasses.asdict(model.discriminator.config), "settings": model.settings()}
+
+
+def model_from_spec(spec: dict) -> ElectraPretrainer:
+    """The (freshly initialised) model a `model_spec` describes; load the checkpoint's weights into it."""
+    settings = dict(spec["settings"])
+    gdes = settings.pop("gdes", False)
+    return ElectraPretrainer.from_configs(ElectraModelConfig(**spec["generator"]),
+                                          ElectraModelConfig(**spec["discriminator"]), gdes=gdes, **settings)
+
+
+def _apply_fsdp(model) -> None:
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        raise InputError("--fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard): upgrade torch or "
+                         "leave --fsdp out to use DDP") from None
+    for encoder in (model.generator, model.discriminator):
+        for layer in encoder.layers:
+            fully_shard(layer)
+    fully_shard(model)
+
+
+def _state_dicts(model, optimizer, fsdp: bool) -> tuple:
+    """Full (unsharded) CPU model and optimizer state dicts; a collective under FSDP (every rank calls it)."""
+    if not fsdp:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _load_state_dicts(model, optimizer, model_state, optim_state, fsdp: bool) -> None:
+    if not fsdp:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    # The model by hand: `set_model_state_dict` leaves the second name of a shared parameter (the generator's
+    # and discriminator's common embeddings) a plain tensor and then fails to copy it into the DTensor.
+    sharded = {}
+    for name, current in model.state_dict().items():
+        full = model_state[name].to(current.device, current.dtype)
+        sharded[name] = (distribute_tensor(full, current.device_mesh, current.placements)
+                         if isinstance(current, DTensor) else full)
+    model.load_state_dict(sharded)
+    set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
+
+
+# ---------------------------------------------------------------------------------------------------- export
+def _replace(src: str, dst: str) -> None:
+    """Move a finished file or directory over `dst`; a directory's old copy is deleted only after the swap."""
+    if not os.path.isdir(src):
+        os.replace(src, dst)
+        return
+    old = f"{dst}.old-{os.getpid()}"
+    if os.path.exists(dst):
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export(checkpoint: str, output_dir: str) -> str:
+    """Write `output_dir/discriminator/` and `output_dir/generator/` (transformers format, each with the
+    tokenizer) from a training checkpoint file or a run directory (its newest checkpoint). -> output_dir."""
+    if not os.path.exists(checkpoint):
+        raise InputError(f"{checkpoint!r} does not exist: pass a run's output directory or a checkpoint file")
+    if os.path.isdir(checkpoint):
+        found = latest_checkpoint(os.path.join(checkpoint, "checkpoints"))
+        if found is None:
+            raise InputError(f"no checkpoint in {checkpoint!r}: pass a run's output directory or a checkpoint file")
+        checkpoint = found
+    state = load_checkpoint(checkpoint)
+    model = model_from_spec(state["model_spec"])
+    model.load_state_dict(state["model"])
+    ensure_writable(output_dir, "--output")
+    tmp = os.path.join(output_dir, f".export-{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok = tokenizer_from_str(state["tokenizer"]) if state.get("tokenizer") else None
+    for name in os.listdir(tmp):
+        if tok is not None and os.path.isdir(os.path.join(tmp, name)):
+            save_tokenizer(tok, os.path.join(tmp, name))
+        _replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+    os.rmdir(tmp)
+    return output_dir
+
+
+# ------------------------------------------------------------------------------------------------- logging
+def _summary_writer_class():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise InputError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # e.g. a line cut off by a kill
+        return float("inf")
+
+
+class MetricsLog:
+    """JSONL metrics (one object per log interval) and, optionally, TensorBoard; rank 0 only."""
+
+    def __init__(self, output_dir: str, resume_step: Optional[int], tensorboard: bool):
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        if resume_step is not None and os.path.exists(self.path):
+            # Drop what the interrupted run logged after the checkpoint: the resumed run logs those steps again.
+            with open(self.path, encoding="utf-8") as f:
+                kept = [l for l in f if _logged_step(l) <= resume_step]
+            tmp = f"{self.path}.tmp-{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+            os.replace(tmp, self.path)
+        elif os.path.exists(self.path):
+            os.remove(self.path)
+        self.file = open(self.path, "a", encoding="utf-8")
+        self.tb = None
+        if tensorboard:
+            self.tb = _summary_writer_class()(os.path.join(output_dir, "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}", v, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ---------------------------------------------------------------------------------------------------- train
+def train(cfg: TrainConfig, resume: Optional[dict] = None) -> dict:
+    """Run pretraining. `resume`: a loaded checkpoint (`checkpoint.load_checkpoint`) to continue from.
+
+    Returns a summary: `{"step", "output_dir", "checkpoint", "metrics": last logged record, "model": the trained
+    ElectraPretrainer (on its device; a shard of it under FSDP)}`.
+    """
+    cfg = cfg.resolved()
+    env, device = init_distributed(cfg.device)
+    threads = cfg.threads
+    if threads is None and device.type == "cpu" and cfg.preset == "tiny":
+        # The tiny model's matrices are too small to gain from intra-op threads, and spinning threads slow to a
+        # crawl on a busy machine (10x measured on 2 shared cores): one thread is the fast choice.
+        threads = 1
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _train(cfg, resume, env, device)
+    finally:
+        if env.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _check_run_dir(cfg: TrainConfig, resume: Optional[dict], env: Dist) -> None:
+    """Output dir writable; a fresh run never mixes its checkpoints with an older run's; seq_len fits."""
+    if cfg.fsdp and env.world_size == 1:
+        raise InputError("--fsdp needs several processes: launch with torchrun --nproc-per-node N")
+    max_positions = (resume["model_spec"]["discriminator"] if resume is not None else cfg.model).get(
+        "max_position_embeddings", 512)
+    if cfg.seq_len > max_positions:
+        raise InputError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings {max_positions}: "
+                         "pass a smaller --seq-len")
+    if cfg.tensorboard and env.is_main:
+        _summary_writer_class()
+    if env.is_main:
+        ensure_writable(cfg.output_dir, "--output-dir")
+        old = list_checkpoints(os.path.join(cfg.output_dir, "checkpoints"))
+        if old and resume is None:
+            if not cfg.overwrite:
+                raise InputError(f"{cfg.output_dir!r} already holds a run (checkpoint at step {old[-1][0]}): pass "
+                                 "--resume to continue it, --overwrite to start over, or another --output-dir")
+            for _, path in old:
+                os.remove(path)
+    env.barrier()
+
+
+def _build(cfg: TrainConfig, resume: Optional[dict], tok, device: torch.device):
+    """The model (fresh from the preset, or the checkpoint's structure), its optimizer and LR schedule."""
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    torch.manual_seed(cfg.seed)  # same seed on every rank: the same initial weights
+    if resume is None:
+        model = build_model(cfg, special_ids(tok), vocab_size)
+    else:
+        model = model_from_spec(resume["model_spec"])
+        if vocab_fingerprint(tok) != vocab_fingerprint(tokenizer_from_str(resume["tokenizer"])):
+            raise InputError(f"the data's tokenizer ({vocab_size} tokens) is not the one the checkpoint was "
+                             f"trained with ({model.vocab_size} tokens): resume with the run's own --data")
+    model.to(device)
+    if cfg.fsdp:
+        _apply_fsdp(model)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.adam_betas,
+                                  eps=cfg.adam_eps, fused=True if device.type == "cuda" and not cfg.fsdp else None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps))
+    if resume is not None:
+        if resume["data"]["batch_size"] != cfg.batch_size:
+            raise InputError(f"--batch-size {cfg.batch_size} differs from the checkpoint's "
+                             f"{resume['data']['batch_size']}: resume with the same batch size")
+        _load_state_dicts(model, optimizer, resume["model"], resume["optimizer"], cfg.fsdp)
+        scheduler.load_state_dict(resume["scheduler"])
+        set_rng_state(resume["rng"])
+    return model, optimizer, scheduler
+
+
+def _train(cfg: TrainConfig, resume: Optional[dict], env: Dist, device: torch.device) -> dict:
+    _check_run_dir(cfg, resume, env)
+    out_dir, ckpt_dir = cfg.output_dir, os.path.join(cfg.output_dir, "checkpoints")
+    bf16 = cfg.bf16 if cfg.bf16 is not None else (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    dataset, tok = open_training_data(cfg.data, os.path.join(out_dir, "data"), tokenizer=cfg.tokenizer,
+                                      seq_len=cfg.seq_len, vocab_size=cfg.vocab_size, seed=cfg.seed,
+                                      is_main=env.is_main, barrier=env.barrier, progress=cfg.progress and env.is_main)
+    model, optimizer, scheduler = _build(cfg, resume, tok, device)
+    start = int(resume["data"]["batch"]) if resume is not None else 0  # one global batch per optimizer step
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ddp = None
+    if env.world_size > 1 and not cfg.fsdp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if use_compile:
+        model.validate = False  # compiled code skips the host-side id check anyway; off first avoids a recompile
+        step_fn = torch.compile(ddp or model)
+    else:
+        step_fn = ddp or model
+    plan = BatchPlan(len(dataset), cfg.batch_size, world_size=env.world_size, rank=env.rank,
+                     accum_steps=cfg.grad_accum, seed=cfg.seed)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    log = MetricsLog(out_dir, start if resume is not None else None, cfg.tensorboard) if env.is_main else None
+    bar = None
+    if env.is_main and cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"pretrain {cfg.preset}", unit="step", dynamic_ncols=True)
+    checkpoint_extra = {"config": cfg.to_dict(), "model_spec": model_spec(model), "tokenizer": tok.to_str(),
+                        "world_size": env.world_size}
+
+    def checkpoint(step: int) -> Optional[str]:
+        model_state, optim_state = _state_dicts(model, optimizer, cfg.fsdp)  # every rank: a collective under FSDP
+        if not env.is_main:
+            return None
+        return save_checkpoint({"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                                "rng": rng_state(), "data": {"batch": step, "batch_size": cfg.batch_size},
+                                **checkpoint_extra}, ckpt_dir, step, keep=cfg.keep_checkpoints)
+
+    model.train()
+    sums = torch.zeros(len(METRICS) + 1, device=device)  # the metrics and the grad norm, summed over the window
+    window_steps, window_start, record = 0, time.perf_counter(), {}
+    last_ckpt = latest_checkpoint(ckpt_dir) if env.is_main and start >= cfg.steps else None
+    for step in range(start, cfg.steps):
+        chunks = plan.micro_batches(step)
+        for i, mb in enumerate(chunks):
+            torch.manual_seed(chunk_seed(cfg.seed, step, mb.chunk))
+            batch = {k: v.to(device, non_blocking=True) for k, v in dataset.gather(mb.indices).items()}
+            last = i == len(chunks) - 1
+            sync = contextlib.nullcontext()
+            if ddp is not None and not last:  # gradients are all-reduced once, after the last micro-batch
+                sync = ddp.no_sync()
+            elif cfg.fsdp:
+                model.set_requires_gradient_sync(last)
+            with sync:
+                with amp:
+                    out = step_fn(**batch)
+                (out.loss / len(chunks)).backward()
+            sums[:-1] += torch.stack([getattr(out, m).detach().float() for m in METRICS]) / len(chunks)
+            # Token ids were range-checked on the first batch (one host sync); later batches come from the same
+            # data and tokenizer, so checking them again would only cost a sync per step.
+            model.validate = False
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        sums[-1] += grad_norm.detach().float()
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves on below)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        window_steps += 1
+        done = step + 1
+
+        if done % cfg.log_interval == 0 or done == cfg.steps:
+            # One all-reduce and one host sync per log interval, not per step.
+            stats = sums / window_steps
+            if env.world_size > 1:
+                dist.all_reduce(stats)
+                stats /= env.world_size
+            values, now = stats.tolist(), time.perf_counter()
+            record = {"step": done, **dict(zip(METRICS, values)), "grad_norm": values[-1], "lr": lr,
+                      "tokens_per_s": window_steps * cfg.batch_size * cfg.seq_len / max(now - window_start, 1e-9)}
+            if log is not None:
+                log.write(record)
+            if bar is not None:
+                bar.set_postfix(OrderedDict(  # an OrderedDict keeps this order (keyword arguments get sorted)
+                    loss=f"{record['loss']:.3f}", mlm=f"{record['mlm_loss']:.3f}", disc=f"{record['disc_loss']:.4f}",
+                    disc_acc=f"{record['disc_accuracy']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}"), refresh=False)
+            sums.zero_()
+            window_steps, window_start = 0, now
+        if bar is not None:
+            bar.update(1)
+        if done % cfg.save_interval == 0 or done == cfg.steps:
+            last_ckpt = checkpoint(done) or last_ckpt
+    if bar is not None:
+        bar.close()
+    if log is not None:
+        log.close()
+    if cfg.export and last_ckpt is not None:
+        export(last_ckpt, out_dir)
+    env.barrier()
+    return {"step": max(start, cfg.steps), "output_dir": out_dir, "checkpoint": last_ckpt, "metrics": record,
+            "model": model}
+
+
+def find_resume_checkpoint(resume: str, output_dir: str) -> str:
+    """The checkpoint `--resume` means: a file, or "latest" (the newest in `output_dir/checkpoints`)."""
+    if resume != "latest":
+        return resume
+    path = latest_checkpoint(os.path.join(output_dir, "checkpoints"))
+    if path is None:
+        raise InputError(f"--resume: no checkpoint in {os.path.join(output_dir, 'checkpoints')!r}: start without "
+                         "--resume, or pass the --output-dir of the run to continue")
+    return path
+
+
+__all__ = ["TrainConfig", "train", "export", "lr_factor", "chunk_seed", "find_resume_checkpoint", "DEFAULT_STEPS"]

@@ -1,0 +1,215 @@
+"""The `electra-fast` command end to end on a CPU: pretrain -> checkpoint -> transformers export that detects
+replaced tokens; prepare / train-tokenizer / export; every bad input is one line on stderr and exit code 2."""
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("tokenizers")
+transformers = pytest.importorskip("transformers")
+
+from electra_fast.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
+from electra_fast.cli import main  # noqa: E402
+from electra_fast.data import builtin_lines  # noqa: E402
+from electra_fast.model import PRESETS  # noqa: E402
+from electra_fast.train import model_from_spec  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LINES = list(builtin_lines())
+FAST = ["--threads", "1", "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "small.txt"
+    path.write_text("\n".join(LINES[:2500]) + "\n", encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("run"))
+    rc = main(["pretrain", "--data", corpus, "-o", out, "--steps", "80", "--batch-size", "16", "--seq-len", "32",
+               "--lr", "2e-3", "--vocab-size", "1000", "--log-interval", "5", "--seed", str(random.randrange(1000)),
+               *FAST])
+    assert rc == 0
+    return out
+
+
+def run_cli(capsys, *argv):
+    rc = main(list(argv))
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def assert_one_line_error(rc, err, pattern):
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("electra-fast: error: ") and "Traceback" not in err
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_pretrain_losses_fall_and_checkpoint_written(trained):
+    with open(os.path.join(trained, "metrics.jsonl")) as f:
+        records = [json.loads(l) for l in f]
+    assert [r["step"] for r in records] == list(range(5, 85, 5))
+    first, last = records[:2], records[-2:]
+    assert np.mean([r["loss"] for r in last]) < 0.8 * np.mean([r["loss"] for r in first])
+    assert np.mean([r["mlm_loss"] for r in last]) < np.mean([r["mlm_loss"] for r in first]) - 0.2
+    assert all(r["tokens_per_s"] > 0 and 0 <= r["disc_accuracy"] <= 1 for r in records)
+    # Warm-up over 8 steps (10%), then linear decay: the last step (index 79) runs at 2e-3 * 1/80.
+    assert records[0]["lr"] == pytest.approx(2e-3 * 4 / 8 * (1 - 4 / 80))
+    assert records[-1]["lr"] == pytest.approx(2e-3 / 80)
+    ckpt = load_checkpoint(latest_checkpoint(os.path.join(trained, "checkpoints")))
+    assert ckpt["step"] == 80
+
+
+def test_exported_discriminator_loads_in_transformers_and_scores_replaced_tokens(trained):
+    disc_dir = os.path.join(trained, "discriminator")
+    hf = transformers.ElectraForPreTraining.from_pretrained(disc_dir).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(disc_dir)
+    transformers.ElectraForMaskedLM.from_pretrained(os.path.join(trained, "generator"))
+
+    # Same logits as the trained model in the checkpoint.
+    ckpt = load_checkpoint(latest_checkpoint(os.path.join(trained, "checkpoints")))
+    ours = model_from_spec(ckpt["model_spec"])
+    ours.load_state_dict(ckpt["model"])
+    ours.eval()
+    enc = tok("The assert statement is a convenient way to insert debugging assertions.", return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**enc).logits, ours.discriminator(enc["input_ids"], enc["attention_mask"],
+                                                                        enc["token_type_ids"]), rtol=1e-4, atol=1e-4)
+
+    # Held-out sentences with 15% of tokens replaced at random: replaced ones must score higher (AUC).
+    g = torch.Generator().manual_seed(random.randrange(1 << 30))
+    replaced, original = [], []
+    for sentence in [l for l in LINES[2500:2800] if l]:
+        enc = tok(sentence, return_tensors="pt", truncation=True, max_length=32)
+        ids = enc["input_ids"].clone()
+        n = ids.shape[1] - 2
+        if n < 4:
+            continue
+        pos = torch.randperm(n, generator=g)[: max(1, int(0.15 * n))] + 1
+        ids[0, pos] = torch.randint(5, tok.vocab_size, (len(pos),), generator=g)
+        with torch.no_grad():
+            logits = hf(input_ids=ids, attention_mask=enc["attention_mask"]).logits[0, 1:-1]
+        is_rep = torch.zeros(n, dtype=torch.bool)
+        is_rep[pos - 1] = ids[0, pos] != enc["input_ids"][0, pos]
+        replaced += logits[is_rep].tolist()
+        original += logits[~is_rep].tolist()
+    replaced, original = np.array(replaced), np.array(original)
+    assert len(replaced) > 300
+    auc = (replaced[:, None] > original[None, :]).mean()
+    assert auc > 0.65, auc  # ~0.83 measured; chance is 0.5 (standard error ~0.015 here)
+
+
+def test_default_pretrain_uses_builtin_corpus(tmp_path, monkeypatch, capsys):
+    # `electra-fast pretrain` without arguments, shortened: built-in corpus, trained tokenizer, runs/tiny.
+    monkeypatch.chdir(tmp_path)
+    rc, out, _ = run_cli(capsys, "pretrain", "--steps", "3", "--no-progress")
+    assert rc == 0 and "done: 3 steps" in out
+    run = tmp_path / "runs" / "tiny"
+    index = json.loads((run / "data" / "index.json").read_text())
+    tiny = PRESETS["tiny"]
+    assert index["sources"][0].startswith("builtin:") and index["seq_len"] == tiny["seq_len"]
+    assert latest_checkpoint(str(run / "checkpoints")).endswith("checkpoint-00000003.pt")
+    cfg = load_checkpoint(latest_checkpoint(str(run / "checkpoints")))["config"]
+    assert (cfg["preset"], cfg["batch_size"], cfg["lr"]) == ("tiny", tiny["batch_size"], tiny["lr"])
+    assert cfg["warmup_steps"] == 0  # 10% of 3 steps
+    assert (run / "discriminator" / "model.safetensors").exists()
+    # A second run does not mix its checkpoints with the first's unless told to; it reuses the prepared data.
+    rc, _, err = run_cli(capsys, "pretrain", "--steps", "2", "--no-progress")
+    assert_one_line_error(rc, err, r"already holds a run \(checkpoint at step 3\): pass --resume .* --overwrite")
+    before = sorted(os.listdir(run / "data"))
+    assert run_cli(capsys, "pretrain", "--steps", "2", "--no-progress", "--no-export", "--overwrite")[0] == 0
+    assert sorted(os.listdir(run / "data")) == before
+    assert latest_checkpoint(str(run / "checkpoints")).endswith("checkpoint-00000002.pt")
+
+
+def test_prepare_train_tokenizer_and_export_commands(trained, corpus, tmp_path, capsys):
+    bad = tmp_path / "mixed.txt"
+    bad.write_bytes(open(corpus, "rb").read()[:20000] + b"\n\xff\xfe broken \xc3\n" + b"More text here.\n")
+    rc, out, _ = run_cli(capsys, "train-tokenizer", str(bad), "-o", str(tmp_path / "tok"), "--vocab-size", "500")
+    assert rc == 0 and "skipped 1 lines" in out
+    rc, out, _ = run_cli(capsys, "prepare", str(bad), "-o", str(tmp_path / "data"), "--tokenizer",
+                         str(tmp_path / "tok"), "--seq-len", "16", "--no-progress")
+    assert rc == 0 and "skipped 1 lines that were not UTF-8" in out
+    assert json.loads((tmp_path / "data" / "index.json").read_text())["seq_len"] == 16
+    rc, out, _ = run_cli(capsys, "export", trained, "-o", str(tmp_path / "export"))
+    assert rc == 0
+    a = transformers.ElectraForPreTraining.from_pretrained(str(tmp_path / "export" / "discriminator"))
+    b = transformers.ElectraForPreTraining.from_pretrained(os.path.join(trained, "discriminator"))
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), k
+
+
+def test_bad_inputs_are_one_line_errors(trained, corpus, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    e = lambda *argv: run_cli(capsys, "pretrain", "-o", out, "--steps", "2", *FAST, *argv)  # noqa: E731
+    rc, _, err = e("--data", str(tmp_path / "missing.txt"))
+    assert_one_line_error(rc, err, r"does not exist")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    rc, _, err = e("--data", str(tmp_path / "empty.txt"))
+    assert_one_line_error(rc, err, r"no text")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e\n".encode("latin-1") * 50)
+    rc, _, err = e("--data", str(tmp_path / "latin1.txt"))
+    assert_one_line_error(rc, err, r"no text.*not UTF-8")
+    rc, _, err = e("--seq-len", "600")
+    assert_one_line_error(rc, err, r"--seq-len 600 exceeds the model's max_position_embeddings 512")
+    rc, _, err = e("--data", os.path.join(trained, "data"), "--seq-len", "32", "--tokenizer",
+                   os.path.join(ROOT, "nonexistent-tokenizer.json"))
+    assert_one_line_error(rc, err, r"tokenizer .* does not exist")
+    main(["train-tokenizer", corpus, "-o", str(tmp_path / "other_tok"), "--vocab-size", "300"])
+    rc, _, err = e("--data", os.path.join(trained, "data"), "--seq-len", "32", "--tokenizer",
+                   str(tmp_path / "other_tok"))
+    assert_one_line_error(rc, err, r"differs from the one .* was prepared with")
+    main(["prepare", corpus, "-o", str(tmp_path / "other_data"), "--tokenizer", str(tmp_path / "other_tok"),
+          "--seq-len", "32", "--no-progress"])
+    shutil.copytree(trained, str(tmp_path / "run"))
+    rc, _, err = run_cli(capsys, "pretrain", "-o", str(tmp_path / "run"), "--resume", "--data",
+                         str(tmp_path / "other_data"), *FAST)
+    assert_one_line_error(rc, err, r"the data's tokenizer \(300 tokens\) is not the one the checkpoint was trained "
+                                   r"with \(1000 tokens\): resume with the run's own --data")
+    rc, _, err = e("--data", os.path.join(trained, "data"), "--seq-len", "32", "--model", "vocab_size=30522")
+    assert_one_line_error(rc, err, r"vocab_size does not match the tokenizer")
+    rc, _, err = e("--data", os.path.join(trained, "data"), "--seq-len", "64")
+    assert_one_line_error(rc, err, r"prepared with --seq-len 32")
+    (tmp_path / "a_file").write_text("x")
+    rc, _, err = run_cli(capsys, "pretrain", "-o", str(tmp_path / "a_file" / "sub"), *FAST)
+    assert_one_line_error(rc, err, r"cannot write to --output-dir")
+    rc, _, err = e("--resume")
+    assert_one_line_error(rc, err, r"no checkpoint in")
+    rc, _, err = e("--config", str(tmp_path / "empty.txt"))
+    assert_one_line_error(rc, err, r"not valid JSON")
+
+
+def test_corrupt_checkpoint_on_resume(trained, tmp_path, capsys):
+    run = str(tmp_path / "run")
+    shutil.copytree(trained, run)
+    path = latest_checkpoint(os.path.join(run, "checkpoints"))
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size // 3)
+    rc, _, err = run_cli(capsys, "pretrain", "-o", run, "--resume", *FAST)
+    assert_one_line_error(rc, err, r"checkpoint .* is corrupt or unreadable .*: delete it and start again")
+    assert os.path.getsize(path) == size // 3  # nothing was touched
+    assert os.path.exists(os.path.join(run, "discriminator", "model.safetensors"))
+
+
+def test_console_exit_code_without_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "electra_fast", "prepare", str(tmp_path / "nothing.txt"),
+                           "-o", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"electra-fast: error: data path {str(tmp_path / 'nothing.txt')!r} does not exist: pass existing text files "
+        "or directories"]
+    assert not os.path.exists(tmp_path / "out")
