@@ -1,4 +1,7 @@
 """The ops chained as in one RTD step trace with torch.compile(fullgraph=True) and give the eager results."""
+import os
+
+import pytest
 import torch
 import torch._dynamo
 import torch._inductor.config
@@ -21,8 +24,13 @@ def rtd_chain(ids, am, emb, gen_w, disc_w):
     return mlm_loss + 50.0 * disc_loss, sampled, extra, correct.sum(), labels
 
 
-def test_chain_compiles_fullgraph_and_matches_eager(monkeypatch):
+BACKENDS = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chain_compiles_fullgraph_and_matches_eager(monkeypatch, backend):
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # same RNG stream as eager
+    monkeypatch.setenv("ELECTRA_FAST_BACKEND", backend)
     torch._dynamo.reset()
     b, seq_len, v, h = 3, 16, 40, 8
     ids = torch.randint(4, v, (b, seq_len))

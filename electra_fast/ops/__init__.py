@@ -11,9 +11,10 @@ from electra_fast.ops.masked_gather import masked_gather
 from electra_fast.ops.mlm_loss import mlm_loss_and_sample
 from electra_fast.ops.replace_tokens import replace_tokens
 from electra_fast.ops.rtd_bce import rtd_bce_loss
+from electra_fast.ops.rtd_head import rtd_head_loss
 
 __all__ = [
     "BACKENDS", "available_backends", "get_backend", "set_backend",
     "mask_tokens", "num_slots", "masked_gather", "mlm_loss_and_sample", "gumbel_sample", "replace_tokens",
-    "rtd_bce_loss",
+    "rtd_bce_loss", "rtd_head_loss",
 ]

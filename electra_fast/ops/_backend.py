@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -50,8 +51,6 @@ def get_backend() -> Optional[str]:
     return _check_name(env, "ELECTRA_FAST_BACKEND") if env else None
 
 
-# Dynamo cannot trace importlib; the answers are constant for a process, so torch.compile may fold them.
-@torch.compiler.assume_constant_result
 def _module(backend: str):
     try:
         return importlib.import_module(_KERNEL_MODULES[backend])
@@ -59,7 +58,6 @@ def _module(backend: str):
         return None
 
 
-@torch.compiler.assume_constant_result
 def _why_unavailable(backend: str, op: str, device: torch.device) -> Optional[str]:
     """None when `backend` can run `op` on `device`, else the reason."""
     if backend == "torch":
@@ -78,24 +76,32 @@ def _why_unavailable(backend: str, op: str, device: torch.device) -> Optional[st
     return None
 
 
-def resolve(op: str, backend: Optional[str], device: torch.device, dtype: Optional[torch.dtype] = None):
-    """Return (backend name, kernel function or None for the torch reference).
-
-    float64 inputs default to the reference: the kernels compute in fp32."""
-    name = backend if backend is not None else get_backend()
+# Dynamo cannot trace importlib or the probes; the answer is constant for a process and these arguments, so
+# torch.compile folds it. It returns a string (a constant dynamo can hold): the backend, or "!" + why not.
+@torch.compiler.assume_constant_result
+def _choose(op: str, asked: Optional[str], forced: Optional[str], device: torch.device, f64: bool) -> str:
+    name = asked if asked is not None else forced
     if name is not None:
-        _check_name(name, "backend")
         why = _why_unavailable(name, op, device)
-        mod = None if name == "torch" else _module(name)
-        if why is not None and backend is None and mod is not None and not hasattr(mod, op):
-            name = "torch"  # a globally forced backend covers the ops it has; the rest run the reference
-        elif why is not None:
-            raise RuntimeError(f"backend {name!r} cannot run {op}: {why}")
-    elif device.type != "cuda" or dtype == torch.float64:
-        name = "torch"
-    else:
-        name = next(b for b in DEFAULT_ORDER[op] if _why_unavailable(b, op, device) is None)
-    return name, (None if name == "torch" else getattr(_module(name), op))
+        if why is None:
+            return name
+        mod = _module(name)
+        if asked is None and mod is not None and not hasattr(mod, op):
+            return "torch"  # a globally forced backend covers the ops it has; the rest run the reference
+        return f"!backend {name!r} cannot run {op}: {why}"
+    if device.type != "cuda" or f64:
+        return "torch"  # fp64 too: the kernels compute in fp32
+    return next(b for b in DEFAULT_ORDER[op] if _why_unavailable(b, op, device) is None)
+
+
+def resolve(op: str, backend: Optional[str], device: torch.device, dtype: Optional[torch.dtype] = None):
+    """Return (backend name, kernel function or None for the torch reference)."""
+    if backend is not None:
+        _check_name(backend, "backend")
+    name = _choose(op, backend, get_backend(), device, dtype == torch.float64)
+    if name.startswith("!"):
+        raise RuntimeError(name[1:])
+    return name, (None if name == "torch" else getattr(sys.modules[_KERNEL_MODULES[name]], op))
 
 
 def available_backends(device="cuda", op: str = "mlm_loss_and_sample") -> list:

@@ -1,0 +1,98 @@
+"""Shared measuring tools for the benchmarks (SPEC 5): median of CUDA-event timings after warm-up, inputs
+rotated through more than the L2 cache, the device-to-device copy bandwidth measured in the same run, and
+CSV/PNG output."""
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import sys
+from datetime import date
+
+import torch
+
+L2_BYTES = 50 * 2**20  # H100: 50 MB; rotating through > 2x this keeps timings honest about DRAM
+
+
+def require_cuda(script: str) -> None:
+    if not torch.cuda.is_available():
+        print(f"{script}: needs a CUDA GPU (none found); nothing measured.", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def do_bench(fn, warmup_ms: float = 25, rep_ms: float = 200) -> float:
+    """Median milliseconds per call: triton.testing.do_bench, CUDA events after warm-up, L2 cleared before each
+    timed call (the callers rotate their inputs as well, so no call finds the previous one's inputs cached)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
+def rotation(make, nbytes: int):
+    """Enough independent input sets (from `make()`) that cycling through them exceeds twice the L2 cache."""
+    copies = max(2, -(-2 * L2_BYTES // max(nbytes, 1)))
+    return [make() for _ in range(min(copies, 64))]
+
+
+def cycle(fn, sets):
+    """A zero-argument callable applying `fn` to the next input set each call."""
+    state = {"i": 0}
+
+    def call():
+        args = sets[state["i"] % len(sets)]
+        state["i"] += 1
+        return fn(*args)
+
+    return call
+
+
+def copy_bandwidth_gbs(nbytes: int = 2**30) -> float:
+    """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src))
+    del src, dst
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+def environment() -> dict:
+    import triton
+
+    return {"device": torch.cuda.get_device_name(), "date": date.today().isoformat(), "torch": torch.__version__,
+            "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
+
+
+def write_csv(path: str, rows: list) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def bar_plot(path: str, title: str, rows: list, copy_gbs: float) -> bool:
+    """One PNG per op: GB/s per implementation, grouped by (shape, pass); the copy bandwidth as a line."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: no plot for {title}", file=sys.stderr)
+        return False
+    groups = sorted({(r["shape"], r["pass"]) for r in rows}, key=str)
+    impls = sorted({r["impl"] for r in rows}, key=str)
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(groups), 4))
+    width = 0.8 / len(impls)
+    for k, impl in enumerate(impls):
+        ys = [next((r["GB/s"] for r in rows if (r["shape"], r["pass"]) == g and r["impl"] == impl), 0) for g in groups]
+        ax.bar([i + k * width for i in range(len(groups))], ys, width, label=impl)
+    ax.axhline(copy_gbs, color="k", linestyle="--", linewidth=1, label=f"copy {copy_gbs:.0f} GB/s")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], [f"{s}\n{p}" for s, p in groups])
+    ax.set_ylabel("GB/s (bytes that must move / median time)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

@@ -1,0 +1,16 @@
+"""Triton kernels for the hot ELECTRA RTD ops (`electra_fast.kernels`, the "triton" backend of `electra_fast.ops`).
+
+Each function here is a backend entry with the contract of `electra_fast.ops._backend` (canonical, contiguous
+inputs); each runs registered `torch.library` custom ops (`electra_fast::*_triton`) with fake kernels and autograd,
+so `torch.compile(fullgraph=True)` traces them and CUDA graphs capture them. Importing needs `triton`
+(ImportError otherwise, which the backend switch reports as "unavailable"). On CPU tensors the kernels run only
+under `TRITON_INTERPRET=1`.
+"""
+from .gumbel_sample import gumbel_sample
+from .masked_gather import masked_gather
+from .mlm_loss_sample import mlm_loss_and_sample
+from .replace_tokens import replace_tokens
+from .rtd_bce import rtd_bce_loss
+from .rtd_head import rtd_head_loss
+
+__all__ = ["gumbel_sample", "masked_gather", "mlm_loss_and_sample", "replace_tokens", "rtd_bce_loss", "rtd_head_loss"]

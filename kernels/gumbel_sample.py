@@ -1,0 +1,30 @@
+"""Sampling alone: one id per row from softmax(logits / T), optional disallowed id per row (SPEC 1.3).
+
+Design: the fused MLM kernel's row pass (mlm_loss_sample.py) with the loss switched off (`WITH_LOSS=False`):
+same samplers ("cdf" inverse-CDF by default, "gumbel" Gumbel-max), same fp32 math on any input dtype, same
+Philox seed read from a device tensor. No gradient flows through sampling.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import mlm_loss_sample as _mls
+
+
+@torch.library.custom_op("electra_fast::gumbel_sample_triton", mutates_args=())
+def _gumbel_sample_op(logits: torch.Tensor, seed: torch.Tensor, temperature: float, disallow: Optional[torch.Tensor],
+                      sampler: str) -> torch.Tensor:
+    return _mls.launch_sampler(logits, seed, temperature, disallow, sampler)
+
+
+@_gumbel_sample_op.register_fake
+def _(logits, seed, temperature, disallow, sampler):
+    return logits.new_empty((logits.shape[0],), dtype=torch.int64)
+
+
+def gumbel_sample(logits, seed, temperature: float, disallow: Optional[torch.Tensor]):
+    """Backend entry (see electra_fast.ops.gumbel_sample): contiguous logits [M, V], a 1-element int64 seed
+    tensor, optional int64 disallow [M] (negative: none). Returns [M] int64."""
+    return _gumbel_sample_op(logits, seed, float(temperature), disallow, _mls.check_sampler(_mls.SAMPLER))

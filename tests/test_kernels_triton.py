@@ -1,0 +1,360 @@
+"""The Triton kernels (`electra_fast.kernels`) against the PyTorch reference ops, run in the Triton interpreter
+(`TRITON_INTERPRET=1`, CPU tensors) or on a GPU. Tiny shapes, with the kernels' block sizes shrunk so every loop
+runs several times and every tail is partial; outputs are allocated poisoned (NaN / -7 / True) so an element a
+kernel forgets to write shows. Sampling is checked by chi-square against softmax(logits / T)."""
+import importlib
+import math
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot run")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 to run them in the interpreter on the CPU",
+                allow_module_level=True)
+
+from electra_fast import ops  # noqa: E402
+
+DEVICE = "cpu" if INTERPRET else "cuda"
+K = {name: importlib.import_module(f"electra_fast.kernels.{name}") for name in
+     ("mlm_loss_sample", "gumbel_sample", "masked_gather", "replace_tokens", "rtd_bce", "rtd_head")}
+MLS = K["mlm_loss_sample"]
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rtol=2e-3, atol=2e-4)}
+
+
+def chi2_critical(df, z=3.29):
+    """Upper chi-square quantile by Wilson-Hilferty; z = 3.29 is p ~ 5e-4 (the draws use fixed seeds)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def chi2(samples, probs):
+    counts = torch.bincount(samples.cpu(), minlength=probs.numel()).double()
+    keep = probs > 0
+    assert counts[~keep].sum() == 0, "sampled an id of probability 0"
+    expected = probs[keep] * samples.numel()
+    assert expected.min() >= 5, "too few draws for the chi-square approximation"
+    return ((counts[keep] - expected) ** 2 / expected).sum().item(), int(keep.sum()) - 1
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Shrink every tile so the tiny test shapes span several tiles with a partial last one."""
+    monkeypatch.setattr(MLS, "BLOCK_V", 8)
+    monkeypatch.setattr(MLS, "BLOCK_BWD", 16)
+    monkeypatch.setattr(K["masked_gather"], "BLOCK_H", 4)
+    monkeypatch.setattr(K["masked_gather"], "SCATTER_BLOCK_H", 4)
+    monkeypatch.setattr(K["masked_gather"], "DUP_CHUNK", 2)
+    monkeypatch.setattr(K["replace_tokens"], "BLOCK_L", 4)
+    monkeypatch.setattr(K["rtd_bce"], "BLOCK", 16)
+    monkeypatch.setattr(K["rtd_head"], "TILE_ELEMS", 16)
+    monkeypatch.setattr(K["rtd_head"], "BWD_TILE_ELEMS", 32)
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Fresh allocations come back filled with NaN (float), True (bool) or -7 (int)."""
+    def fill(t):
+        return t.fill_(float("nan") if t.dtype.is_floating_point else True if t.dtype == torch.bool else -7)
+
+    for name in ("empty", "empty_like"):
+        monkeypatch.setattr(torch, name, lambda *a, _orig=getattr(torch, name), **k: fill(_orig(*a, **k)))
+    new_empty = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: fill(new_empty(self, *a, **k)))
+
+
+def rand(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
+
+
+# ---------------------------------------------------------------- fused MLM loss + sample
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("temperature, disallow", [(1.0, False), (0.7, True)])
+@pytest.mark.parametrize("m, v", [(7, 37), (1, 5)])
+def test_mlm_loss_matches_reference(poison, dtype, temperature, disallow, m, v):
+    logits = rand(m, v, dtype=dtype, scale=3).requires_grad_()
+    targets = torch.randint(0, v, (m,), device=DEVICE)
+    weights = (torch.rand(m, device=DEVICE) > 0.3).float()
+    weights[0] = 1.0
+    kw = dict(temperature=temperature, disallow_correct=disallow)
+    loss, sampled, correct = ops.mlm_loss_and_sample(logits, targets, weights, backend="triton", **kw)
+    ref_loss, _, ref_correct = ops.mlm_loss_and_sample(logits, targets, weights, backend="torch", **kw)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    torch.testing.assert_close(loss, ref_loss, **TOL[torch.float32])
+    assert correct.dtype == torch.bool and torch.equal(correct, ref_correct)
+    assert sampled.dtype == torch.int64 and ((sampled >= 0) & (sampled < v)).all()
+    if disallow and v > 1:
+        assert not (sampled == targets).any()
+    grad_out = torch.tensor(2.5, device=DEVICE)
+    (grad,) = torch.autograd.grad(loss, logits, grad_out)
+    (ref_grad,) = torch.autograd.grad(ref_loss, logits, grad_out)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad, ref_grad, **TOL[dtype])
+
+
+def test_mlm_all_weights_zero_writes_everything(poison):
+    m, v = 5, 19
+    logits = rand(m, v, scale=2).requires_grad_()
+    targets = torch.randint(0, v, (m,), device=DEVICE)
+    loss, sampled, correct = ops.mlm_loss_and_sample(logits, targets, torch.zeros(m, device=DEVICE), backend="triton")
+    assert loss.item() == 0.0
+    assert ((sampled >= 0) & (sampled < v)).all()
+    assert torch.equal(correct, logits.argmax(1) == targets)
+    loss.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_mlm_extreme_logits_are_finite():
+    # -1e4 / +1e4 spreads: the online log-sum-exp must not overflow; the sample is the dominant id.
+    logits = torch.full((3, 21), -1e4, device=DEVICE)
+    logits[0, 20], logits[1, 0], logits[2, 9] = 1e4, 50.0, 0.0
+    targets = torch.tensor([20, 3, 9], device=DEVICE)
+    loss, sampled, correct = ops.mlm_loss_and_sample(logits, targets, torch.ones(3, device=DEVICE), backend="triton")
+    ref = ops.mlm_loss_and_sample(logits, targets, torch.ones(3, device=DEVICE), backend="torch")[0]
+    torch.testing.assert_close(loss, ref)
+    assert sampled.tolist() == [20, 0, 9] and correct.tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize("sampler", MLS.SAMPLERS)
+def test_mlm_sampler_choice_keeps_loss_and_disallow(monkeypatch, sampler):
+    monkeypatch.setattr(MLS, "SAMPLER", sampler)
+    m, v = 6, 13
+    logits, targets, weights = rand(m, v), torch.randint(0, v, (m,), device=DEVICE), torch.rand(m, device=DEVICE)
+    loss, sampled, _ = ops.mlm_loss_and_sample(logits, targets, weights, disallow_correct=True, backend="triton")
+    torch.testing.assert_close(loss, ops.mlm_loss_and_sample(logits, targets, weights, backend="torch")[0])
+    assert not (sampled == targets).any()
+    monkeypatch.setattr(MLS, "SAMPLER", "nope")
+    with pytest.raises(ValueError, match="ELECTRA_FAST_SAMPLER.*nope"):
+        ops.mlm_loss_and_sample(logits, targets, weights, backend="triton")
+
+
+# ---------------------------------------------------------------- sampling distribution
+
+# V = 10: a tile of 8 and a partial one; the maximum sits in the last tile, so the first tile's mass must be
+# rescaled to the final running max.
+BASE = torch.tensor([0.3, -0.4, 0.1, 0.2, -0.5, 0.0, 0.4, -0.2, 0.0, 2.2])
+
+
+@pytest.mark.parametrize("op, sampler, temperature, disallow", [
+    ("mlm", "cdf", 1.0, False),      # the default path: tile masses shared with the loss
+    ("gumbel", "cdf", 0.8, True),    # own running max for the scaled scores, a disallowed id
+    ("mlm", "gumbel", 1.7, False),   # Gumbel-max with randint4x noise
+])
+def test_sampling_distribution_is_softmax(monkeypatch, op, sampler, temperature, disallow):
+    monkeypatch.setattr(MLS, "SAMPLER", sampler)
+    draws, v = 500, BASE.numel()
+    logits = BASE.to(DEVICE).expand(draws, v).to(torch.float16)  # fp16 logits: sampling still in fp32
+    banned = torch.full((draws,), 3, device=DEVICE)
+    gen = torch.Generator(DEVICE).manual_seed(2024)
+    if op == "mlm":
+        ids = ops.mlm_loss_and_sample(logits, banned, torch.ones(draws, device=DEVICE), temperature=temperature,
+                                      disallow_correct=disallow, generator=gen, backend="triton")[1]
+    else:
+        ids = ops.gumbel_sample(logits, temperature=temperature, disallow=banned if disallow else None,
+                                generator=gen, backend="triton")
+    probs = torch.softmax(logits[0].double().cpu() / temperature, 0)
+    if disallow:
+        probs[3] = 0
+        probs /= probs.sum()
+    stat, df = chi2(ids, probs)
+    assert stat < chi2_critical(df), (stat, df)
+
+
+def test_sampling_reproducible_under_manual_seed_and_generator():
+    m, v = 16, 37
+    logits = torch.zeros(m, v, device=DEVICE)  # uniform: 16 draws from 37 ids never repeat by chance
+    targets, weights = torch.zeros(m, dtype=torch.long, device=DEVICE), torch.ones(m, device=DEVICE)
+    calls = [lambda **k: ops.mlm_loss_and_sample(logits, targets, weights, backend="triton", **k)[1],
+             lambda **k: ops.gumbel_sample(logits, backend="triton", **k)]
+    for call in calls:
+        torch.manual_seed(5)
+        a, b = call(), call()
+        torch.manual_seed(5)
+        assert torch.equal(call(), a) and not torch.equal(a, b)
+        g1, g2 = torch.Generator(DEVICE).manual_seed(9), torch.Generator(DEVICE).manual_seed(9)
+        assert torch.equal(call(generator=g1), call(generator=g2))
+
+
+def test_gumbel_sample_disallow_and_peaked_rows(poison):
+    m, v = 6, 23
+    logits = rand(m, v)
+    logits[:, 4] = 40.0  # every row puts all its mass on id 4 ...
+    disallow = torch.tensor([4, -1, 4, -1, 4, 0], device=DEVICE)  # ... unless id 4 is disallowed
+    ids = ops.gumbel_sample(logits, disallow=disallow, backend="triton")
+    assert ids.dtype == torch.int64
+    assert torch.equal(ids == 4, disallow != 4)
+    assert ((ids >= 0) & (ids < v)).all()
+    one = ops.gumbel_sample(torch.zeros(1, 1, device=DEVICE), disallow=torch.zeros(1, dtype=torch.long,
+                                                                                     device=DEVICE), backend="triton")
+    assert one.tolist() == [0]  # nothing allowed: id 0, as argmax over all -inf in the reference
+
+
+# ---------------------------------------------------------------- masked gather / scatter
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_masked_gather_and_scatter_add(poison, dtype):
+    b, seq_len, h, n = 3, 11, 9, 6
+    hidden = rand(b, seq_len, h, dtype=dtype).requires_grad_()
+    pos = torch.stack([torch.randperm(seq_len, device=DEVICE)[:n] for _ in range(b)])
+    pos[1, 3:] = 0       # padding slots all point at position 0 ...
+    pos[2, 0] = 0        # ... and a real slot may sit at 0 as well
+    pos[2, 4:] = 0
+    out = ops.masked_gather(hidden, pos, backend="triton")
+    ref = ops.masked_gather(hidden, pos, backend="torch")
+    assert out.dtype == dtype and torch.equal(out, ref)
+    g = rand(b, n, h, dtype=dtype)
+    (grad,) = torch.autograd.grad(out, hidden, g)
+    (ref_grad,) = torch.autograd.grad(ref.float(), hidden, g.float())  # fp32 oracle for the fp16 sums
+    torch.testing.assert_close(grad.float(), ref_grad.float(), **TOL[dtype])
+
+
+# ---------------------------------------------------------------- replace tokens
+
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
+def test_replace_tokens_matches_reference(poison, id_dtype):
+    b, seq_len, n = 4, 13, 5
+    ids = torch.randint(4, 30, (b, seq_len), device=DEVICE, dtype=id_dtype)
+    pos = torch.stack([torch.randperm(seq_len, device=DEVICE)[:n] for _ in range(b)])
+    w = (torch.rand(b, n, device=DEVICE) > 0.3).float()
+    pos = torch.where(w > 0, pos, 0)
+    sampled = torch.randint(4, 30, (b, n), device=DEVICE)
+    sampled[0, 0] = ids[0, pos[0, 0]]  # a sample equal to the original: not replaced
+    w[0, 0] = 1.0
+    disc, labels = ops.replace_tokens(ids, pos, w, sampled.flatten(), backend="triton")
+    ref_disc, ref_labels = ops.replace_tokens(ids, pos, w, sampled, backend="torch")
+    assert disc.dtype == id_dtype and torch.equal(disc, ref_disc)
+    assert labels.dtype == torch.bool and torch.equal(labels, ref_labels)
+    assert not labels[0, pos[0, 0]]
+
+
+# ---------------------------------------------------------------- token BCE
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("label_dtype, mask_dtype", [(torch.bool, torch.bool), (torch.float32, torch.int64)])
+def test_rtd_bce_matches_reference(poison, dtype, label_dtype, mask_dtype):
+    logits = rand(5, 9, dtype=dtype, scale=4)
+    logits[0, 0], logits[0, 1] = 30.0, -30.0  # saturated sigmoid both ways
+    logits.requires_grad_()
+    labels = (torch.rand(5, 9, device=DEVICE) > 0.6).to(label_dtype)
+    mask = (torch.rand(5, 9, device=DEVICE) > 0.2).to(mask_dtype)
+    loss = ops.rtd_bce_loss(logits, labels, mask, backend="triton")
+    ref = ops.rtd_bce_loss(logits, labels, mask, backend="torch")
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, **TOL[torch.float32])
+    grad_out = torch.tensor(3.0, device=DEVICE)
+    (grad,) = torch.autograd.grad(loss, logits, grad_out)
+    (ref_grad,) = torch.autograd.grad(ref, logits, grad_out)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad, ref_grad, **TOL[dtype])
+
+
+def test_rtd_bce_all_padding_is_zero(poison):
+    logits = rand(3, 7).requires_grad_()
+    loss = ops.rtd_bce_loss(logits, torch.ones(3, 7, device=DEVICE), torch.zeros(3, 7, device=DEVICE),
+                            backend="triton")
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+# ---------------------------------------------------------------- fused discriminator head
+
+@pytest.mark.parametrize("dtype, weight_shape", [(torch.float32, "row"), (torch.float16, "flat")])
+def test_rtd_head_matches_reference(poison, dtype, weight_shape):
+    b, seq_len, h = 3, 7, 10
+    hidden = rand(b, seq_len, h, dtype=dtype).requires_grad_()
+    weight = rand(1, h, scale=0.5) if weight_shape == "row" else rand(h, scale=0.5)
+    weight.requires_grad_()
+    bias = rand(1).requires_grad_()
+    labels = torch.rand(b, seq_len, device=DEVICE) > 0.7
+    mask = torch.rand(b, seq_len, device=DEVICE) > 0.2
+    loss, acc = ops.rtd_head_loss(hidden, weight, bias, labels, mask, backend="triton")
+    ref_loss, ref_acc = ops.rtd_head_loss(hidden, weight, bias, labels, mask, backend="torch")
+    torch.testing.assert_close(loss, ref_loss, **TOL[torch.float32])
+    torch.testing.assert_close(acc, ref_acc)
+    assert not acc.requires_grad
+    grad_out = torch.tensor(1.7, device=DEVICE)
+    grads = torch.autograd.grad(loss, (hidden, weight, bias), grad_out)
+    ref_grads = torch.autograd.grad(ref_loss, (hidden, weight, bias), grad_out)
+    for g, r, x in zip(grads, ref_grads, (hidden, weight, bias)):
+        assert g.dtype == x.dtype and g.shape == x.shape
+        torch.testing.assert_close(g, r, **TOL[g.dtype])
+
+
+def test_rtd_head_all_padding_and_no_bias(poison):
+    hidden, weight = rand(2, 5, 6).requires_grad_(), rand(1, 6).requires_grad_()
+    labels = torch.ones(2, 5, device=DEVICE)
+    loss, acc = ops.rtd_head_loss(hidden, weight, None, labels, torch.zeros(2, 5, device=DEVICE), backend="triton")
+    assert loss.item() == 0.0 and acc.item() == 0.0
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+# ---------------------------------------------------------------- registration and compile
+
+def test_opcheck_triton_custom_ops():
+    m, v, b, seq_len, h, n = 4, 11, 2, 6, 5, 3
+    logits = rand(m, v).requires_grad_()
+    targets, seed = torch.randint(0, v, (m,), device=DEVICE), torch.tensor([7], device=DEVICE)
+    pos = torch.randint(0, seq_len, (b, n), device=DEVICE)
+    cases = [
+        (MLS._mlm_op, (logits, targets, torch.rand(m, device=DEVICE), seed, 0.8, True, "cdf")),
+        (MLS._mlm_op, (logits, targets, torch.rand(m, device=DEVICE), seed, 1.0, False, "gumbel")),
+        (MLS._mlm_backward_op, (torch.tensor(1.5, device=DEVICE), logits.detach(), targets,
+                                torch.rand(m, device=DEVICE), rand(m), torch.tensor(0.3, device=DEVICE))),
+        (K["gumbel_sample"]._gumbel_sample_op, (logits.detach(), seed, 1.3,
+                                                torch.randint(-1, v, (m,), device=DEVICE), "cdf")),
+        (K["gumbel_sample"]._gumbel_sample_op, (logits.detach(), seed, 1.0, None, "gumbel")),
+        (K["masked_gather"]._gather_op, (rand(b, seq_len, h).requires_grad_(), pos)),
+        (K["masked_gather"]._scatter_add_op, (rand(b, n, h), pos, seq_len)),
+        (K["replace_tokens"]._replace_tokens_op, (torch.randint(0, 9, (b, seq_len), device=DEVICE), pos,
+                                                  torch.rand(b, n, device=DEVICE),
+                                                  torch.randint(0, 9, (b, n), device=DEVICE))),
+        (K["rtd_bce"]._rtd_bce_op, (rand(b, seq_len).requires_grad_(), torch.rand(b, seq_len, device=DEVICE) > 0.5,
+                                    torch.ones(b, seq_len, dtype=torch.long, device=DEVICE))),
+        (K["rtd_bce"]._backward_op, (rand(b, seq_len), torch.tensor(2.0, device=DEVICE),
+                                     torch.tensor(0.1, device=DEVICE), torch.float16)),
+        (K["rtd_head"]._head_op, (rand(b, seq_len, h).requires_grad_(), rand(1, h).requires_grad_(),
+                                  rand(1).requires_grad_(), torch.rand(b, seq_len, device=DEVICE),
+                                  torch.ones(b, seq_len, device=DEVICE))),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_kernels_compile_fullgraph_and_match_eager():
+    """A generator-loss -> replace -> discriminator-head chain through the Triton entries, compiled whole."""
+    import electra_fast.kernels as kernels
+
+    torch._dynamo.reset()
+    b, seq_len, h, n, v = 2, 8, 6, 3, 13
+    ids = torch.randint(0, v, (b, seq_len), device=DEVICE)
+    pos = torch.stack([torch.randperm(seq_len, device=DEVICE)[:n] for _ in range(b)])
+    w = torch.ones(b, n, device=DEVICE)
+    hidden, emb = rand(b, seq_len, h).requires_grad_(), rand(v, h).requires_grad_()
+    head_w, head_b = rand(1, h).requires_grad_(), rand(1).requires_grad_()
+
+    def chain(hidden, emb, head_w, head_b, seed):
+        slots = kernels.masked_gather(hidden, pos)
+        logits = slots.flatten(0, 1) @ emb.T
+        mlm, sampled, correct = kernels.mlm_loss_and_sample(logits, ids.gather(1, pos).flatten(), w.flatten(),
+                                                            seed, 1.0, False)
+        disc_ids, labels = kernels.replace_tokens(ids, pos, w, sampled.view(b, n))
+        disc_hidden = torch.tanh(emb[disc_ids])
+        disc, acc = kernels.rtd_head_loss(disc_hidden, head_w, head_b, labels, torch.ones_like(ids))
+        bce = kernels.rtd_bce_loss(disc_hidden.sum(-1), labels, torch.ones_like(ids))
+        return mlm + 50.0 * disc + bce, sampled, acc, correct
+
+    params = (hidden, emb, head_w, head_b)
+    seed = torch.tensor([11], device=DEVICE)
+    results = []
+    for fn in (chain, torch.compile(chain, fullgraph=True)):
+        out = fn(*params, seed)
+        results.append((out, torch.autograd.grad(out[0], params)))
+    (eager, eager_grads), (comp, comp_grads) = results
+    torch.testing.assert_close(comp[0], eager[0], rtol=1e-5, atol=1e-5)
+    for x, y in zip(comp[1:], eager[1:]):
+        assert torch.equal(x, y)
+    for x, y in zip(comp_grads, eager_grads):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)

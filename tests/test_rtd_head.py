@@ -1,0 +1,96 @@
+"""The reference fused discriminator head (`ops.rtd_head_loss`, torch backend) against plain autograd of
+`dense(H -> 1)` + BCE written out here, naive accuracy loops, gradcheck in float64, opcheck and compile."""
+import pytest
+import torch
+import torch._dynamo
+
+from electra_fast import ops
+from electra_fast.ops.rtd_head import _rtd_head_op
+
+
+def plain_head(hidden, weight, bias, labels, mask):
+    """What users write: Linear(H, 1) then masked-mean BCE-with-logits."""
+    logits = torch.nn.functional.linear(hidden, weight.reshape(1, -1), bias).squeeze(-1)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
+    m = (mask != 0).to(logits.dtype)
+    return (bce * m).sum() / m.sum().clamp(min=1), logits
+
+
+def make(b=3, seq_len=7, h=5, dtype=torch.float64):
+    hidden = torch.randn(b, seq_len, h, dtype=dtype, requires_grad=True)
+    weight = torch.randn(1, h, dtype=dtype, requires_grad=True)
+    bias = torch.randn(1, dtype=dtype, requires_grad=True)
+    labels = torch.rand(b, seq_len) > 0.7
+    mask = (torch.rand(b, seq_len) > 0.25).long()
+    return hidden, weight, bias, labels, mask
+
+
+def test_matches_plain_autograd_and_naive_accuracy():
+    hidden, weight, bias, labels, mask = make()
+    loss, acc = ops.rtd_head_loss(hidden, weight, bias, labels, mask, backend="torch")
+    ref, logits = plain_head(hidden, weight, bias, labels, mask)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(loss * 1.3, (hidden, weight, bias))
+    ref_grads = torch.autograd.grad(ref * 1.3, (hidden, weight, bias))
+    for g, r in zip(grads, ref_grads):
+        assert g.shape == r.shape
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+    right = total = 0
+    for x, y, m in zip(logits.flatten().tolist(), labels.flatten().tolist(), mask.flatten().tolist()):
+        if m:
+            right += (x > 0) == bool(y)
+            total += 1
+    assert abs(acc.item() - right / total) < 1e-12 and not acc.requires_grad
+
+
+def test_gradcheck_float64():
+    hidden, weight, bias, labels, mask = make(b=2, seq_len=4, h=3)
+    assert torch.autograd.gradcheck(lambda x, w, c: ops.rtd_head_loss(x, w, c, labels, mask, backend="torch")[0],
+                                    (hidden, weight, bias))
+
+
+def test_flat_weight_no_bias_float_labels_and_fp32():
+    hidden, weight, _, labels, mask = make(dtype=torch.float32)
+    w = weight.detach().reshape(-1).requires_grad_()
+    loss, acc = ops.rtd_head_loss(hidden, w, None, labels.float(), None, backend="torch")
+    ref, logits = plain_head(hidden, w, None, labels, torch.ones_like(mask))
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(acc, ((logits > 0) == labels).float().mean())
+    (g,) = torch.autograd.grad(loss, w)
+    assert g.shape == w.shape
+    torch.testing.assert_close(g, torch.autograd.grad(ref, w)[0])
+
+
+def test_all_padding_gives_zero():
+    hidden, weight, bias, labels, mask = make()
+    loss, acc = ops.rtd_head_loss(hidden, weight, bias, labels, torch.zeros_like(mask), backend="torch")
+    grads = torch.autograd.grad(loss, (hidden, weight, bias))
+    assert loss.item() == 0.0 and acc.item() == 0.0 and all(g.abs().max() == 0 for g in grads)
+
+
+def test_opcheck_and_compile_fullgraph():
+    hidden, weight, bias, labels, mask = make(dtype=torch.float32)
+    torch.library.opcheck(_rtd_head_op, (hidden, weight, bias, labels, mask))
+    torch._dynamo.reset()
+    fn = lambda *a: ops.rtd_head_loss(*a, backend="torch")  # noqa: E731
+    eager = fn(hidden, weight, bias, labels, mask)
+    compiled = torch.compile(fn, fullgraph=True)(hidden, weight, bias, labels, mask)
+    for x, y in zip(compiled, eager):
+        torch.testing.assert_close(x, y)
+    torch.testing.assert_close(torch.autograd.grad(compiled[0], hidden)[0], torch.autograd.grad(eager[0], hidden)[0])
+
+
+@pytest.mark.parametrize("call, exc, words", [
+    (lambda x, w, b, y, m: ops.rtd_head_loss(x[0], w, b, y, m), ValueError, ["hidden", "3 dimensions", "(7, 5)"]),
+    (lambda x, w, b, y, m: ops.rtd_head_loss(x, w[:, :4], b, y, m), ValueError, ["weight", "(1, 5)", "(1, 4)"]),
+    (lambda x, w, b, y, m: ops.rtd_head_loss(x, w, torch.zeros(2), y, m), ValueError, ["bias", "1 element", "(2,)"]),
+    (lambda x, w, b, y, m: ops.rtd_head_loss(x, w, b, y[:, :3], m), ValueError, ["labels", "(3, 7)", "(3, 3)"]),
+    (lambda x, w, b, y, m: ops.rtd_head_loss(x, w, b, y, m[:2]), ValueError, ["attention_mask", "(3, 7)", "(2, 7)"]),
+    (lambda x, w, b, y, m: ops.rtd_head_loss(x.long(), w, b, y, m), TypeError, ["hidden", "int64"]),
+])
+def test_bad_input_errors_name_the_argument(call, exc, words):
+    with pytest.raises(exc) as info:
+        call(*make())
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
