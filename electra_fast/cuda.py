@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from electra_fast import _cuda_build
+from electra_fast.ops.masked_gather import register_gather_autograd
 
 __all__ = ["is_available", "unavailable_reason", "extension", "gumbel_noise", "mlm_loss_and_sample",
            "gumbel_sample", "masked_gather", "replace_tokens", "rtd_bce_loss"]
@@ -221,17 +222,7 @@ def _(grad, positions, seq_len):
     return grad.new_empty((grad.shape[0], seq_len, grad.shape[2]))
 
 
-def _gather_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1])
-    ctx.seq_len = inputs[0].shape[1]
-
-
-def _gather_backward(ctx, grad):
-    (positions,) = ctx.saved_tensors
-    return _scatter_add_op(grad.contiguous(), positions, ctx.seq_len), None
-
-
-_gather_op.register_autograd(_gather_backward, setup_context=_gather_setup)
+register_gather_autograd(_gather_op, _scatter_add_op)
 
 
 @torch.library.custom_op("electra_fast::replace_tokens_cuda", mutates_args=(), device_types="cuda")

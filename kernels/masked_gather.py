@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from electra_fast.ops.masked_gather import register_gather_autograd
+
 from ._common import pow2
 
 BLOCK_H = 1024        # hidden columns per step (gather)
@@ -92,17 +94,7 @@ def _(hidden, positions):
     return hidden.new_empty((hidden.shape[0], positions.shape[1], hidden.shape[2]))
 
 
-def _setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1])
-    ctx.seq_len = inputs[0].shape[1]
-
-
-def _backward(ctx, grad):
-    (positions,) = ctx.saved_tensors
-    return _scatter_add_op(grad.contiguous(), positions, ctx.seq_len), None
-
-
-_gather_op.register_autograd(_backward, setup_context=_setup)
+register_gather_autograd(_gather_op, _scatter_add_op)
 
 
 def masked_gather(hidden, positions):

@@ -42,17 +42,21 @@ def _(grad, positions, seq_len):
     return grad.new_empty((grad.shape[0], seq_len, grad.shape[2]))
 
 
-def _setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1])
-    ctx.seq_len = inputs[0].shape[1]
+def register_gather_autograd(gather_op, scatter_add_op) -> None:
+    """Autograd of a `(hidden, positions)` gather op: its backward is `scatter_add_op(grad, positions, L)`.
+    Shared by the reference and the kernel backends."""
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+        ctx.seq_len = inputs[0].shape[1]
+
+    def backward(ctx, grad):
+        (positions,) = ctx.saved_tensors
+        return scatter_add_op(grad.contiguous(), positions, ctx.seq_len), None
+
+    gather_op.register_autograd(backward, setup_context=setup)
 
 
-def _backward(ctx, grad):
-    (positions,) = ctx.saved_tensors
-    return _masked_scatter_add_op(grad.contiguous(), positions, ctx.seq_len), None
-
-
-_masked_gather_op.register_autograd(_backward, setup_context=_setup)
+register_gather_autograd(_masked_gather_op, _masked_scatter_add_op)
 
 
 def masked_gather(hidden: torch.Tensor, positions: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
