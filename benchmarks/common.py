@@ -51,7 +51,6 @@ def copy_bandwidth_gbs(nbytes: int = 2**30) -> float:
     src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src))
-    del src, dst
     return nbytes / (ms * 1e-3) / 1e9
 
 

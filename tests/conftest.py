@@ -16,3 +16,15 @@ def _seed_per_test(request):
     # Each test draws its own random inputs, reproducibly (ELECTRA_FAST_TEST_SEED varies them between runs).
     base = int(os.environ.get("ELECTRA_FAST_TEST_SEED", "0"))
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()) + base)
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Fresh allocations come back filled with NaN (float), True (bool) or -7 (int)."""
+    def fill(t):
+        return t.fill_(float("nan") if t.dtype.is_floating_point else True if t.dtype == torch.bool else -7)
+
+    for name in ("empty", "empty_like"):
+        monkeypatch.setattr(torch, name, lambda *a, _orig=getattr(torch, name), **k: fill(_orig(*a, **k)))
+    new_empty = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: fill(new_empty(self, *a, **k)))

@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot run")
 
 from electra_fast import ops  # noqa: E402
+from helpers import chi2_critical  # noqa: E402
 
 MLS = importlib.import_module("electra_fast.kernels.mlm_loss_sample")
 V = 30522
@@ -19,22 +20,6 @@ V = 30522
 # subnormal step (6e-8) where both sides round the same fp32 value to fp16.
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-12), torch.float16: dict(rtol=2e-3, atol=6e-8),
        torch.bfloat16: dict(rtol=1.6e-2, atol=1e-12)}
-
-
-def chi2_critical(df, z=3.29):
-    """Upper chi-square quantile by Wilson-Hilferty; z = 3.29 is p ~ 5e-4 (the draws use fixed seeds)."""
-    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
-
-
-@pytest.fixture
-def poison(monkeypatch):
-    def fill(t):
-        return t.fill_(float("nan") if t.dtype.is_floating_point else True if t.dtype == torch.bool else -7)
-
-    for name in ("empty", "empty_like"):
-        monkeypatch.setattr(torch, name, lambda *a, _orig=getattr(torch, name), **k: fill(_orig(*a, **k)))
-    new_empty = torch.Tensor.new_empty
-    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: fill(new_empty(self, *a, **k)))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

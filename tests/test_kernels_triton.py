@@ -3,7 +3,6 @@
 runs several times and every tail is partial; outputs are allocated poisoned (NaN / -7 / True) so an element a
 kernel forgets to write shows. Sampling is checked by chi-square against softmax(logits / T)."""
 import importlib
-import math
 import os
 
 import pytest
@@ -16,17 +15,13 @@ if not INTERPRET and not torch.cuda.is_available():
                 allow_module_level=True)
 
 from electra_fast import ops  # noqa: E402
+from helpers import chi2_critical  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 K = {name: importlib.import_module(f"electra_fast.kernels.{name}") for name in
      ("mlm_loss_sample", "gumbel_sample", "masked_gather", "replace_tokens", "rtd_bce", "rtd_head")}
 MLS = K["mlm_loss_sample"]
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rtol=2e-3, atol=2e-4)}
-
-
-def chi2_critical(df, z=3.29):
-    """Upper chi-square quantile by Wilson-Hilferty; z = 3.29 is p ~ 5e-4 (the draws use fixed seeds)."""
-    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
 
 
 def chi2(samples, probs):
@@ -50,18 +45,6 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(K["rtd_bce"], "BLOCK", 16)
     monkeypatch.setattr(K["rtd_head"], "TILE_ELEMS", 16)
     monkeypatch.setattr(K["rtd_head"], "BWD_TILE_ELEMS", 32)
-
-
-@pytest.fixture
-def poison(monkeypatch):
-    """Fresh allocations come back filled with NaN (float), True (bool) or -7 (int)."""
-    def fill(t):
-        return t.fill_(float("nan") if t.dtype.is_floating_point else True if t.dtype == torch.bool else -7)
-
-    for name in ("empty", "empty_like"):
-        monkeypatch.setattr(torch, name, lambda *a, _orig=getattr(torch, name), **k: fill(_orig(*a, **k)))
-    new_empty = torch.Tensor.new_empty
-    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: fill(new_empty(self, *a, **k)))
 
 
 def rand(*shape, dtype=torch.float32, scale=1.0):

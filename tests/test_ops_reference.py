@@ -12,6 +12,7 @@ from electra_fast.ops.masked_gather import _masked_gather_op, _masked_scatter_ad
 from electra_fast.ops.mlm_loss import _mlm_backward_op, _mlm_op
 from electra_fast.ops.replace_tokens import _replace_tokens_op
 from electra_fast.ops.rtd_bce import _rtd_bce_op
+from helpers import chi2_critical
 
 PAD, CLS, SEP, MASK = 0, 1, 2, 3
 SPECIAL = (PAD, CLS, SEP, MASK)
@@ -27,11 +28,6 @@ def make_batch(b=6, seq_len=40, vocab=50, lengths=None):
         ids[r, 0], ids[r, n - 1] = CLS, SEP
         mask[r, :n] = 1
     return ids, mask
-
-
-def chi2_critical(df, z=3.29):
-    """Upper chi-square quantile by Wilson-Hilferty; z = 3.29 is p ~ 5e-4 (the tests use fixed seeds)."""
-    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
 
 
 # ---------------------------------------------------------------- mask_tokens
