@@ -159,7 +159,8 @@ mlm_sample_rows_kernel(const T* __restrict__ logits, int64_t V, const int64_t* _
     // An out-of-range target makes the loss NaN instead of reading out of bounds.
     const float target_logit = (t >= 0 && t < V) ? to_float(x[t]) : NAN;
     lse[row] = row_lse;
-    row_loss[row] = weights[row] * (row_lse - target_logit);
+    // Weight-0 rows add exactly 0 (0 * inf would be NaN), as in the Triton kernel.
+    row_loss[row] = weights[row] != 0.f ? weights[row] * (row_lse - target_logit) : 0.f;
     correct[row] = st.m_idx == t;
   }
 }

@@ -201,10 +201,10 @@ class _Encoder(nn.Module):
     def encode(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Final hidden states `[B, L, H]`. `attention_mask` None means every token is real (fastest path)."""
-        x = self.embed(input_ids, token_type_ids)
+        # Dropout on the E-dim embeddings, before the projection, as the reference and transformers do.
+        x = self.dropout(self.embed(input_ids, token_type_ids))
         if self.embeddings_project is not None:
             x = self.embeddings_project(x)
-        x = self.dropout(x)
         bias = attention_bias(attention_mask)
         for layer in self.layers:
             x = layer(x, bias)
