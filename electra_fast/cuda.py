@@ -34,6 +34,7 @@ from torch import Tensor
 
 from electra_fast import _cuda_build
 from electra_fast.ops.masked_gather import register_gather_autograd
+from electra_fast.ops.mlm_loss import register_mlm_autograd
 
 __all__ = ["is_available", "unavailable_reason", "extension", "gumbel_noise", "mlm_loss_and_sample",
            "gumbel_sample", "masked_gather", "replace_tokens", "rtd_bce_loss"]
@@ -178,18 +179,7 @@ def _(grad_loss, logits, targets, weights, lse, wsum_eps):
     return torch.empty_like(logits)
 
 
-def _mlm_setup(ctx, inputs, output):
-    logits, targets, weights = inputs[:3]
-    ctx.save_for_backward(logits, targets, weights, output[3], output[4])
-
-
-def _mlm_backward(ctx, grad_loss, *_):
-    logits, targets, weights, lse, wsum_eps = ctx.saved_tensors
-    grad = _mlm_backward_op(grad_loss.float().contiguous(), logits, targets, weights, lse, wsum_eps)
-    return grad, None, None, None, None, None
-
-
-_mlm_op.register_autograd(_mlm_backward, setup_context=_mlm_setup)
+register_mlm_autograd(_mlm_op, _mlm_backward_op)
 
 
 @torch.library.custom_op("electra_fast::gumbel_sample_cuda", mutates_args=(), device_types="cuda")

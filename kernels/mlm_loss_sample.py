@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from electra_fast.ops.mlm_loss import register_mlm_autograd
+
 from ._common import pow2
 
 WEIGHT_EPS = 1e-6  # as the reference: a batch without real slots gives loss 0, not NaN
@@ -242,17 +244,7 @@ def _(grad_loss, logits, targets, weights, lse, inv_norm):
     return torch.empty_like(logits)
 
 
-def _setup(ctx, inputs, output):
-    logits, targets, weights = inputs[:3]
-    ctx.save_for_backward(logits, targets, weights, output[3], output[4])
-
-
-def _backward(ctx, grad_loss, *_):
-    logits, targets, weights, lse, inv_norm = ctx.saved_tensors
-    return _mlm_backward_op(grad_loss, logits, targets, weights, lse, inv_norm), None, None, None, None, None, None
-
-
-_mlm_op.register_autograd(_backward, setup_context=_setup)
+register_mlm_autograd(_mlm_op, _mlm_backward_op)
 
 
 def mlm_loss_and_sample(logits, targets, weights, seed, temperature: float, disallow_correct: bool):

@@ -28,3 +28,14 @@ def poison(monkeypatch):
         monkeypatch.setattr(torch, name, lambda *a, _orig=getattr(torch, name), **k: fill(_orig(*a, **k)))
     new_empty = torch.Tensor.new_empty
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: fill(new_empty(self, *a, **k)))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A small prepared dataset (built-in corpus, 1000-token WordPiece, L = 32) for the training tests."""
+    from electra_fast.data import builtin_lines, prepare, train_tokenizer
+
+    out = str(tmp_path_factory.mktemp("data"))
+    lines = list(builtin_lines())[:1500]
+    prepare(iter(lines), out, train_tokenizer(iter(lines), vocab_size=1000), seq_len=32)
+    return out

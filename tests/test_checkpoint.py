@@ -19,20 +19,11 @@ import electra_fast.train as train_mod  # noqa: E402
 from electra_fast.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, rng_state,  # noqa: E402
                                      save_checkpoint, set_rng_state)
 from electra_fast.cli import main  # noqa: E402
-from electra_fast.data import builtin_lines, prepare, train_tokenizer  # noqa: E402
 from electra_fast.errors import InputError  # noqa: E402
 from electra_fast.train import TrainConfig, train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOLATILE = ("tokens_per_s",)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("data"))
-    lines = list(builtin_lines())[:1500]
-    prepare(iter(lines), out, train_tokenizer(iter(lines), vocab_size=1000), seq_len=32)
-    return out
 
 
 def config(dataset, out, **kw):

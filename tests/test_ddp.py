@@ -13,7 +13,6 @@ import torch.distributed as dist
 pytest.importorskip("tokenizers")
 
 from electra_fast.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
-from electra_fast.data import builtin_lines, prepare, train_tokenizer  # noqa: E402
 from electra_fast.train import TrainConfig, train  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -42,14 +41,6 @@ if not cfg.fsdp:
 with open(f"{sys.argv[2]}/seen{rank}.json", "w") as f:
     json.dump(seen, f)
 """
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("data"))
-    lines = list(builtin_lines())[:1500]
-    prepare(iter(lines), out, train_tokenizer(iter(lines), vocab_size=1000), seq_len=32)
-    return out
 
 
 def free_port() -> int:

@@ -64,17 +64,23 @@ def _(grad_loss, logits, targets, weights, lse):
     return torch.empty_like(logits)
 
 
-def _setup(ctx, inputs, output):
-    logits, targets, weights = inputs[:3]
-    ctx.save_for_backward(logits, targets, weights, output[3])
+def register_mlm_autograd(mlm_op, backward_op) -> None:
+    """Autograd of an MLM op `(logits, targets, weights, ...) -> (loss, sampled, correct, *saved)` whose backward is
+    `backward_op(grad_loss, logits, targets, weights, *saved)` (saved[0] is the per-row lse). Shared by the
+    reference and the kernel backends."""
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:3], *output[3:])
+        ctx.num_inputs = len(inputs)
+
+    def backward(ctx, grad_loss, *_):
+        saved = ctx.saved_tensors
+        grad = backward_op(grad_loss.to(saved[3].dtype).contiguous(), *saved)
+        return (grad,) + (None,) * (ctx.num_inputs - 1)
+
+    mlm_op.register_autograd(backward, setup_context=setup)
 
 
-def _backward(ctx, grad_loss, *_):
-    logits, targets, weights, lse = ctx.saved_tensors
-    return _mlm_backward_op(grad_loss, logits, targets, weights, lse), None, None, None, None, None
-
-
-_mlm_op.register_autograd(_backward, setup_context=_setup)
+register_mlm_autograd(_mlm_op, _mlm_backward_op)
 
 
 def mlm_loss_and_sample(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, *,
