@@ -35,7 +35,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SHAPES = {"small": ("small", 128, 128), "base": ("base", 64, 512)}  # name -> (preset, batch, seq_len)
+SHAPES = {"small": ("small", 128, 128), "base": ("base", 64, 512),  # name -> (preset, batch, seq_len)
+          "tiny": ("tiny", 8, 32)}  # --smoke: checks this script on a CPU
+# "<shape>-full": every row full (packed pretraining data); ours then gets attention_mask=None (no mask at all, so
+# SDPA may take flash attention), transformers an all-ones mask. The plain shapes have 1 short row in 8.
+SHAPES.update({f"{k}-full": v for k, v in list(SHAPES.items())})
 IMPLS = ("transformers", "hf-dropin", "ours")
 MODES = {"transformers": ("eager", "compiled"), "hf-dropin": ("eager", "compiled"),
          "ours": ("eager", "compiled", "graph", "compiled+graph")}
@@ -74,7 +78,7 @@ def peak_flops(name: str, override: float | None) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------------ the models
-def hf_models(gen_cfg, disc_cfg):
+def hf_models(gen_cfg, disc_cfg, device="cuda"):
     from transformers import ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining
 
     from electra_fast.hf import to_hf_config
@@ -82,7 +86,15 @@ def hf_models(gen_cfg, disc_cfg):
     gen = ElectraForMaskedLM(ElectraConfig(**to_hf_config(gen_cfg, "ElectraForMaskedLM")))
     disc = ElectraForPreTraining(ElectraConfig(**to_hf_config(disc_cfg, "ElectraForPreTraining")))
     disc.electra.embeddings = gen.electra.embeddings  # ELECTRA shares them; so does a careful user
-    return gen.cuda().train(), disc.cuda().train()
+    return gen.to(device).train(), disc.to(device).train()
+
+
+def ours(preset: str, vocab: int):
+    """`ElectraPretrainer.from_preset` on the CPU with BERT's token ids (the batches' ids), id-range check off."""
+    from electra_fast.pretrainer import ElectraPretrainer
+
+    return ElectraPretrainer.from_preset(preset, vocab_size=vocab, mask_token_id=MASK_ID, special_token_ids=SPECIAL,
+                                         pad_token_id=PAD, validate=False)
 
 
 def transformers_step_fn(gen, disc, mask_prob: float):
@@ -111,25 +123,28 @@ def transformers_step_fn(gen, disc, mask_prob: float):
 
 
 def make_optimizer(params, capturable: bool):
-    kw = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
+    # A captured step reads the LR from a device tensor (a float would be frozen into the graph).
+    kw = dict(lr=torch.tensor(1e-4, device="cuda") if capturable else 1e-4, betas=(0.9, 0.999), eps=1e-6,
+              weight_decay=0.01)
     try:
         return torch.optim.AdamW(params, fused=True, capturable=capturable, **kw), "fused"
     except (RuntimeError, ValueError, TypeError):  # fused + capturable unsupported in this torch
         return torch.optim.AdamW(params, foreach=True, capturable=capturable, **kw), "foreach"
 
 
-def build(impl: str, mode: str, preset: str, vocab: int):
+def build(impl: str, mode: str, preset: str, vocab: int, device: str = "cuda"):
     """Returns (step function taking (ids, mask) and returning a loss tensor, notes dict)."""
     from electra_fast.cuda_graph import CUDAGraphStep
+    from electra_fast.step import TrainStep
     from electra_fast.model import preset_configs
     from electra_fast.pretrainer import ElectraPretrainer, param_groups
 
     gen_cfg, disc_cfg = preset_configs(preset, vocab_size=vocab)
     notes = {}
     if impl == "ours":
-        model = ElectraPretrainer.from_preset(preset, vocab_size=vocab, validate=False).cuda()
+        model = ours(preset, vocab).to(device)
     else:
-        gen, disc = hf_models(gen_cfg, disc_cfg)
+        gen, disc = hf_models(gen_cfg, disc_cfg, device)
         if impl == "transformers":
             if mode == "compiled":
                 gen, disc = torch.compile(gen), torch.compile(disc)
@@ -139,14 +154,15 @@ def build(impl: str, mode: str, preset: str, vocab: int):
 
             def hf_step(ids, mask):
                 opt.zero_grad(set_to_none=True)
-                with torch.autocast("cuda", dtype=torch.bfloat16):
+                with torch.autocast(device, dtype=torch.bfloat16):
                     loss = loss_fn(ids, mask)
                 loss.backward()
                 opt.step()
                 return loss
 
             return hf_step, notes
-        model = ElectraPretrainer(gen, disc, mask_token_id=MASK_ID, special_token_ids=SPECIAL, validate=False).cuda()
+        model = ElectraPretrainer(gen, disc, mask_token_id=MASK_ID, special_token_ids=SPECIAL, validate=False)
+        model = model.to(device)
 
     graph = mode.endswith("graph")
     opt, notes["adamw"] = make_optimizer(param_groups(model), capturable=graph)
@@ -158,15 +174,17 @@ def build(impl: str, mode: str, preset: str, vocab: int):
         holder = {}
 
         def graph_step(ids, mask):
+            batch = {"input_ids": ids} if mask is None else {"input_ids": ids, "attention_mask": mask}
             if "step" not in holder:  # capture on the first call, so compile time is measured like the others
-                holder["step"] = CUDAGraphStep(net, opt, ids, mask, dtype=torch.bfloat16)
-            return holder["step"](ids, mask).loss
+                train_step = TrainStep(model, opt, max_grad_norm=None, amp_dtype=torch.bfloat16, forward=net)
+                holder["step"] = CUDAGraphStep(train_step, batch)
+            return holder["step"]([batch]).loss
 
         return graph_step, notes
 
     def step(ids, mask):
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             out = net(ids, mask)
         out.loss.backward()
         opt.step()
@@ -176,22 +194,26 @@ def build(impl: str, mode: str, preset: str, vocab: int):
 
 
 # ------------------------------------------------------------------------------------------------ measuring
-def make_batches(n: int, batch: int, seq_len: int, vocab: int):
+def make_batches(n: int, batch: int, seq_len: int, vocab: int, device="cuda", padded: bool = True):
     out = []
     for _ in range(n):
-        ids = torch.randint(999, vocab, (batch, seq_len), device="cuda")
+        ids = torch.randint(999, vocab, (batch, seq_len), device=device)
         ids[:, 0] = CLS
         mask = torch.ones_like(ids)
-        lengths = torch.randint(seq_len // 2, seq_len + 1, (batch // 8,), device="cuda")  # 1 row in 8 is short
-        mask[: batch // 8] = (torch.arange(seq_len, device="cuda") < lengths[:, None]).long()
+        lengths = torch.randint(seq_len // 2, seq_len + 1, (batch // 8,), device=device)  # 1 row in 8 is short
+        if not padded:
+            lengths.fill_(seq_len)
+        mask[: batch // 8] = (torch.arange(seq_len, device=device) < lengths[:, None]).long()
         ids = torch.where(mask.bool(), ids, PAD)
-        ids[torch.arange(batch // 8, device="cuda"), lengths - 1] = SEP
+        ids[torch.arange(batch // 8, device=device), lengths - 1] = SEP
         ids[batch // 8:, -1] = SEP
         out.append((ids, mask))
     return out
 
 
 def measure(step, batches, warmup: int, iters: int, repeats: int) -> dict:
+    if not torch.cuda.is_available():  # --smoke on a CPU: wall clock, no memory figure
+        return measure_cpu(step, batches, warmup, iters, repeats)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     first_loss = float(step(*batches[0]))  # compile / capture happen here
@@ -216,9 +238,27 @@ def measure(step, batches, warmup: int, iters: int, repeats: int) -> dict:
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "first_loss": first_loss}
 
 
+def measure_cpu(step, batches, warmup: int, iters: int, repeats: int) -> dict:
+    t0 = time.perf_counter()
+    first_loss = float(step(*batches[0]))
+    first = time.perf_counter() - t0
+    for i in range(1, warmup):
+        step(*batches[i % len(batches)])
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i in range(iters):
+            float(step(*batches[i % len(batches)]))
+        times.append((time.perf_counter() - t0) * 1e3 / iters)
+    ms = statistics.median(times)
+    return {"ms_per_step": ms, "ms_spread": [min(times), max(times)], "compile_s": max(0.0, first - ms / 1e3),
+            "peak_mem_gb": None, "first_loss": first_loss}
+
+
 def free():
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     torch._dynamo.reset()
 
 
@@ -235,9 +275,18 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--backend", default=None, help="force an ops backend (torch/triton/cuda); default per op")
     p.add_argument("--peak-flops", type=float, default=None, help="peak bf16 FLOP/s (default: by GPU name)")
+    p.add_argument("--smoke", action="store_true",
+                   help="check this script on a CPU: tiny preset, vocabulary 1000, eager steps, torch backend")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.smoke:
+        # each shape becomes the tiny one, keeping "-full" (no padding) where asked, so both input paths run
+        args.shapes = ",".join(dict.fromkeys("tiny-full" if s.endswith("-full") else "tiny"
+                                             for s in args.shapes.split(",")))
+        args.vocab, args.modes, args.backend = 1000, "eager", "torch"
+        args.warmup, args.iters, args.repeats = 1, 1, 1
+    elif not torch.cuda.is_available():
         sys.exit("bench_e2e.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured.")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     import transformers
 
     import electra_fast
@@ -248,7 +297,7 @@ def main(argv=None):
         set_backend(args.backend)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    device = torch.cuda.get_device_name()
+    device = torch.cuda.get_device_name() if dev == "cuda" else f"CPU ({platform.processor() or 'host'})"
     peak = peak_flops(device, args.peak_flops)
     env = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
            "electra_fast": electra_fast.__version__, "python": platform.python_version(), "backend": args.backend,
@@ -260,15 +309,18 @@ def main(argv=None):
         gen_cfg, disc_cfg = preset_configs(preset, vocab_size=args.vocab)
         flops = model_flops_per_step(gen_cfg, disc_cfg, batch, seq_len, 0.15)
         torch.manual_seed(0)
-        batches = make_batches(4, batch, seq_len, args.vocab)
+        full = shape.endswith("-full")
+        batches = make_batches(4, batch, seq_len, args.vocab, dev, padded=not full)
+        env.setdefault("model_flops_per_step", {})[shape] = flops
         for impl in args.impls.split(","):
-            for mode in [m for m in args.modes.split(",") if m in MODES[impl]]:
+            for mode in [m for m in args.modes.split(",") if m in MODES[impl] and (dev == "cuda" or "graph" not in m)]:
                 row = {"shape": shape, "batch": batch, "seq_len": seq_len, "impl": impl, "mode": mode}
                 try:
                     torch.manual_seed(0)
-                    step, notes = build(impl, mode, preset, args.vocab)
+                    step, notes = build(impl, mode, preset, args.vocab, dev)
                     row.update(notes)
-                    row.update(measure(step, batches, args.warmup, args.iters, args.repeats))
+                    run_batches = [(ids, None) for ids, _ in batches] if full and impl == "ours" else batches
+                    row.update(measure(step, run_batches, args.warmup, args.iters, args.repeats))
                     row["tokens_per_s"] = batch * seq_len / (row["ms_per_step"] / 1e3)
                     row["mfu"] = flops / (row["ms_per_step"] / 1e3) / peak if peak else None
                 except Exception as e:  # one failing configuration must not lose the others
@@ -278,14 +330,20 @@ def main(argv=None):
                 free()
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-        ref = next((r for r in rows if r["shape"] == shape and r["impl"] == "transformers" and r["mode"] == "eager"
-                    and "error" not in r), None)
-        for r in rows:
-            if r["shape"] == shape and ref and "error" not in r:
-                r["speedup_vs_hf_eager"] = ref["ms_per_step"] / r["ms_per_step"]
-                r["mem_vs_hf_eager"] = r["peak_mem_gb"] / ref["peak_mem_gb"]
-        env.setdefault("model_flops_per_step", {})[shape] = flops
+                ratios(rows, shape)
+                write(args.out, env, rows)  # after every row: a run stopped by a time limit keeps what it measured
     write(args.out, env, rows)
+
+
+def ratios(rows: list, shape: str) -> None:
+    """Speed-up and memory ratio of every row of `shape` over the transformers eager step, once it is measured."""
+    ref = next((r for r in rows if r["shape"] == shape and r["impl"] == "transformers" and r["mode"] == "eager"
+                and "error" not in r), None)
+    for r in rows:
+        if r["shape"] == shape and ref and "error" not in r:
+            r["speedup_vs_hf_eager"] = ref["ms_per_step"] / r["ms_per_step"]
+            if r["peak_mem_gb"] and ref["peak_mem_gb"]:
+                r["mem_vs_hf_eager"] = r["peak_mem_gb"] / ref["peak_mem_gb"]
 
 
 def write(out: str, env: dict, rows: list) -> None:
@@ -311,7 +369,7 @@ def write(out: str, env: dict, rows: list) -> None:
             lines.append(f"| {r['shape']} | {r['impl']} | {r['mode']} | failed: {r['error'][:80]} | | | | | |")
             continue
         lines.append(f"| {r['shape']} B={r['batch']} L={r['seq_len']} | {r['impl']} | {r['mode']} | "
-                     f"{r['ms_per_step']:.1f} | {r['tokens_per_s'] / 1e3:.0f}k | {r['peak_mem_gb']:.1f} | "
+                     f"{r['ms_per_step']:.1f} | {r['tokens_per_s'] / 1e3:.0f}k | {fmt(r['peak_mem_gb'], '.1f')} | "
                      f"{fmt(r.get('mfu'), '.1%')} | {fmt(r.get('speedup_vs_hf_eager'), '.2f', 'x')} | "
                      f"{r['compile_s']:.0f} |")
     with open(os.path.join(out, "e2e.md"), "w") as f:

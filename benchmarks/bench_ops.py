@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import bar_plot, copy_bandwidth_gbs, cycle, do_bench, environment, require_cuda, rotation, write_csv  # noqa: E402
+from common import bar_plot, copy_bandwidth_gbs, cycle, device, do_bench, environment, require_cuda, rotation, \
+    write_csv  # noqa: E402
 
 from electra_fast import ops  # noqa: E402
 from electra_fast.ops.masked_gather import masked_gather_reference  # noqa: E402
@@ -35,7 +36,8 @@ from electra_fast.ops.rtd_bce import rtd_bce_reference  # noqa: E402
 from electra_fast.ops.rtd_head import rtd_head_reference  # noqa: E402
 
 VOCAB = 30522
-SHAPES = {"small": (128, 128, 256), "base": (64, 512, 768)}  # B, L, H (SPEC 5)
+SHAPES = {"small": (128, 128, 256), "base": (64, 512, 768), "tiny": (2, 32, 16)}  # B, L, H (SPEC 5); tiny: --smoke
+VOCABS = {"tiny": 512}  # vocabulary per shape, VOCAB unless named
 
 
 @dataclass
@@ -57,20 +59,21 @@ def _positions(b, seq_len, n, device):
 
 def cases(shape: str, device="cuda"):
     b, seq_len, h = SHAPES[shape]
+    vocab = VOCABS.get(shape, VOCAB)
     n = ops.num_slots(seq_len, 0.15)
     m = b * n
     bf16 = dict(device=device, dtype=torch.bfloat16)
 
     def logits():
-        return torch.randn(m, VOCAB, **bf16) * 2, torch.randint(0, VOCAB, (m,), device=device), \
+        return torch.randn(m, vocab, **bf16) * 2, torch.randint(0, vocab, (m,), device=device), \
             (torch.rand(m, device=device) > 0.05).float()
 
-    yield Case("mlm_loss_and_sample", logits, m * VOCAB * 2 + m * 12, 2 * m * VOCAB * 2,
+    yield Case("mlm_loss_and_sample", logits, m * vocab * 2 + m * 12, 2 * m * vocab * 2,
                lambda be, x, t, w: ops.mlm_loss_and_sample(x, t, w, backend=be),
                lambda x, t, w: mlm_loss_and_sample_reference(x, t, w, torch.rand(x.shape, device=x.device), 1.0,
                                                              False)[:3],
                loss=lambda out: out[0])
-    yield Case("gumbel_sample", lambda: (torch.randn(m, VOCAB, **bf16) * 2,), m * VOCAB * 2 + m * 8, None,
+    yield Case("gumbel_sample", lambda: (torch.randn(m, vocab, **bf16) * 2,), m * vocab * 2 + m * 8, None,
                lambda be, x: ops.gumbel_sample(x, backend=be),
                lambda x: gumbel_sample_reference(x, torch.rand(x.shape, device=x.device), 1.0))
     yield Case("masked_gather", lambda: (torch.randn(b, seq_len, h, **bf16), _positions(b, seq_len, n, device)),
@@ -79,8 +82,8 @@ def cases(shape: str, device="cuda"):
                loss=lambda out: out.float().square().sum())
 
     def replace_inputs():
-        return (torch.randint(0, VOCAB, (b, seq_len), device=device), _positions(b, seq_len, n, device),
-                (torch.rand(b, n, device=device) > 0.05).float(), torch.randint(0, VOCAB, (b, n), device=device))
+        return (torch.randint(0, vocab, (b, seq_len), device=device), _positions(b, seq_len, n, device),
+                (torch.rand(b, n, device=device) > 0.05).float(), torch.randint(0, vocab, (b, n), device=device))
 
     yield Case("replace_tokens", replace_inputs, b * seq_len * (8 + 8 + 1) + m * (8 + 4 + 8), None,
                lambda be, *a: ops.replace_tokens(*a, backend=be), replace_tokens_reference)
@@ -104,8 +107,11 @@ def cases(shape: str, device="cuda"):
 SAMPLING_OPS = ("mlm_loss_and_sample", "gumbel_sample")
 
 
-def implementations(op: str) -> list:
-    """Every backend available for `op`, the Triton samplers side by side for the sampling ops, torch.compile."""
+def implementations(op: str, smoke: bool = False) -> list:
+    """Every backend available for `op`, the Triton samplers side by side for the sampling ops, torch.compile.
+    `smoke` (a CPU check of this script): the torch reference only."""
+    if smoke:
+        return ["torch"]
     impls = ops.available_backends("cuda", op)
     if op in SAMPLING_OPS and "triton" in impls:
         impls.insert(impls.index("triton") + 1, "triton:gumbel")  # "triton" runs the default "cdf" sampler
@@ -140,19 +146,23 @@ def _timed(case: Case, impl: str, grad: bool, sets):
     call = cycle(step, sets)
     t0 = time.perf_counter()
     call()  # first call: compile / autotune / JIT build
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return call, time.perf_counter() - t0
 
 
-def run(op_names, shape_names, out_dir):
+def run(op_names, shape_names, out_dir, smoke: bool = False):
+    """Measure, writing ops.csv / env.json / PNGs under `out_dir` after every op and shape (a run stopped by a
+    time limit keeps what it measured)."""
+    dev = device()
     copy_gbs = copy_bandwidth_gbs()
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
     rows = []
     for shape in shape_names:
-        for case in cases(shape):
+        for case in cases(shape, device=dev):
             if case.op not in op_names:
                 continue
-            impls = implementations(case.op)
+            impls = implementations(case.op, smoke)
             passes = ["fwd"] + (["fwd+bwd"] if case.bwd_bytes is not None else [])
             sets = rotation(case.make, case.fwd_bytes)
             for p in passes:
@@ -169,19 +179,25 @@ def run(op_names, shape_names, out_dir):
                                  "GB/s": round(gbs, 1), "frac_copy_bw": round(gbs / copy_gbs, 3),
                                  "bytes": nbytes, "first_call_s": round(first_s, 2)})
                     print(f"{case.op:22s} {shape:6s} {p:8s} {impl:14s} {ms:9.4f} ms {gbs:8.1f} GB/s "
-                          f"{gbs / copy_gbs:6.1%} of copy")
-            torch.cuda.empty_cache()
+                          f"{gbs / copy_gbs:6.1%} of copy", flush=True)
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+            write(rows, out_dir, copy_gbs)
+    return rows
+
+
+def write(rows: list, out_dir: str, copy_gbs: float) -> None:
     for row in rows:  # speed-up over torch.compile of the reference, same op/shape/pass
         base = next((r["ms"] for r in rows if r["impl"] == "torch.compile" and
                      (r["op"], r["shape"], r["pass"]) == (row["op"], row["shape"], row["pass"])), None)
         row["x_vs_compile"] = round(base / row["ms"], 2) if base else ""
     os.makedirs(out_dir, exist_ok=True)
-    write_csv(os.path.join(out_dir, "ops.csv"), rows)
+    if rows:
+        write_csv(os.path.join(out_dir, "ops.csv"), rows)
     with open(os.path.join(out_dir, "env.json"), "w") as f:
         json.dump({**environment(), "copy_GB/s": round(copy_gbs, 1)}, f, indent=2)
     for op in sorted({r["op"] for r in rows}):
         bar_plot(os.path.join(out_dir, f"{op}.png"), op, [r for r in rows if r["op"] == op], copy_gbs)
-    return rows
 
 
 def main(argv=None):
@@ -190,7 +206,11 @@ def main(argv=None):
     parser.add_argument("--ops", default=",".join(all_ops), help=f"comma-separated, of {all_ops}")
     parser.add_argument("--shapes", default="small,base", help=f"comma-separated, of {list(SHAPES)}")
     parser.add_argument("--out", default="benchmarks/results/ops", help="output folder")
+    parser.add_argument("--smoke", action="store_true", help="CPU check of this script: tiny shape, torch reference")
     args = parser.parse_args(argv)
+    if args.smoke:
+        run(args.ops.split(","), ["tiny"], args.out, smoke=True)
+        return
     require_cuda("bench_ops.py")
     run(args.ops.split(","), args.shapes.split(","), args.out)
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import csv
 import os
 import platform
+import statistics
 import sys
+import time
 from datetime import date
 
 import torch
@@ -22,7 +24,15 @@ def require_cuda(script: str) -> None:
 
 def do_bench(fn, warmup_ms: float = 25, rep_ms: float = 200) -> float:
     """Median milliseconds per call: triton.testing.do_bench, CUDA events after warm-up, L2 cleared before each
-    timed call (the callers rotate their inputs as well, so no call finds the previous one's inputs cached)."""
+    timed call (the callers rotate their inputs as well, so no call finds the previous one's inputs cached).
+    Without CUDA (the `--smoke` runs that check the scripts on a CPU): the median of a few wall-clock calls."""
+    if not torch.cuda.is_available():
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
@@ -46,9 +56,15 @@ def cycle(fn, sets):
     return call
 
 
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def copy_bandwidth_gbs(nbytes: int = 2**30) -> float:
-    """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
-    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda").random_()
+    """Device-to-device copy bandwidth, counting bytes read plus bytes written (host memory without CUDA)."""
+    if not torch.cuda.is_available():
+        nbytes = min(nbytes, 2**24)
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device()).random_()
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src))
     return nbytes / (ms * 1e-3) / 1e9
@@ -57,7 +73,8 @@ def copy_bandwidth_gbs(nbytes: int = 2**30) -> float:
 def environment() -> dict:
     import triton
 
-    return {"device": torch.cuda.get_device_name(), "date": date.today().isoformat(), "torch": torch.__version__,
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'host'})"
+    return {"device": name, "date": date.today().isoformat(), "torch": torch.__version__,
             "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
 
 

@@ -87,11 +87,17 @@ void check_launch(const char* error, const char* op) {
   TORCH_CHECK(error == nullptr, "electra_fast CUDA kernel ", op, " failed: ", error == nullptr ? "" : error);
 }
 
+// The real vocabulary of [M, W] logits: 1 <= V <= W (columns >= V are padding).
+void check_vocab_size(int64_t V, int64_t W) {
+  TORCH_CHECK_VALUE(V >= 1 && V <= W, "vocab_size must be in [1, ", W, "] (the logits' width), got ", V);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlm_forward(
     const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& weights, const at::Tensor& seed,
-    double temperature, bool disallow_correct) {
+    double temperature, bool disallow_correct, int64_t vocab_size, bool gumbel) {
   check_logits(logits);
-  const int64_t M = logits.size(0), V = logits.size(1);
+  const int64_t M = logits.size(0), W = logits.size(1);
+  check_vocab_size(vocab_size, W);
   check_rows(targets, "targets", M, at::kLong, logits);
   check_rows(weights, "weights", M, at::kFloat, logits);
   check_seed(seed, logits);
@@ -101,10 +107,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlm_forwa
   at::Tensor lse = at::empty({M}, f32), row_loss = at::empty({M}, f32);
   at::Tensor sampled = at::empty({M}, logits.options().dtype(at::kLong));
   at::Tensor correct = at::empty({M}, logits.options().dtype(at::kBool));
-  check_launch(ef::launch_mlm_sample(dtype_code(logits.scalar_type(), "logits"), logits.data_ptr(), M, V,
+  check_launch(ef::launch_mlm_sample(dtype_code(logits.scalar_type(), "logits"), logits.data_ptr(), M, vocab_size, W,
                                      targets.data_ptr<int64_t>(), weights.data_ptr<float>(),
                                      disallow_correct ? targets.data_ptr<int64_t>() : nullptr,
-                                     seed.data_ptr<int64_t>(), static_cast<float>(temperature),
+                                     seed.data_ptr<int64_t>(), static_cast<float>(temperature), gumbel,
                                      sampled.data_ptr<int64_t>(), correct.data_ptr<bool>(), lse.data_ptr<float>(),
                                      row_loss.data_ptr<float>(), loss.data_ptr<float>(), wsum_eps.data_ptr<float>(),
                                      current_stream(logits.device())),
@@ -113,9 +119,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlm_forwa
 }
 
 at::Tensor mlm_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& targets,
-                        const at::Tensor& weights, const at::Tensor& lse, const at::Tensor& wsum_eps) {
+                        const at::Tensor& weights, const at::Tensor& lse, const at::Tensor& wsum_eps,
+                        int64_t vocab_size) {
   check_logits(logits);
-  const int64_t M = logits.size(0), V = logits.size(1);
+  const int64_t M = logits.size(0), W = logits.size(1);
+  check_vocab_size(vocab_size, W);
   check_scalar(grad_loss, "grad_loss", logits);
   check_rows(targets, "targets", M, at::kLong, logits);
   check_rows(weights, "weights", M, at::kFloat, logits);
@@ -123,37 +131,38 @@ at::Tensor mlm_backward(const at::Tensor& grad_loss, const at::Tensor& logits, c
   check_scalar(wsum_eps, "wsum_eps", logits);
   const c10::DeviceGuard guard(logits.device());
   at::Tensor grad = at::empty_like(logits);
-  check_launch(ef::launch_mlm_backward(dtype_code(logits.scalar_type(), "logits"), logits.data_ptr(), M, V,
-                                       targets.data_ptr<int64_t>(), weights.data_ptr<float>(), lse.data_ptr<float>(),
-                                       wsum_eps.data_ptr<float>(), grad_loss.data_ptr<float>(), grad.data_ptr(),
-                                       current_stream(logits.device())),
+  check_launch(ef::launch_mlm_backward(dtype_code(logits.scalar_type(), "logits"), logits.data_ptr(), M, vocab_size,
+                                       W, targets.data_ptr<int64_t>(), weights.data_ptr<float>(),
+                                       lse.data_ptr<float>(), wsum_eps.data_ptr<float>(),
+                                       grad_loss.data_ptr<float>(), grad.data_ptr(), current_stream(logits.device())),
                "mlm_loss_backward");
   return grad;
 }
 
 at::Tensor gumbel_sample(const at::Tensor& logits, const at::Tensor& seed, double temperature,
-                         const std::optional<at::Tensor>& disallow) {
+                         const std::optional<at::Tensor>& disallow, int64_t vocab_size, bool gumbel) {
   check_logits(logits);
-  const int64_t M = logits.size(0), V = logits.size(1);
+  const int64_t M = logits.size(0), W = logits.size(1);
+  check_vocab_size(vocab_size, W);
   check_seed(seed, logits);
   if (disallow.has_value()) check_rows(*disallow, "disallow", M, at::kLong, logits);
   const c10::DeviceGuard guard(logits.device());
   at::Tensor sampled = at::empty({M}, logits.options().dtype(at::kLong));
-  check_launch(ef::launch_mlm_sample(dtype_code(logits.scalar_type(), "logits"), logits.data_ptr(), M, V, nullptr,
-                                     nullptr, disallow.has_value() ? disallow->data_ptr<int64_t>() : nullptr,
-                                     seed.data_ptr<int64_t>(), static_cast<float>(temperature),
+  check_launch(ef::launch_mlm_sample(dtype_code(logits.scalar_type(), "logits"), logits.data_ptr(), M, vocab_size, W,
+                                     nullptr, nullptr, disallow.has_value() ? disallow->data_ptr<int64_t>() : nullptr,
+                                     seed.data_ptr<int64_t>(), static_cast<float>(temperature), gumbel,
                                      sampled.data_ptr<int64_t>(), nullptr, nullptr, nullptr, nullptr, nullptr,
                                      current_stream(logits.device())),
                "gumbel_sample");
   return sampled;
 }
 
-at::Tensor gumbel_noise(const at::Tensor& seed, int64_t M, int64_t V) {
+at::Tensor gumbel_noise(const at::Tensor& seed, int64_t M, int64_t W) {
   check_seed(seed, seed);
-  TORCH_CHECK_VALUE(M >= 0 && V >= 0, "M and V must be >= 0, got ", M, " and ", V);
+  TORCH_CHECK_VALUE(M >= 0 && W >= 0, "M and W must be >= 0, got ", M, " and ", W);
   const c10::DeviceGuard guard(seed.device());
-  at::Tensor out = at::empty({M, V}, seed.options().dtype(at::kFloat));
-  check_launch(ef::launch_gumbel_noise(seed.data_ptr<int64_t>(), M, V, out.data_ptr<float>(),
+  at::Tensor out = at::empty({M, W}, seed.options().dtype(at::kFloat));
+  check_launch(ef::launch_gumbel_noise(seed.data_ptr<int64_t>(), M, W, out.data_ptr<float>(),
                                        current_stream(seed.device())),
                "gumbel_noise");
   return out;
@@ -266,10 +275,10 @@ at::Tensor rtd_bce_backward(const at::Tensor& grad_loss, const at::Tensor& grad_
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "electra_fast CUDA kernels (csrc/); use them through electra_fast.cuda or electra_fast.ops";
-  m.def("mlm_forward", &mlm_forward, "fused MLM loss + Gumbel-max sample: (loss, sampled, correct, lse, wsum_eps)");
-  m.def("mlm_backward", &mlm_backward, "gradient of the MLM loss w.r.t. the logits");
-  m.def("gumbel_sample", &gumbel_sample, "Gumbel-max sample of each row");
-  m.def("gumbel_noise", &gumbel_noise, "the [M, V] Gumbel noise the sampling kernels use under a seed (for tests)");
+  m.def("mlm_forward", &mlm_forward, "fused MLM loss + sample: (loss, sampled, correct, lse, wsum_eps)");
+  m.def("mlm_backward", &mlm_backward, "gradient of the MLM loss w.r.t. the logits (0 in padded columns)");
+  m.def("gumbel_sample", &gumbel_sample, "one draw per row from softmax(logits[:, :vocab_size] / T)");
+  m.def("gumbel_noise", &gumbel_noise, "the [M, W] noise the Gumbel sampler uses under a seed (for tests)");
   m.def("masked_gather", &masked_gather, "hidden[b, positions[b, n]]");
   m.def("masked_scatter_add", &masked_scatter_add, "backward of masked_gather");
   m.def("replace_tokens", &replace_tokens, "(disc_ids, is_replaced)");

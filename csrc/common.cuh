@@ -16,7 +16,6 @@
 
 namespace electra_fast {
 
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
@@ -74,7 +73,11 @@ __device__ __forceinline__ void store_vec(T* p, const typename Acc<T>::type (&in
   Vec16<T> u;
 #pragma unroll
   for (int j = 0; j < vec_elems<T>(); ++j) u.v[j] = from_acc<T>(in[j]);
-  *reinterpret_cast<uint4*>(p) = u.raw;
+  // An explicit 16-byte global store (p: global memory): built element by element, the union's plain store was
+  // split by the compiler into four 32-bit ones (SASS STG.E x4 instead of STG.E.128).
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(u.raw.x), "r"(u.raw.y), "r"(u.raw.z),
+               "r"(u.raw.w)
+               : "memory");
 }
 
 __host__ __device__ __forceinline__ bool aligned16(const void* p) {

@@ -25,24 +25,27 @@ enum class DType : int32_t {
   kInt64,
 };
 
-// Fused MLM loss + Gumbel-max sample, one block per row of logits [M, V] (fp32/fp16/bf16).
+// Fused MLM loss + sample, one block per row of logits [M, W] (fp32/fp16/bf16) whose first V <= W columns are the
+// vocabulary (the others are padding: never read into the loss, the argmax or the sample).
 // Writes sampled[M], and when `targets` is non-null also correct[M], lse[M], and the scalars
 // loss = sum(w * ce) / (sum(w) + 1e-6) and wsum_eps = sum(w) + 1e-6 (the backward's denominator).
 // `disallow` (nullable, [M]): row m may not draw disallow[m] (negative: no restriction).
-// `seed`: one int64 on the device. Sample-only mode (gumbel_sample) passes null targets/weights/outputs.
-const char* launch_mlm_sample(DType dtype, const void* logits, int64_t M, int64_t V, const int64_t* targets,
-                              const float* weights, const int64_t* disallow, const int64_t* seed,
-                              float temperature, int64_t* sampled, bool* correct, float* lse, float* row_loss,
-                              float* loss, float* wsum_eps, void* stream);
+// `seed`: one int64 on the device, all 64 bits key Philox. `gumbel`: Gumbel-max sampling instead of the default
+// inverse CDF. Sample-only mode (gumbel_sample) passes null targets/weights/outputs.
+const char* launch_mlm_sample(DType dtype, const void* logits, int64_t M, int64_t V, int64_t W,
+                              const int64_t* targets, const float* weights, const int64_t* disallow,
+                              const int64_t* seed, float temperature, bool gumbel, int64_t* sampled, bool* correct,
+                              float* lse, float* row_loss, float* loss, float* wsum_eps, void* stream);
 
-// grad[M, V] = (softmax(logits) - onehot(targets)) * weights / wsum_eps * grad_loss  (all scalars on device).
-const char* launch_mlm_backward(DType dtype, const void* logits, int64_t M, int64_t V, const int64_t* targets,
-                                const float* weights, const float* lse, const float* wsum_eps,
-                                const float* grad_loss, void* grad, void* stream);
+// grad[M, W] = (softmax(logits) - onehot(targets)) * weights / wsum_eps * grad_loss over the first V columns, exactly
+// 0 in the others (all scalars on device).
+const char* launch_mlm_backward(DType dtype, const void* logits, int64_t M, int64_t V, int64_t W,
+                                const int64_t* targets, const float* weights, const float* lse,
+                                const float* wsum_eps, const float* grad_loss, void* grad, void* stream);
 
-// The Gumbel noise the sampling kernels add to element (m, v) under `seed`, as an [M, V] fp32 tensor.
-// For tests: it lets them replay a kernel's sample with the PyTorch reference, exactly.
-const char* launch_gumbel_noise(const int64_t* seed, int64_t M, int64_t V, float* out, void* stream);
+// The Gumbel noise the gumbel sampler adds to element (m, c) of [M, W] logits under `seed`, as an [M, W] fp32
+// tensor. For tests: it lets them replay a kernel's sample with the PyTorch reference, exactly.
+const char* launch_gumbel_noise(const int64_t* seed, int64_t M, int64_t W, float* out, void* stream);
 
 // out[b, n, :] = hidden[b, positions[b, n], :] (a byte copy: any dtype of `elem_size` bytes).
 // Out-of-range positions give a zero row rather than an out-of-bounds read.

@@ -16,12 +16,16 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")) and 
 ):
     __path__.append(_root)  # noqa: F821  (module __path__)
 
-from electra_fast import ops  # noqa: E402
 
 
 def __getattr__(name):
-    # The model and pretrainer import lazily so `import electra_fast.ops` stays light.
-    if name in ("ElectraPretrainer", "PretrainerOutput", "rtd_step", "param_groups"):
+    # Everything imports lazily: `electra-fast --help` must answer before torch is imported, and
+    # `import electra_fast.ops` must not pull in the model.
+    if name == "ops":
+        import importlib
+
+        return importlib.import_module("electra_fast.ops")
+    if name in ("ElectraPretrainer", "PretrainerOutput", "rtd_step", "param_groups", "tie_embeddings", "tokenizer_ids"):
         from electra_fast import pretrainer
 
         return getattr(pretrainer, name)
@@ -29,6 +33,10 @@ def __getattr__(name):
         from electra_fast import model
 
         return getattr(model, name)
+    if name == "AdamWeightDecay":
+        from electra_fast.optim import AdamWeightDecay
+
+        return AdamWeightDecay
     if name == "CUDAGraphStep":
         from electra_fast.cuda_graph import CUDAGraphStep
 

@@ -12,7 +12,7 @@ import os
 JIT_NAME = "electra_fast_cuda"  # torch's extension cache: ~/.cache/torch_extensions/<python-torch>/electra_fast_cuda
 AOT_NAME = "electra_fast._cuda_ext"  # the module setup.py builds
 SOURCES = ("bindings.cpp", "mlm_sample.cu", "masked_gather.cu", "replace_tokens.cu", "rtd_bce.cu")
-HEADERS = ("launch.cuh", "common.cuh", "philox.cuh")
+HEADERS = ("launch.cuh", "common.cuh", "philox.cuh", "inverse_cdf.cuh")
 
 CXX_FLAGS = ["-O3"]
 # No --use_fast_math: it would make every expf/logf approximate and flush denormals; the kernels choose the

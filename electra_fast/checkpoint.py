@@ -6,9 +6,14 @@ Python, NumPy) and the run's configuration. It is written to a temporary name in
 disk and renamed over the final name (`os.replace` is atomic on POSIX and Windows), so a kill at any moment leaves
 the previous checkpoints intact and never a half-written file under a checkpoint's name. Only plain containers
 and tensors are stored, so loading uses `torch.load(weights_only=True)` (no arbitrary code from a file).
+
+A file can still be damaged later (disk, copy, sync tool): torch's zip reader does not check its CRCs, so zeroed
+bytes inside a tensor load silently. Each checkpoint therefore carries a SHA-256 of its payload (every tensor's
+bytes, dtype and shape, and every other value), verified on loading; a mismatch names the newest intact one.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -19,7 +24,7 @@ import torch
 
 from electra_fast.errors import InputError
 
-FORMAT = "electra-fast-checkpoint/1"
+FORMAT = "electra-fast-checkpoint/2"  # /1: the same without a checksum
 _NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
 
 
@@ -65,7 +70,8 @@ def save_checkpoint(state: dict, directory: str, step: int, keep: int = 3) -> st
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, "step": step, **state}, f)
+            payload = {"format": FORMAT, "step": step, **state}
+            torch.save({**payload, "checksum": payload_checksum(payload)}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -83,23 +89,61 @@ def save_checkpoint(state: dict, directory: str, step: int, keep: int = 3) -> st
     return path
 
 
+def payload_checksum(payload) -> str:
+    """SHA-256 over a checkpoint's contents: containers in order, tensors by dtype, shape and bytes."""
+    h = hashlib.sha256()
+
+    def visit(x) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(x, dict):
+            h.update(f"D{len(x)}".encode())
+            for k, v in x.items():
+                visit(k)
+                visit(v)
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{len(x)}".encode())
+            for v in x:
+                visit(v)
+        else:  # str, int, float, bool, None
+            h.update(f"{type(x).__name__}:{x!r};".encode())
+
+    visit(payload)
+    return h.hexdigest()
+
+
+def _read(path: str):
+    """`(state, None)` for an intact checkpoint, else `(None, what is wrong)`."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # truncated zip, bad pickle, wrong file type: torch's messages do not help here
+        return None, "damaged: it cannot be read as a checkpoint"
+    if not isinstance(state, dict) or state.get("format") not in (FORMAT, "electra-fast-checkpoint/1"):
+        return None, "not an electra-fast training checkpoint"
+    if state["format"] == FORMAT and state.pop("checksum", None) != payload_checksum(state):
+        return None, "damaged: its contents do not match their checksum"
+    return state, None
+
+
 def load_checkpoint(path: str) -> dict:
-    """Read a checkpoint on the CPU; a corrupt or foreign file is an `InputError` that says what to do."""
-    directory = os.path.dirname(path) or "."
-    older = [p for s, p in list_checkpoints(directory) if os.path.abspath(p) != os.path.abspath(path)]
-    remedy = (f"delete it to resume from {os.path.basename(older[-1])}" if older
-              else "delete it and start again without --resume")
+    """Read a checkpoint on the CPU and verify its checksum; a damaged or foreign file is an `InputError` naming the
+    newest intact checkpoint before it (checked the same way) to resume from."""
     if not os.path.isfile(path):
         raise InputError(f"checkpoint {path!r} does not exist: pass --resume without a path to use the newest in "
                          "the output directory, or start without --resume")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, bad pickle, wrong file type: all mean the same to the user
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise InputError(f"checkpoint {path!r} is corrupt or unreadable ({reason}): {remedy}") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise InputError(f"{path!r} is not an electra-fast training checkpoint: {remedy}")
-    return state
+    state, problem = _read(path)
+    if problem is None:
+        return state
+    remedy = "delete it and start again without --resume (no earlier checkpoint is intact)"
+    here = os.path.abspath(path)
+    name = _NAME.match(os.path.basename(here))
+    for step, older in reversed(list_checkpoints(os.path.dirname(here))):
+        if (name is None or step < int(name.group(1))) and os.path.abspath(older) != here and _read(older)[1] is None:
+            remedy = f"delete it to resume from the previous good one, {older!r}"
+            break
+    raise InputError(f"checkpoint {path!r} is {problem}: {remedy}")
 
 
 # -------------------------------------------------------------------------------------------------- RNG states

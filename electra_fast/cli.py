@@ -1,7 +1,7 @@
 """The `electra-fast` command: pretrain, prepare, train-tokenizer, export.
 
     electra-fast pretrain                              # tiny model, built-in corpus, about a minute on a CPU
-    electra-fast prepare corpus/*.txt -o data/ --seq-len 128
+    electra-fast prepare corpus/*.txt -o data/ --preset small   # its --seq-len, 128
     electra-fast pretrain --preset small --data data/ --bf16 --compile
     torchrun --nproc-per-node 8 -m electra_fast pretrain --preset base --data data/
     electra-fast export runs/small -o electra-small/   # discriminator/ + generator/ for transformers
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from typing import List, Optional
 
@@ -58,11 +59,23 @@ def _add_pretrain(sub) -> None:
     a("--weight-decay", type=float, help="AdamW weight decay, not on LayerNorm/bias (default 0.01)")
     a("--max-grad-norm", type=float, help="gradient-norm clip (default 1.0)")
     a("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    a("--optimizer", choices=["adamw", "reference"],
+      help="adamw (default): torch's AdamW, with bias correction, as transformers users expect; reference: the "
+      "reference's AdamWeightDecay, no bias correction (after the 10k-step warm-up the two barely differ)")
     a("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on for CUDA GPUs)")
+    a("--fp16", action="store_true", default=None,
+      help="fp16 autocast with dynamic loss scaling, for GPUs without bf16 (non-finite steps are skipped)")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the step (default: on for CUDA)")
+    a("--cuda-graph", action=argparse.BooleanOptionalAction,
+      help="replay the whole step (forward, backward, optimizer) from CUDA graphs (default: on for CUDA in one "
+      "process)")
     a("--fsdp", action="store_true", default=None, help="FSDP2 (fully_shard) instead of DDP under torchrun")
     a("--seed", type=int, help="random seed (default 1234)")
     a("--log-interval", type=int, help="steps between metric logs (default 10)")
+    a("--eval-interval", type=int, help="steps between evaluations on held-out data, and one at the end (default "
+      "500; 0: none). Held out: the last 1%% of the data's rows (1 to 10 batches), never trained on")
+    a("--eval-data", nargs="+", metavar="PATH", help="evaluate on this prepared dataset or text instead (tokenized "
+      "with the training data's tokenizer; at most 10 batches)")
     a("--save-interval", type=int, help="steps between checkpoints (default 1000; one is always written at the end)")
     a("--keep-checkpoints", type=int, help="how many recent checkpoints to keep (default 3; 0 keeps all)")
     a("--tensorboard", action="store_true", default=None, help="also log to TensorBoard (<output>/tensorboard)")
@@ -114,26 +127,47 @@ def _pretrain(args) -> int:
         resume = load_checkpoint(find_resume_checkpoint(args.resume, output_dir))
         values = {**resume["config"], **values}
     cfg = TrainConfig(**values)
+    # Told on Ctrl-C (see main): the command that continues this run; the checkpoint holds every other setting.
+    output_dir = cfg.output_dir or os.path.join("runs", cfg.preset)
+    args.resume_hint = f"electra-fast pretrain --resume -o {shlex.quote(output_dir)}"
     summary = train(cfg, resume=resume)
+    if summary["eval"] is not None:
+        from electra_fast.evaluate import summary_line
+
+        print(summary_line(summary["eval"]))
     if summary["checkpoint"]:
         m = summary["metrics"]
         loss = f", final loss {m['loss']:.4f}, discriminator accuracy {m['disc_accuracy']:.3f}" if m else ""
+        skipped = summary["skipped_lines"]
         print(f"done: {summary['step']} steps{loss}; checkpoint {summary['checkpoint']}"
-              + (f"; transformers model in {summary['output_dir']}/discriminator" if cfg.export is not False else ""))
+              + (f"; transformers model in {summary['output_dir']}/discriminator" if cfg.export is not False else "")
+              + (f"; skipped {skipped} lines that were not UTF-8" if skipped else ""))
     return 0
 
 
+INPUTS_HELP = ("text files (.gz too: one sentence per line, blank line between documents), JSON Lines (.jsonl, "
+               ".jsonl.gz: one document per record), parquet files or Hugging Face `datasets` folders (save_to_disk; "
+               "these two need: pip install \"electra-fast[datasets]\"), or directories of them (default: the "
+               "built-in corpus)")
+TEXT_FIELD_HELP = "the JSON Lines field / parquet or datasets column holding the text (default: text)"
+PRESET_NAMES = ("tiny", "small", "base", "large")
+
+
 def _add_prepare(sub) -> None:
-    p = sub.add_parser("prepare", help="text files -> packed, tokenized, memory-mapped training shards",
-                       description="Tokenize text (one sentence per line, blank line between documents) and pack "
-                                   "it into [CLS] A [SEP] B [SEP] examples, as the reference "
-                                   "build_pretraining_dataset.py.")
-    p.add_argument("inputs", nargs="*", metavar="PATH", help="text files or directories (default: built-in corpus)")
+    p = sub.add_parser("prepare", help="text -> packed, tokenized, memory-mapped training shards",
+                       description="Tokenize text and pack it into [CLS] A [SEP] B [SEP] examples, as the reference "
+                                   "build_pretraining_dataset.py. Records and rows are split into sentences.")
+    p.add_argument("inputs", nargs="*", metavar="PATH", help=INPUTS_HELP)
     p.add_argument("-o", "--output", required=True, help="dataset directory to write")
+    p.add_argument("--text-field", default="text", metavar="NAME", help=TEXT_FIELD_HELP)
     p.add_argument("--tokenizer", help="tokenizer.json / vocab.txt / directory (default: train one on the inputs)")
     p.add_argument("--vocab-size", type=int, default=30522, help="size of a trained tokenizer (default 30522)")
     p.add_argument("--cased", action="store_true", help="keep case (tokenizer training and vocab.txt loading)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per example (default 128)")
+    p.add_argument("--preset", choices=PRESET_NAMES, default="tiny",
+                   help="the model preset the data is for: its sequence length is the default --seq-len "
+                        "(default: tiny, as `electra-fast pretrain`)")
+    p.add_argument("--seq-len", type=int, help="tokens per example (default: the preset's: tiny 64, small 128, "
+                   "base and large 512)")
     p.add_argument("--seed", type=int, default=12345, help="packing randomness (default 12345)")
     p.add_argument("--shard-size", type=int, help="examples per shard (default: ~64 MB shards)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
@@ -142,38 +176,48 @@ def _add_prepare(sub) -> None:
 
 
 def _prepare(args) -> int:
-    from electra_fast.data import prepare_text
-
-    if args.seq_len < 5:
+    if args.seq_len is not None and args.seq_len < 5:
         raise InputError(f"--seq-len must be at least 5, got {args.seq_len}")
     if args.shard_size is not None and args.shard_size < 1:
         raise InputError(f"--shard-size must be a positive integer, got {args.shard_size}")
+    ensure_writable(args.output, "--output")  # at once: before torch is imported and the tokenizer trained
+    from electra_fast.data import prepare_text
+
+    if args.seq_len is None:
+        from electra_fast.model import PRESETS
+
+        args.seq_len = PRESETS[args.preset]["seq_len"]
     index = prepare_text(args.inputs or None, args.output, tokenizer=args.tokenizer, seq_len=args.seq_len,
                          vocab_size=args.vocab_size, lowercase=not args.cased, seed=args.seed,
-                         overwrite=args.overwrite, shard_size=args.shard_size, progress=args.progress)
+                         overwrite=args.overwrite, shard_size=args.shard_size, progress=args.progress,
+                         text_field=args.text_field)
     skipped = index.get("skipped_lines", 0)
-    print(f"wrote {index['num_examples']} examples ({index['num_tokens']} tokens, {len(index['shards'])} shards, "
-          f"vocabulary {index['vocab_size']}) to {args.output}"
+    print(f"wrote {index['num_examples']} examples of {args.seq_len} tokens ({index['num_tokens']} tokens, "
+          f"{len(index['shards'])} shards, vocabulary {index['vocab_size']}) to {args.output}"
           + (f"; skipped {skipped} lines that were not UTF-8" if skipped else ""))
     return 0
 
 
 def _add_train_tokenizer(sub) -> None:
-    p = sub.add_parser("train-tokenizer", help="train a BERT WordPiece tokenizer on text files")
-    p.add_argument("inputs", nargs="*", metavar="PATH", help="text files or directories (default: built-in corpus)")
+    p = sub.add_parser("train-tokenizer", help="train a BERT WordPiece tokenizer on text")
+    p.add_argument("inputs", nargs="*", metavar="PATH", help=INPUTS_HELP)
     p.add_argument("-o", "--output", required=True, help="directory for tokenizer.json and vocab.txt")
+    p.add_argument("--text-field", default="text", metavar="NAME", help=TEXT_FIELD_HELP)
     p.add_argument("--vocab-size", type=int, default=30522, help="vocabulary size (default 30522)")
     p.add_argument("--cased", action="store_true", help="keep case")
     p.set_defaults(func=_train_tokenizer)
 
 
 def _train_tokenizer(args) -> int:
-    from electra_fast.data.sources import TextSource
+    ensure_writable(args.output, "--output")  # at once: before torch is imported and the tokenizer trained
+    from electra_fast.data.sources import TextSource, vocab_shortfall
     from electra_fast.data.tokenizer import save_tokenizer, train_tokenizer
 
-    reader = TextSource(args.inputs).lines()
+    reader = TextSource(args.inputs, args.text_field).lines()
     tok = train_tokenizer(reader, args.vocab_size, lowercase=not args.cased)
-    ensure_writable(args.output, "--output")
+    notice = vocab_shortfall(tok, args.vocab_size)
+    if notice:
+        print(notice, file=sys.stderr)
     save_tokenizer(tok, args.output)
     skipped = getattr(reader, "skipped", 0)
     print(f"wrote a {tok.get_vocab_size()}-token tokenizer to {args.output}"
@@ -220,7 +264,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"electra-fast: error: {e}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:
-        print("electra-fast: interrupted; `electra-fast pretrain --resume` continues from the last checkpoint",
+        hint = getattr(args, "resume_hint", None)
+        print("electra-fast: interrupted" + (f"; `{hint}` continues from the last checkpoint" if hint else ""),
               file=sys.stderr)
         return 130
 

@@ -18,9 +18,13 @@ is False with that message as the reason, so the default backend order moves on 
 
 Ops. Each kernel is a `torch.library.custom_op` named `electra_fast::<op>_cuda` with a fake kernel (so
 `torch.compile(fullgraph=True)` traces it without building or running anything) and registered autograd.
-Random draws use in-kernel Philox keyed by a seed read from a device tensor: replays of a captured CUDA graph
-sample afresh, and a test can recompute the exact noise with `gumbel_noise`. Inputs: fp32/fp16/bf16 logits
-(fp64 is left to the reference backend), int64 ids and positions, fp32 weights, labels and masks of any dtype.
+Random draws use in-kernel Philox keyed by all 64 bits of a seed read from a device tensor: replays of a captured
+CUDA graph sample afresh. Sampling is exact inverse-CDF by default (one Philox call per row, see
+csrc/inverse_cdf.cuh); `ELECTRA_FAST_SAMPLER=gumbel`, read once at import into `SAMPLER` as for the Triton
+kernels, selects per-element Gumbel-max instead, whose samples a test can replay exactly with `gumbel_noise`.
+Logits may be padded (`[M, W]`, `vocab_size` real columns): padded columns are never drawn and get zero gradient.
+Inputs: fp32/fp16/bf16 logits (fp64 is left to the reference backend), int64 ids and positions, fp32 weights,
+labels and masks of any dtype.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ import torch
 from torch import Tensor
 
 from electra_fast import _cuda_build
+from electra_fast.ops._checks import check_vocab_size
 from electra_fast.ops.masked_gather import register_gather_autograd
 from electra_fast.ops.mlm_loss import register_mlm_autograd
 
@@ -40,6 +45,8 @@ __all__ = ["is_available", "unavailable_reason", "extension", "gumbel_noise", "m
            "gumbel_sample", "masked_gather", "replace_tokens", "rtd_bce_loss"]
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SAMPLERS = ("cdf", "gumbel")
+SAMPLER = os.environ.get("ELECTRA_FAST_SAMPLER", "cdf")
 
 _lock = threading.Lock()
 _ext = None  # the loaded extension module
@@ -155,13 +162,14 @@ def extension():
 
 @torch.library.custom_op("electra_fast::mlm_loss_and_sample_cuda", mutates_args=(), device_types="cuda")
 def _mlm_op(logits: Tensor, targets: Tensor, weights: Tensor, seed: Tensor, temperature: float,
-            disallow_correct: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+            disallow_correct: bool, sampler: str, vocab_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (loss, sampled, correct, lse [M], sum(weights) + 1e-6); the last two are saved for the backward."""
-    return extension().mlm_forward(logits, targets, weights, seed, temperature, disallow_correct)
+    return extension().mlm_forward(logits, targets, weights, seed, temperature, disallow_correct, vocab_size,
+                                   sampler == "gumbel")
 
 
 @_mlm_op.register_fake
-def _(logits, targets, weights, seed, temperature, disallow_correct):
+def _(logits, targets, weights, seed, temperature, disallow_correct, sampler, vocab_size):
     m = logits.shape[0]
     return (logits.new_empty((), dtype=torch.float32), logits.new_empty((m,), dtype=torch.int64),
             logits.new_empty((m,), dtype=torch.bool), logits.new_empty((m,), dtype=torch.float32),
@@ -170,12 +178,12 @@ def _(logits, targets, weights, seed, temperature, disallow_correct):
 
 @torch.library.custom_op("electra_fast::mlm_loss_backward_cuda", mutates_args=(), device_types="cuda")
 def _mlm_backward_op(grad_loss: Tensor, logits: Tensor, targets: Tensor, weights: Tensor, lse: Tensor,
-                     wsum_eps: Tensor) -> Tensor:
-    return extension().mlm_backward(grad_loss, logits, targets, weights, lse, wsum_eps)
+                     wsum_eps: Tensor, vocab_size: int) -> Tensor:
+    return extension().mlm_backward(grad_loss, logits, targets, weights, lse, wsum_eps, vocab_size)
 
 
 @_mlm_backward_op.register_fake
-def _(grad_loss, logits, targets, weights, lse, wsum_eps):
+def _(grad_loss, logits, targets, weights, lse, wsum_eps, vocab_size):
     return torch.empty_like(logits)
 
 
@@ -183,12 +191,13 @@ register_mlm_autograd(_mlm_op, _mlm_backward_op)
 
 
 @torch.library.custom_op("electra_fast::gumbel_sample_cuda", mutates_args=(), device_types="cuda")
-def _gumbel_op(logits: Tensor, seed: Tensor, temperature: float, disallow: Optional[Tensor]) -> Tensor:
-    return extension().gumbel_sample(logits, seed, temperature, disallow)
+def _gumbel_op(logits: Tensor, seed: Tensor, temperature: float, disallow: Optional[Tensor], sampler: str,
+               vocab_size: int) -> Tensor:
+    return extension().gumbel_sample(logits, seed, temperature, disallow, vocab_size, sampler == "gumbel")
 
 
 @_gumbel_op.register_fake
-def _(logits, seed, temperature, disallow):
+def _(logits, seed, temperature, disallow, sampler, vocab_size):
     return logits.new_empty((logits.shape[0],), dtype=torch.int64)
 
 
@@ -277,24 +286,37 @@ def _require_logits(logits: Tensor) -> None:
                         "(use backend='torch' for float64)")
 
 
+def _check_sampler(sampler: str) -> str:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler (ELECTRA_FAST_SAMPLER) must be one of {SAMPLERS}, got {sampler!r}")
+    return sampler
+
+
 def mlm_loss_and_sample(logits: Tensor, targets: Tensor, weights: Tensor, seed: Tensor, temperature: float,
-                        disallow_correct: bool):
-    """Fused MLM loss and Gumbel-max sample: `(loss, sampled, correct)`, loss differentiable w.r.t. logits."""
+                        disallow_correct: bool, vocab_size: Optional[int] = None):
+    """Fused MLM loss and sample: `(loss, sampled, correct)`, loss differentiable w.r.t. logits. `logits` `[M, W]`
+    holds the vocabulary in its first `vocab_size` columns (None: all W)."""
+    sampler = _check_sampler(SAMPLER)
     _require_cuda({"logits": logits, "targets": targets, "weights": weights, "seed": seed})
     _require_logits(logits)
     loss, sampled, correct, _, _ = _mlm_op(logits.contiguous(), targets.long().contiguous(),
                                            weights.float().contiguous(), seed, float(temperature),
-                                           bool(disallow_correct))
+                                           bool(disallow_correct), sampler,
+                                           check_vocab_size(vocab_size, logits.shape[1]))
     return loss, sampled, correct
 
 
-def gumbel_sample(logits: Tensor, seed: Tensor, temperature: float, disallow: Optional[Tensor] = None) -> Tensor:
-    """One Gumbel-max draw per row of `logits / temperature`; `disallow[m]` (>= 0) is excluded from row m."""
+def gumbel_sample(logits: Tensor, seed: Tensor, temperature: float, disallow: Optional[Tensor] = None,
+                  vocab_size: Optional[int] = None) -> Tensor:
+    """One draw per row from `softmax(logits[:, :vocab_size] / temperature)`; `disallow[m]` (>= 0) is excluded
+    from row m."""
+    sampler = _check_sampler(SAMPLER)
     _require_cuda({"logits": logits, "seed": seed, "disallow": disallow})
     _require_logits(logits)
     if disallow is not None:
         disallow = disallow.long().contiguous()
-    return _gumbel_op(logits.detach().contiguous(), seed, float(temperature), disallow)
+    return _gumbel_op(logits.detach().contiguous(), seed, float(temperature), disallow, sampler,
+                      check_vocab_size(vocab_size, logits.shape[1]))
 
 
 def masked_gather(hidden: Tensor, positions: Tensor) -> Tensor:
@@ -317,9 +339,9 @@ def rtd_bce_loss(logits: Tensor, labels: Tensor, attention_mask: Tensor) -> Tens
     return _bce_op(logits.contiguous(), labels.contiguous(), attention_mask.contiguous())[0]
 
 
-def gumbel_noise(seed: Tensor, m: int, v: int) -> Tensor:
-    """The `[m, v]` fp32 Gumbel noise the sampling kernels add to the logits under `seed` (element (i, j) gets
-    `out[i, j]`). For tests and debugging: `argmax(logits / T + gumbel_noise(seed, *logits.shape))` is the
-    kernels' sample, so a sample can be checked exactly against the PyTorch reference."""
+def gumbel_noise(seed: Tensor, m: int, w: int) -> Tensor:
+    """The `[m, w]` fp32 Gumbel noise the Gumbel sampler (`SAMPLER == "gumbel"`) adds to `[m, w]` logits under
+    `seed` (element (i, j) gets `out[i, j]`). For tests and debugging: `argmax(logits / T + gumbel_noise(seed,
+    *logits.shape))` over the real columns is that sampler's draw, so it can be checked exactly."""
     _require_cuda({"seed": seed})
-    return extension().gumbel_noise(seed, int(m), int(v))
+    return extension().gumbel_noise(seed, int(m), int(w))

@@ -1,123 +1,156 @@
-"""Capture a whole ELECTRA training step (forward, backward, optimizer step) in one CUDA graph.
+"""Replay a whole training step (`electra_fast.step.TrainStep`: forward, backward, clip, skip, LR, optimizer) from
+CUDA graphs, so the host only copies the batch in and launches.
 
 Why explicit capture rather than `torch.compile(mode="reduce-overhead")`: the embeddings that the generator and
 discriminator share made the cudagraph trees of reduce-overhead fail ("accessing tensor output of CUDAGraphs that
 has been overwritten", SPEC 5), and a graph that also holds the backward and the optimizer removes every launch
-of the step, which is what the launch-bound small model needs.
+of the step, which is what the launch-bound small model needs. `TrainStep(compile=True)` compiles the forward
+inside the captured step (the two can be measured apart).
 
-Why randomness stays fresh: every random draw of the step (masking, the kernels' Philox seeds, dropout) comes
-from torch's default CUDA generator, whose seed/offset a captured graph reads from device memory and advances
-on each replay; nothing is frozen into the graph as a Python number.
+Why one graph per micro-step, not all `accum` micro-batches in one graph: a replay reads the RNG's seed and offset
+from device memory when it starts, so `torch.manual_seed(chunk_seed)` before each micro-step replay gives every
+micro-batch the masks, samples and dropout of the eager step, however the global batch is split. Graph "micro"
+(forward + backward, gradients accumulated in place) is replayed `accum - 1` times, then graph "last" (the last
+micro-batch + the finish) once; they share one memory pool, as they never run at the same time. The cost over one
+graph is `accum - 1` launches per step. Gradients are allocated before capture and zeroed in place by the finish,
+so their addresses stay fixed. With accum=1 the step is exactly one graph.
 
-Constraints: static shapes (batches must match the example's), an optimizer built with `capturable=True`
-(AdamW's step counter then lives on the GPU), and the learning rate as a CUDA tensor if a scheduler changes it
-(`torch.optim.lr_scheduler` writes into a tensor lr in place).
+Constraints: static shapes (batches must match the example's), a capturable optimizer (`capturable=True`; the
+reference `AdamWeightDecay` always is) and every learning rate a 0-dim CUDA tensor (a Python float would be frozen
+into the graph at capture: a schedule would silently change nothing). Single process: DDP/FSDP steps run eagerly.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
-from torch import nn
+
+from electra_fast.step import TrainStep
+
+
+def check_graph_lr(optimizer: torch.optim.Optimizer) -> None:
+    """Raise unless every param group's LR is a 0-dim CUDA tensor (what a captured optimizer step can follow)."""
+    for i, group in enumerate(optimizer.param_groups):
+        lr = group["lr"]
+        if not isinstance(lr, torch.Tensor):
+            raise ValueError(
+                f"optimizer.param_groups[{i}]['lr'] is the Python number {lr!r}, which a CUDA graph freezes at capture "
+                "(a schedule would silently change nothing): build the optimizer with a tensor learning rate, e.g. "
+                "lr=torch.tensor(5e-4, device=\"cuda\"), and update it in place (TrainStep(lr_schedule=...) does)")
+        if lr.dim() != 0 or lr.device.type != "cuda":
+            raise ValueError(f"optimizer.param_groups[{i}]['lr'] must be a 0-dim CUDA tensor, e.g. "
+                             f"lr=torch.tensor(5e-4, device=\"cuda\"); got shape {tuple(lr.shape)} on {lr.device}")
 
 
 class CUDAGraphStep:
-    """One training step of `model` (an `ElectraPretrainer`) captured in a CUDA graph; call it per batch.
+    """A `TrainStep` captured in CUDA graphs; call it like the step, once per global batch.
 
     Example::
 
-        opt = torch.optim.AdamW(param_groups(model), lr=torch.tensor(5e-4, device="cuda"), betas=(0.9, 0.999),
-                                eps=1e-6, capturable=True)
-        step = CUDAGraphStep(model, opt, example_ids, example_mask, max_grad_norm=1.0, dtype=torch.bfloat16)
-        for batch in loader:
-            out = step(batch["input_ids"], batch["attention_mask"])  # a PretrainerOutput, overwritten next call
-            scheduler.step()
+        opt = torch.optim.AdamW(param_groups(model, 0.01), lr=torch.tensor(5e-4, device="cuda"), eps=1e-6,
+                                fused=True, capturable=True)
+        step = TrainStep(model, opt, accum=2, lr_schedule=warmup_linear_decay(steps, warmup), amp_dtype=torch.bfloat16)
+        graph_step = CUDAGraphStep(step, example_micro_batch)
+        for s, (mb0, mb1) in enumerate(batches):
+            out = graph_step([mb0, mb1], seeds=[chunk_seed(seed, s, 0), chunk_seed(seed, s, 1)])
 
     Args:
-        model: module whose `forward(input_ids, attention_mask, token_type_ids)` returns an object with `.loss`.
-        optimizer: its optimizer, built with `capturable=True`.
-        input_ids, attention_mask, token_type_ids: an example batch fixing shapes and which inputs exist.
-        max_grad_norm: clip the global gradient norm (inside the graph, no sync), or None.
-        dtype: autocast dtype (e.g. torch.bfloat16) or None for full precision.
-        warmup_steps: eager steps on a side stream before capture (lazy state, cuBLAS handles, Triton autotuning).
-            Parameters are restored afterwards and optimizer state created by them is zeroed (Adam-family state
-            starts at zero), so construction does not train on the example batch.
+        step: the eager step to capture (its model, optimizer, accumulation, schedule, loss scale).
+        example: one micro-batch (`{name: CUDA tensor}`) fixing the input names and shapes.
+        warmup_steps: eager steps on a side stream before capture (lazy state, cuBLAS handles, Triton autotuning,
+            torch.compile). Weights, optimizer state, LRs and the step's counters are restored afterwards, so
+            construction does not train on the example batch.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor,
-                 attention_mask: Optional[torch.Tensor] = None, token_type_ids: Optional[torch.Tensor] = None, *,
-                 max_grad_norm: Optional[float] = None, dtype: Optional[torch.dtype] = None, warmup_steps: int = 3):
+    def __init__(self, step: TrainStep, example: Mapping[str, torch.Tensor], *, warmup_steps: int = 3):
+        check_graph_lr(step.optimizer)
+        if not all(group.get("capturable", False) for group in step.optimizer.param_groups):
+            raise ValueError("the optimizer must be built with capturable=True (e.g. torch.optim.AdamW(..., "
+                             "fused=True, capturable=True)); got capturable=False")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
+            raise ValueError(f"warmup_steps must be an int >= 1, got {warmup_steps!r}")
         if not torch.cuda.is_available():
             raise RuntimeError("CUDAGraphStep needs a CUDA GPU")
-        if not input_ids.is_cuda:
-            raise ValueError(f"input_ids must be a CUDA tensor, got device {input_ids.device}")
-        if not all(group.get("capturable", False) for group in optimizer.param_groups):
-            raise ValueError("optimizer must be built with capturable=True (e.g. torch.optim.AdamW(..., "
-                             "capturable=True)); got capturable=False")
-        if not isinstance(warmup_steps, int) or warmup_steps < 1:
-            raise ValueError(f"warmup_steps must be an int >= 1, got {warmup_steps!r}")
-        self.model, self.optimizer, self.max_grad_norm, self.dtype = model, optimizer, max_grad_norm, dtype
-        self.inputs = tuple(None if t is None else t.detach().clone() for t in (input_ids, attention_mask,
-                                                                                   token_type_ids))
-        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        for name, t in example.items():
+            if not (isinstance(t, torch.Tensor) and t.is_cuda):
+                raise ValueError(f"example[{name!r}] must be a CUDA tensor, got "
+                                 f"{t.device if isinstance(t, torch.Tensor) else type(t).__name__}")
+        self.step = step
+        self.inputs = {k: v.detach().clone() for k, v in example.items()}
+        for p in step.params:  # fixed gradient buffers: backward accumulates into them, the finish zeroes them
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        step.keep_grads = True
 
-        saved_params = [p.detach().clone() for p in self.params]
-        saved_state = {id(p): {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)}
-                       for p in self.params if p in optimizer.state}
+        saved = self._device_state()
+        before = [t.clone() for t in saved]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmup_steps):
-                self.optimizer.zero_grad(set_to_none=True)
-                self._body()
+                self._micro_steps()
+                self._last_step()
         torch.cuda.current_stream().wait_stream(side)
         with torch.no_grad():
-            for p, saved in zip(self.params, saved_params):
-                p.copy_(saved)
-            for p in self.params:
-                for k, v in optimizer.state[p].items():
-                    if torch.is_tensor(v):
-                        before = saved_state.get(id(p), {}).get(k)
-                        if before is None:
-                            v.zero_()
-                        else:
-                            v.copy_(before)
-        del saved_params, saved_state
+            for t, b in zip(saved, before):
+                t.copy_(b)
+            known = {id(t) for t in saved}
+            for t in self._device_state():  # optimizer state the warm-up created: Adam-family state starts at 0
+                if id(t) not in known:
+                    t.zero_()
+        del saved, before
 
-        # Gradients set to None: the captured backward allocates them in the graph's pool and every replay
-        # overwrites them (nothing accumulates across replays).
-        self.optimizer.zero_grad(set_to_none=True)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = self._body()
+        self.micro_graph: Optional[torch.cuda.CUDAGraph] = None
+        pool = None
+        if step.accum > 1:
+            self.micro_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.micro_graph):
+                self._micro_steps()
+            pool = self.micro_graph.pool()
+        self.last_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.last_graph, pool=pool):
+            self.output = self._last_step()
 
-    def _body(self):
-        # Autocast's weight cache would hold casts made during capture; graphs need it off.
-        with torch.autocast("cuda", dtype=self.dtype or torch.float32, enabled=self.dtype is not None,
-                            cache_enabled=False):
-            out = self.model(*self.inputs)
-        out.loss.backward()
-        if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        self.optimizer.step()
+    def _micro_steps(self):
+        return self.step.micro_step(self.inputs, last=False) if self.step.accum > 1 else None
+
+    def _last_step(self):
+        out = self.step.micro_step(self.inputs, last=True)
+        self.step.finish()
         return out
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                 token_type_ids: Optional[torch.Tensor] = None):
-        """Copy the batch into the captured input buffers and replay. Returns the captured output object, whose
-        tensors the next call overwrites (clone what you keep)."""
-        for name, static, new in zip(("input_ids", "attention_mask", "token_type_ids"), self.inputs,
-                                     (input_ids, attention_mask, token_type_ids)):
-            if (static is None) != (new is None):
-                raise ValueError(f"{name} must be {'None' if static is None else 'given'} as in the captured "
-                                 f"example batch, got {'None' if new is None else 'a tensor'}")
-            if static is not None:
-                if new.shape != static.shape:
-                    raise ValueError(f"{name} must have the captured shape {tuple(static.shape)}, "
-                                     f"got {tuple(new.shape)}")
-                static.copy_(new, non_blocking=True)
-        self.graph.replay()
+    def _device_state(self) -> list:
+        s, opt = self.step, self.step.optimizer
+        tensors = [p for p in s.params] + [g["lr"] for g in opt.param_groups]
+        tensors += [v for p in s.params for v in opt.state.get(p, {}).values() if torch.is_tensor(v)]
+        tensors += [s.step_count, s.skipped, s._window, s._step_sums]
+        if s.loss_scale is not None:
+            tensors += [s.loss_scale.scale, s.loss_scale.good_steps]
+        return list({id(t): t for t in tensors}.values())  # groups may share one LR tensor
+
+    def _load(self, batch: Mapping[str, torch.Tensor]) -> None:
+        if batch.keys() != self.inputs.keys():
+            raise ValueError(f"batch must have the captured inputs {sorted(self.inputs)}, got {sorted(batch)}")
+        for name, static in self.inputs.items():
+            new = batch[name]
+            if new.shape != static.shape:
+                raise ValueError(f"{name} must have the captured shape {tuple(static.shape)}, got {tuple(new.shape)}")
+            static.copy_(new, non_blocking=True)
+
+    def __call__(self, batches: Sequence[Mapping[str, torch.Tensor]], seeds: Optional[Sequence[int]] = None):
+        """Copy each micro-batch into the captured buffers and replay; `seeds[i]` seeds torch's RNG before
+        micro-batch i. Returns the captured output of the last micro-batch, overwritten by the next call."""
+        self.step.check_batches(batches, seeds)
+        for i, batch in enumerate(batches):
+            self._load(batch)
+            if seeds is not None:
+                torch.manual_seed(seeds[i])
+            (self.last_graph if i == len(batches) - 1 else self.micro_graph).replay()
         return self.output
 
+    def read_metrics(self, reset: bool = True) -> dict:
+        """`TrainStep.read_metrics` of the captured step."""
+        return self.step.read_metrics(reset)
 
-__all__ = ["CUDAGraphStep"]
+
+__all__ = ["CUDAGraphStep", "check_graph_lr"]

@@ -9,7 +9,10 @@ optional extra) is imported only to build or read transformers model objects or 
 The one structural difference: our attention uses one fused QKV Linear, transformers has separate
 query/key/value Linears; they are concatenated (rows query, key, value) on load and split on save.
 Each checkpoint carries its own copy of the shared embeddings, as the reference's do; with GDES the
-discriminator's copy is the sum `shared + word_delta`, which is what it reads.
+discriminator's copy of each embedding parameter is `shared + delta` (its `embeddings_delta`), which is what it
+reads, and loading it beside the generator's embeddings sets `delta = checkpoint - shared`.
+The slim models pad their vocabulary tables to `config.padded_vocab_size` rows; checkpoints hold the logical
+`vocab_size` rows only (export slices, import pads with zeros), so they are the same files either way.
 """
 from __future__ import annotations
 
@@ -51,8 +54,12 @@ def to_hf_config(config: ElectraModelConfig, architecture: str) -> dict:
     return d
 
 
-def from_hf_config(d: dict) -> ElectraModelConfig:
-    """An `ElectraConfig` dict (config.json or `ElectraConfig.to_dict()`) as our config; refuses what we lack."""
+def from_hf_config(d: dict, **overrides) -> ElectraModelConfig:
+    """An `ElectraConfig` dict (config.json or `ElectraConfig.to_dict()`) as our config; refuses what we lack.
+
+    `overrides`: `ElectraModelConfig` fields that replace the checkpoint's (e.g. `pad_token_id`) or that
+    transformers lacks (`pad_vocab_multiple`, the slim model's vocabulary padding; default 128).
+    """
     act = d.get("hidden_act", "gelu")
     if act != "gelu":
         raise ValueError(f"hidden_act must be 'gelu' (erf GELU, the only activation the slim model has), got {act!r}")
@@ -66,14 +73,15 @@ def from_hf_config(d: dict) -> ElectraModelConfig:
         d = {**d, "embedding_size": 128}
     if d.get("pad_token_id") is None:
         d = {**d, "pad_token_id": 0}
-    return ElectraModelConfig(**{f: d.get(f, defaults.get(f)) for f in CONFIG_FIELDS})
+    return ElectraModelConfig(**{**{f: d.get(f, defaults.get(f)) for f in CONFIG_FIELDS}, **overrides})
 
 
 # ------------------------------------------------------------------------------------------ state dicts
 def _pairs(model: Union[Generator, Discriminator]) -> list:
-    """(our name, transformers name) for every parameter but the fused QKV and the word embeddings."""
+    """(our name, transformers name) for every parameter but the fused QKV."""
     e = "electra.embeddings."
-    pairs = [("embeddings.position.weight", e + "position_embeddings.weight"),
+    pairs = [("embeddings.word.weight", e + "word_embeddings.weight"),
+             ("embeddings.position.weight", e + "position_embeddings.weight"),
              ("embeddings.token_type.weight", e + "token_type_embeddings.weight"),
              ("embeddings.norm.weight", e + "LayerNorm.weight"), ("embeddings.norm.bias", e + "LayerNorm.bias")]
     if model.embeddings_project is not None:
@@ -94,10 +102,14 @@ def _pairs(model: Union[Generator, Discriminator]) -> list:
     return pairs
 
 
-def _word_embeddings(model) -> torch.Tensor:
-    word = model.embeddings.word.weight
-    delta = getattr(model, "word_delta", None)
-    return word if delta is None else word + delta
+def _effective_embeddings(model) -> dict:
+    """The embedding parameters the model reads, by our name: `shared + delta` for a GDES discriminator; the word
+    table's logical vocabulary only (the padded rows are left out)."""
+    delta = getattr(model, "embeddings_delta", None)
+    out = {f"embeddings.{name}": p if delta is None else p + delta.get_parameter(name)
+           for name, p in model.embeddings.named_parameters()}
+    out["embeddings.word.weight"] = out["embeddings.word.weight"][: model.config.vocab_size]
+    return out
 
 
 def hf_state_dict(model: Union[Generator, Discriminator], *, include_tied: bool = False) -> dict:
@@ -106,9 +118,10 @@ def hf_state_dict(model: Union[Generator, Discriminator], *, include_tied: bool 
     `include_tied` adds `generator_lm_head.weight` (= the word embeddings), which transformers' own files omit
     because it is tied, but `load_state_dict` on a transformers module expects.
     """
-    ours = dict(model.named_parameters())
+    ours = {**dict(model.named_parameters()), **_effective_embeddings(model)}
     out = {theirs: ours[name] for name, theirs in _pairs(model)}
-    out["electra.embeddings.word_embeddings.weight"] = _word_embeddings(model)
+    if isinstance(model, Generator):
+        out["generator_lm_head.bias"] = out["generator_lm_head.bias"][: model.config.vocab_size]
     if include_tied and isinstance(model, Generator):
         out["generator_lm_head.weight"] = out["electra.embeddings.word_embeddings.weight"]
     for i, layer in enumerate(model.layers):
@@ -136,12 +149,14 @@ def load_hf_state_dict(model: Union[Generator, Discriminator], state: dict, *,
                        tie_word_embeddings: bool = True) -> None:
     """Copy a transformers-named state dict into `model` in place.
 
-    Embeddings the model does not own (shared with the other model) are not overwritten; a checkpoint whose copy
-    differs from them gets a warning. A GDES discriminator takes `word_delta = checkpoint word - shared word`.
+    Embeddings the model does not own (shared with the other model) are not overwritten: a GDES discriminator
+    takes `delta = checkpoint - shared` for each embedding parameter, any other model gets a warning where the
+    checkpoint's copy differs from them. Embeddings the model owns take the checkpoint's values (a GDES delta
+    restarts from zero). The checkpoint holds `vocab_size` rows; the padded rows of the word table, delta and bias
+    are set to zero.
     """
     state = _normalise(state)
-    wanted = _pairs(model) + [(None, "electra.embeddings.word_embeddings.weight")]
-    wanted += [(None, f"electra.encoder.layer.{i}.attention.self.{n}.{p}")
+    wanted = _pairs(model) + [(None, f"electra.encoder.layer.{i}.attention.self.{n}.{p}")
                for i in range(len(model.layers)) for n in ("query", "key", "value") for p in ("weight", "bias")]
     missing = [theirs for _, theirs in wanted if theirs not in state]
     if missing:
@@ -157,21 +172,35 @@ def load_hf_state_dict(model: Union[Generator, Discriminator], state: dict, *,
     if isinstance(model, Generator) and not tie_word_embeddings and lm is not None and not torch.equal(lm, word):
         raise ValueError("generator_lm_head.weight must equal the word embeddings (the slim generator ties them, as "
                          "ELECTRA does); this checkpoint has tie_word_embeddings=False and they differ")
-    ours = dict(model.named_parameters())
+    v = model.config.vocab_size
+    if word.shape[0] != v:
+        raise ValueError(f"electra.embeddings.word_embeddings.weight must have vocab_size={v} rows (the config's), "
+                         f"got shape {tuple(word.shape)}")
+    # The checkpoint's rows of the vocabulary tables; the padded ones are zeroed below.
+    ours = {**dict(model.named_parameters()), "embeddings.word.weight": model.embeddings.word.weight[:v]}
+    if isinstance(model, Generator):
+        ours["head.bias"] = model.head.bias[:v]
+    delta = getattr(model, "embeddings_delta", None)
+    deltas = {} if delta is None else {f"embeddings.{n}": p for n, p in delta.named_parameters()}
+    if delta is not None:
+        deltas["embeddings.word.weight"] = delta.word.weight[:v]
     shared = not model._owns_embeddings
     with torch.no_grad():
         for name, theirs in _pairs(model):
-            if shared and name.startswith("embeddings."):
-                _warn_if_differs(ours[name], state[theirs], theirs)
-            else:
+            if not (shared and name.startswith("embeddings.")):
                 ours[name].copy_(state[theirs])
-        delta = getattr(model, "word_delta", None)
+                if name in deltas:
+                    deltas[name].zero_()
+            elif name in deltas:  # GDES: the checkpoint holds what the discriminator reads, shared + delta
+                deltas[name].copy_(state[theirs].to(deltas[name]) - ours[name])
+            else:
+                _warn_if_differs(ours[name], state[theirs], theirs)
+        if not shared:
+            model.embeddings.word.weight[v:].zero_()
         if delta is not None:
-            delta.copy_(word.to(delta) - model.embeddings.word.weight)
-        elif shared:
-            _warn_if_differs(model.embeddings.word.weight, word, "electra.embeddings.word_embeddings.weight")
-        else:
-            model.embeddings.word.weight.copy_(word)
+            delta.word.weight[v:].zero_()
+        if isinstance(model, Generator):
+            model.head.bias[v:].zero_()
         for i, layer in enumerate(model.layers):
             for p in ("weight", "bias"):
                 pre = f"electra.encoder.layer.{i}.attention.self."
@@ -223,8 +252,11 @@ def read_checkpoint(directory: str) -> tuple:
     raise ValueError(f"no model.safetensors, model.safetensors.index.json or pytorch_model.bin in {directory!r}")
 
 
-def load(cls, path: str, *, embeddings: Optional[ElectraEmbeddings] = None, gdes: bool = False):
-    """Build a `Generator` / `Discriminator` from a local checkpoint dir, or a hub id (needs transformers)."""
+def load(cls, path: str, *, embeddings: Optional[ElectraEmbeddings] = None, gdes: bool = False, **overrides):
+    """Build a `Generator` / `Discriminator` from a local checkpoint dir, or a hub id (needs transformers).
+
+    `overrides`: `ElectraModelConfig` fields, see `from_hf_config` (e.g. `pad_vocab_multiple=1`: no padding).
+    """
     if cls not in ARCHITECTURES:
         raise TypeError(f"cls must be Generator or Discriminator, got {cls!r}")
     if gdes and cls is not Discriminator:
@@ -235,7 +267,7 @@ def load(cls, path: str, *, embeddings: Optional[ElectraEmbeddings] = None, gdes
         tf = require_transformers()
         hf_model = getattr(tf, ARCHITECTURES[cls]).from_pretrained(path)
         config, state = hf_model.config.to_dict(), hf_model.state_dict()
-    cfg = from_hf_config(config)
+    cfg = from_hf_config(config, **overrides)
     model = cls(cfg, embeddings, gdes=gdes) if cls is Discriminator else cls(cfg, embeddings)
     load_hf_state_dict(model, state, tie_word_embeddings=config.get("tie_word_embeddings", True))
     return model
@@ -255,13 +287,15 @@ def to_transformers(model: Union[Generator, Discriminator]):
     return hf_model
 
 
-def from_transformers(hf_model, *, embeddings: Optional[ElectraEmbeddings] = None, gdes: bool = False):
-    """A slim `Generator` (from `ElectraForMaskedLM`) or `Discriminator` (from `ElectraForPreTraining`)."""
+def from_transformers(hf_model, *, embeddings: Optional[ElectraEmbeddings] = None, gdes: bool = False,
+                      **overrides):
+    """A slim `Generator` (from `ElectraForMaskedLM`) or `Discriminator` (from `ElectraForPreTraining`);
+    `overrides`: `ElectraModelConfig` fields, see `from_hf_config`."""
     kind = type(hf_model).__name__
     cls = {v: k for k, v in ARCHITECTURES.items()}.get(kind)
     if cls is None:
         raise TypeError(f"hf_model must be an ElectraForMaskedLM or ElectraForPreTraining, got {kind}")
-    cfg = from_hf_config(hf_model.config.to_dict())
+    cfg = from_hf_config(hf_model.config.to_dict(), **overrides)
     model = cls(cfg, embeddings, gdes=gdes) if cls is Discriminator else cls(cfg, embeddings)
     load_hf_state_dict(model, hf_model.state_dict(), tie_word_embeddings=hf_model.config.tie_word_embeddings)
     return model.to(next(hf_model.parameters()).device)

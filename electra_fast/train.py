@@ -1,7 +1,10 @@
 """The pretraining loop: data -> `ElectraPretrainer` steps -> metrics, checkpoints, a transformers export.
 
-Optimisation as the reference (SPEC 2): AdamW (0.9, 0.999, eps 1e-6), weight decay 0.01 except LayerNorm and
-biases, gradient-norm clip 1.0, LR = peak * min(1, step / warmup) * (1 - step / steps).
+Optimisation as the reference (SPEC 2): AdamW (0.9, 0.999, eps 1e-6; `optimizer="reference"`: the reference's
+update without bias correction), weight decay 0.01 except LayerNorm and biases, gradient-norm clip 1.0,
+LR = peak * min(1, step / warmup) * (1 - step / steps). Each step is an `electra_fast.step.TrainStep` (no host
+sync: LR, skip of non-finite steps and metrics live on the device), on CUDA in one process replayed from CUDA
+graphs; batches are gathered and copied ahead by `data.Prefetcher`.
 
 Multi-process runs come from `torchrun` (the environment names rank and world size): DDP by default, FSDP2
 (`fully_shard`) with `fsdp=True`; each rank reads its own part of every global batch (`data.BatchPlan`), and
@@ -17,14 +20,15 @@ saved in checkpoints, for anything else that draws from them.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
-import json
 import os
 import shutil
+import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
@@ -32,21 +36,27 @@ import torch.distributed as dist
 
 from electra_fast.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
                                      set_rng_state)
-from electra_fast.data import BUILTIN, BatchPlan, open_training_data, save_tokenizer, special_ids, vocab_fingerprint
+from electra_fast.data import BUILTIN, BatchPlan, open_training_data, save_tokenizer, vocab_fingerprint
+from electra_fast.data.prefetch import Prefetcher
 from electra_fast.data.tokenizer import tokenizer_from_str
-from electra_fast.errors import InputError, ensure_writable
+from electra_fast.errors import InputError, ensure_writable, lock_directory
+from electra_fast.evaluate import evaluate, heldout
+from electra_fast.metrics_log import MetricsLog, _summary_writer_class
 from electra_fast.model import PRESETS, ElectraModelConfig
+from electra_fast.optim import AdamWeightDecay
 from electra_fast.pretrainer import ElectraPretrainer, param_groups
+from electra_fast.step import METRICS, DynamicLossScale, TrainStep, warmup_linear_decay
 
 # Reference training lengths (`configure_pretraining.py`); `tiny` is a demo that finishes in about a minute on a CPU.
 DEFAULT_STEPS = {"tiny": 1000, "small": 1_000_000, "base": 766_000, "large": 400_000}
 DEFAULT_WARMUP = 10_000
-METRICS = ("loss", "mlm_loss", "disc_loss", "gen_accuracy", "disc_accuracy", "replaced_frac", "precision", "recall")
+OPTIMIZERS = ("adamw", "reference")
 
 
 @dataclass
 class TrainConfig:
-    """Everything a run needs; `None` means "the preset's value" (or, for bf16/compile, "yes on a GPU").
+    """Everything a run needs; `None` means "the preset's value" (or, for bf16/compile, "yes on a GPU"; for
+    cuda_graph, "yes on a GPU in a single process").
 
     `model`: `ElectraModelConfig` overrides for the discriminator (shared fields reach the generator) and
     `generator_hidden_size` / `generator_num_attention_heads` / `generator_intermediate_size`.
@@ -70,11 +80,16 @@ class TrainConfig:
     adam_eps: float = 1e-6
     max_grad_norm: float = 1.0
     grad_accum: int = 1
+    optimizer: str = "adamw"  # or "reference": electra_fast.optim.AdamWeightDecay (no bias correction)
     bf16: Optional[bool] = None
+    fp16: bool = False  # fp16 autocast with a dynamic loss scale (GPUs without bf16)
     compile: Optional[bool] = None
+    cuda_graph: Optional[bool] = None  # capture the whole step (electra_fast.cuda_graph.CUDAGraphStep)
     fsdp: bool = False
     seed: int = 1234
     log_interval: int = 10
+    eval_interval: int = 500  # steps between held-out evaluations (and one at the end); 0: none
+    eval_data: Optional[List[str]] = None  # None: hold out the last rows of the data (electra_fast.evaluate)
     save_interval: int = 1000
     keep_checkpoints: int = 3
     tensorboard: bool = False
@@ -97,18 +112,26 @@ class TrainConfig:
         if c.warmup_steps is None:
             c.warmup_steps = min(DEFAULT_WARMUP, c.steps // 10)
         c.adam_betas = tuple(c.adam_betas)
-        if c.data is not None:  # absolute, so a resumed run finds the data from any working directory
-            c.data = [p if p == BUILTIN else os.path.abspath(p) for p in c.data]
+        for name in ("data", "eval_data"):  # absolute, so a resumed run finds the data from any working directory
+            if getattr(c, name) is not None:
+                setattr(c, name, [p if p == BUILTIN else os.path.abspath(p) for p in getattr(c, name)])
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_interval", "save_interval"):
             value = getattr(c, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if isinstance(c.eval_interval, bool) or not isinstance(c.eval_interval, int) or c.eval_interval < 0:
+            raise InputError(f"--eval-interval must be a non-negative integer (0: no evaluation), got "
+                             f"{c.eval_interval!r}")
         if c.warmup_steps < 0:
             raise InputError(f"--warmup-steps must be >= 0, got {c.warmup_steps}")
         if not c.lr > 0:
             raise InputError(f"--lr must be positive, got {c.lr}")
         if not 0 < c.mask_prob < 1:
             raise InputError(f"--mask-prob must be in (0, 1), got {c.mask_prob}")
+        if c.optimizer not in OPTIMIZERS:
+            raise InputError(f"--optimizer must be one of {list(OPTIMIZERS)}, got {c.optimizer!r}")
+        if c.fp16 and c.bf16:
+            raise InputError("--fp16 and --bf16 exclude each other: pass one of them")
         return c
 
     def to_dict(self) -> dict:
@@ -160,18 +183,19 @@ def init_distributed(device: Optional[str]) -> tuple:
 
 
 # ------------------------------------------------------------------------------------------------- the model
-def build_model(cfg: TrainConfig, tok_ids: dict, vocab_size: int) -> ElectraPretrainer:
-    """A fresh model from the preset, sized to the tokenizer; `cfg.model` overrides the preset's shapes."""
+def build_model(cfg: TrainConfig, tok) -> ElectraPretrainer:
+    """A fresh model from the preset, sized to the tokenizer and masking with its ids; `cfg.model` overrides the
+    preset's shapes."""
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
     overrides = dict(cfg.model)
     if "vocab_size" in overrides and overrides.pop("vocab_size") != vocab_size:
         raise InputError(f"the model's vocab_size does not match the tokenizer's {vocab_size} tokens: drop "
                          "vocab_size from the model settings or pass the matching --tokenizer")
     try:
-        return ElectraPretrainer.from_preset(
-            cfg.preset, vocab_size=vocab_size, mask_token_id=tok_ids["mask"], pad_token_id=tok_ids["pad"],
-            # SPEC 1.1: never masked are [PAD] [CLS] [SEP] [MASK]; [UNK] stays a candidate, as in the reference.
-            special_token_ids=[tok_ids[k] for k in ("pad", "cls", "sep", "mask")], gdes=cfg.gdes,
-            mask_prob=cfg.mask_prob, **overrides)
+        # The tokenizer's ids: never masked are [PAD] [CLS] [SEP] [MASK] ([UNK] stays a candidate, as in the
+        # reference), [MASK] replaces, [PAD] is the embedding's padding row.
+        return ElectraPretrainer.from_preset(cfg.preset, tokenizer=tok, gdes=cfg.gdes, mask_prob=cfg.mask_prob,
+                                             **overrides)
     except (TypeError, ValueError) as e:
         raise InputError(f"invalid model settings: {e}") from None
 
@@ -186,13 +210,15 @@ def model_from_spec(spec: dict) -> ElectraPretrainer:
     """The (freshly initialised) model a `model_spec` describes; load the checkpoint's weights into it."""
     settings = dict(spec["settings"])
     gdes = settings.pop("gdes", False)
-    return ElectraPretrainer.from_configs(ElectraModelConfig(**spec["generator"]),
-                                          ElectraModelConfig(**spec["discriminator"]), gdes=gdes, **settings)
+    unpadded = {"pad_vocab_multiple": 1}  # checkpoints written before the vocabulary was padded lack the field
+    return ElectraPretrainer.from_configs(ElectraModelConfig(**{**unpadded, **spec["generator"]}),
+                                          ElectraModelConfig(**{**unpadded, **spec["discriminator"]}), gdes=gdes,
+                                          **settings)
 
 
 def _apply_fsdp(model) -> None:
     try:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     except ImportError:  # torch < 2.6
         raise InputError("--fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard): upgrade torch or "
                          "leave --fsdp out to use DDP") from None
@@ -200,6 +226,7 @@ def _apply_fsdp(model) -> None:
         for layer in encoder.layers:
             fully_shard(layer)
     fully_shard(model)
+    register_fsdp_forward_method(model, "scores")  # evaluation's entry point gathers the parameters as forward does
 
 
 def _state_dicts(model, optimizer, fsdp: bool) -> tuple:
@@ -268,62 +295,14 @@ def export(checkpoint: str, output_dir: str) -> str:
     return output_dir
 
 
-# ------------------------------------------------------------------------------------------------- logging
-def _summary_writer_class():
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise InputError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter
-
-
-def _logged_step(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):  # e.g. a line cut off by a kill
-        return float("inf")
-
-
-class MetricsLog:
-    """JSONL metrics (one object per log interval) and, optionally, TensorBoard; rank 0 only."""
-
-    def __init__(self, output_dir: str, resume_step: Optional[int], tensorboard: bool):
-        self.path = os.path.join(output_dir, "metrics.jsonl")
-        if resume_step is not None and os.path.exists(self.path):
-            # Drop what the interrupted run logged after the checkpoint: the resumed run logs those steps again.
-            with open(self.path, encoding="utf-8") as f:
-                kept = [l for l in f if _logged_step(l) <= resume_step]
-            tmp = f"{self.path}.tmp-{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(kept)
-            os.replace(tmp, self.path)
-        elif os.path.exists(self.path):
-            os.remove(self.path)
-        self.file = open(self.path, "a", encoding="utf-8")
-        self.tb = None
-        if tensorboard:
-            self.tb = _summary_writer_class()(os.path.join(output_dir, "tensorboard"))
-
-    def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"train/{k}", v, record["step"])
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
 # ---------------------------------------------------------------------------------------------------- train
 def train(cfg: TrainConfig, resume: Optional[dict] = None) -> dict:
     """Run pretraining. `resume`: a loaded checkpoint (`checkpoint.load_checkpoint`) to continue from.
 
     Returns a summary: `{"step", "output_dir", "checkpoint", "metrics": last logged record, "model": the trained
-    ElectraPretrainer (on its device; a shard of it under FSDP)}`.
+    ElectraPretrainer (on its device; a shard of it under FSDP), "skipped_lines": lines of the text that were not
+    UTF-8 (also reported on stderr when the data is opened), "eval": the last held-out evaluation
+    (`electra_fast.evaluate.evaluate`'s record with "step" and "split": "eval"; None without one)}`.
     """
     cfg = cfg.resolved()
     env, device = init_distributed(cfg.device)
@@ -334,15 +313,22 @@ def train(cfg: TrainConfig, resume: Optional[dict] = None) -> dict:
         threads = 1
     if threads:
         torch.set_num_threads(threads)
+    # Rank 0 writes every file, so it alone claims the directory: a second run into it stops here, instead of
+    # both overwriting each other's checkpoints. The OS releases the lock when the process ends, however it ends.
+    lock = None
     try:
+        if env.is_main:
+            lock = lock_directory(cfg.output_dir, "--output-dir", "a pretrain run")
         return _train(cfg, resume, env, device)
     finally:
+        if lock is not None:
+            lock.close()
         if env.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _check_run_dir(cfg: TrainConfig, resume: Optional[dict], env: Dist) -> None:
-    """Output dir writable; a fresh run never mixes its checkpoints with an older run's; seq_len fits."""
+    """A fresh run never mixes its checkpoints with an older run's; seq_len fits."""
     if cfg.fsdp and env.world_size == 1:
         raise InputError("--fsdp needs several processes: launch with torchrun --nproc-per-node N")
     max_positions = (resume["model_spec"]["discriminator"] if resume is not None else cfg.model).get(
@@ -353,7 +339,6 @@ def _check_run_dir(cfg: TrainConfig, resume: Optional[dict], env: Dist) -> None:
     if cfg.tensorboard and env.is_main:
         _summary_writer_class()
     if env.is_main:
-        ensure_writable(cfg.output_dir, "--output-dir")
         old = list_checkpoints(os.path.join(cfg.output_dir, "checkpoints"))
         if old and resume is None:
             if not cfg.overwrite:
@@ -364,12 +349,22 @@ def _check_run_dir(cfg: TrainConfig, resume: Optional[dict], env: Dist) -> None:
     env.barrier()
 
 
-def _build(cfg: TrainConfig, resume: Optional[dict], tok, device: torch.device):
-    """The model (fresh from the preset, or the checkpoint's structure), its optimizer and LR schedule."""
+def _optimizer(cfg: TrainConfig, model, device: torch.device, capturable: bool) -> torch.optim.Optimizer:
+    """AdamW (fused, reads the step's skip flag) or the reference's AdamWeightDecay, with a device-tensor LR that
+    `TrainStep` writes the schedule into in place (a captured step follows it; no host read per step)."""
+    lr = torch.tensor(cfg.lr, device=device)
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "reference":
+        return AdamWeightDecay(groups, lr=lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=cfg.adam_betas, eps=cfg.adam_eps, fused=True, capturable=capturable)
+
+
+def _build(cfg: TrainConfig, resume: Optional[dict], tok, device: torch.device, capturable: bool):
+    """The model (fresh from the preset, or the checkpoint's structure) and its optimizer."""
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     torch.manual_seed(cfg.seed)  # same seed on every rank: the same initial weights
     if resume is None:
-        model = build_model(cfg, special_ids(tok), vocab_size)
+        model = build_model(cfg, tok)
     else:
         model = model_from_spec(resume["model_spec"])
         if vocab_fingerprint(tok) != vocab_fingerprint(tokenizer_from_str(resume["tokenizer"])):
@@ -378,30 +373,56 @@ def _build(cfg: TrainConfig, resume: Optional[dict], tok, device: torch.device):
     model.to(device)
     if cfg.fsdp:
         _apply_fsdp(model)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.adam_betas,
-                                  eps=cfg.adam_eps, fused=True if device.type == "cuda" and not cfg.fsdp else None)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps))
+    optimizer = _optimizer(cfg, model, device, capturable)
     if resume is not None:
         if resume["data"]["batch_size"] != cfg.batch_size:
             raise InputError(f"--batch-size {cfg.batch_size} differs from the checkpoint's "
                              f"{resume['data']['batch_size']}: resume with the same batch size")
+        saved = resume["config"].get("optimizer", "adamw")
+        if saved != cfg.optimizer:
+            raise InputError(f"--optimizer {cfg.optimizer} differs from the checkpoint's {saved}: resume with "
+                             f"--optimizer {saved}")
+        settings = [{k: g[k] for k in ("lr", "capturable", "fused") if k in g} for g in optimizer.param_groups]
         _load_state_dicts(model, optimizer, resume["model"], resume["optimizer"], cfg.fsdp)
-        scheduler.load_state_dict(resume["scheduler"])
+        for group, own in zip(optimizer.param_groups, settings):
+            group.update(own)  # load_state_dict puts the saved values (a copy of the LR tensor) in their place
         set_rng_state(resume["rng"])
-    return model, optimizer, scheduler
+    return model, optimizer
+
+
+def _grad_sync(model, ddp, fsdp: bool) -> Optional[Callable]:
+    """`TrainStep`'s `grad_sync(last)`: gradients are reduced across processes once, after the last micro-batch."""
+    if ddp is not None:
+        return lambda last: contextlib.nullcontext() if last else ddp.no_sync()
+    if not fsdp:
+        return None
+
+    def sync(last: bool):
+        model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    return sync
 
 
 def _train(cfg: TrainConfig, resume: Optional[dict], env: Dist, device: torch.device) -> dict:
     _check_run_dir(cfg, resume, env)
     out_dir, ckpt_dir = cfg.output_dir, os.path.join(cfg.output_dir, "checkpoints")
-    bf16 = cfg.bf16 if cfg.bf16 is not None else (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    bf16 = cfg.bf16 if cfg.bf16 is not None else (
+        device.type == "cuda" and not cfg.fp16 and torch.cuda.is_bf16_supported())
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    use_graph = cfg.cuda_graph if cfg.cuda_graph is not None else (device.type == "cuda" and env.world_size == 1)
+    if use_graph and (device.type != "cuda" or env.world_size > 1):
+        raise InputError(f"--cuda-graph needs one process on a CUDA device, got {env.world_size} process(es) on "
+                         f"{device}: leave --cuda-graph out")
     dataset, tok = open_training_data(cfg.data, os.path.join(out_dir, "data"), tokenizer=cfg.tokenizer,
                                       seq_len=cfg.seq_len, vocab_size=cfg.vocab_size, seed=cfg.seed,
                                       is_main=env.is_main, barrier=env.barrier, progress=cfg.progress and env.is_main)
-    model, optimizer, scheduler = _build(cfg, resume, tok, device)
+    skipped = dataset.index.get("skipped_lines", 0)
+    if skipped and env.is_main:  # told before the run, not after: the data is what it is for all its steps
+        print(f"electra-fast: warning: skipped {skipped} lines of the text that were not UTF-8: convert the files to "
+              "UTF-8 (e.g. iconv -f latin1 -t utf-8) to train on them", file=sys.stderr, flush=True)
+    model, optimizer = _build(cfg, resume, tok, device, capturable=use_graph)
     start = int(resume["data"]["batch"]) if resume is not None else 0  # one global batch per optimizer step
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     ddp = None
     if env.world_size > 1 and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel
@@ -409,12 +430,19 @@ def _train(cfg: TrainConfig, resume: Optional[dict], env: Dist, device: torch.de
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if use_compile:
         model.validate = False  # compiled code skips the host-side id check anyway; off first avoids a recompile
-        step_fn = torch.compile(ddp or model)
-    else:
-        step_fn = ddp or model
-    plan = BatchPlan(len(dataset), cfg.batch_size, world_size=env.world_size, rank=env.rank,
+    micro = max(1, cfg.batch_size // (env.world_size * cfg.grad_accum))
+    eval_set, eval_rows, train_rows = heldout(cfg, dataset, os.path.join(out_dir, "eval-data"), micro,
+                                              is_main=env.is_main, barrier=env.barrier, progress=False)
+    plan = BatchPlan(train_rows, cfg.batch_size, world_size=env.world_size, rank=env.rank,
                      accum_steps=cfg.grad_accum, seed=cfg.seed)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    amp_dtype = torch.bfloat16 if bf16 else torch.float16 if cfg.fp16 else None
+    ts = TrainStep(model, optimizer, accum=plan.accum_steps, max_grad_norm=cfg.max_grad_norm,
+                   lr_schedule=warmup_linear_decay(cfg.steps, cfg.warmup_steps), amp_dtype=amp_dtype,
+                   loss_scale=DynamicLossScale(device) if cfg.fp16 else None, forward=ddp or model,
+                   compile=use_compile, grad_sync=_grad_sync(model, ddp, cfg.fsdp))
+    ts.load_state_dict(resume.get("step_state", {"step": start, "skipped": 0}) if resume is not None else
+                       {"step": start, "skipped": 0})
+    runner = None  # the step itself, or its CUDA graphs (captured on the first batch)
 
     log = MetricsLog(out_dir, start if resume is not None else None, cfg.tensorboard) if env.is_main else None
     bar = None
@@ -427,67 +455,67 @@ def _train(cfg: TrainConfig, resume: Optional[dict], env: Dist, device: torch.de
 
     def checkpoint(step: int) -> Optional[str]:
         model_state, optim_state = _state_dicts(model, optimizer, cfg.fsdp)  # every rank: a collective under FSDP
+        step_state = ts.state_dict()
         if not env.is_main:
             return None
-        return save_checkpoint({"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+        return save_checkpoint({"model": model_state, "optimizer": optim_state, "step_state": step_state,
                                 "rng": rng_state(), "data": {"batch": step, "batch_size": cfg.batch_size},
                                 **checkpoint_extra}, ckpt_dir, step, keep=cfg.keep_checkpoints)
 
+    # Micro-batches gathered by a thread and copied ahead of the step (the thread reads its own copy of the plan:
+    # BatchPlan caches one epoch's permutation and is not thread-safe). Full rows need no attention mask, which
+    # frees attention for its mask-less fast path; but a captured graph has fixed inputs, so with the graph every
+    # batch keeps its mask (one graph, not a second capture for mask-less batches).
+    feed = copy.copy(plan)
+    items = ((s, mb) for s in range(start, cfg.steps) for mb in feed.micro_batches(s))
+    prefetch = Prefetcher(items, lambda item: dataset.gather(item[1].indices, omit_full_mask=not use_graph), device,
+                          depth=2 * plan.accum_steps)
     model.train()
-    sums = torch.zeros(len(METRICS) + 1, device=device)  # the metrics and the grad norm, summed over the window
-    window_steps, window_start, record = 0, time.perf_counter(), {}
+    window_steps, window_start, record, eval_record = 0, time.perf_counter(), {}, None
     last_ckpt = latest_checkpoint(ckpt_dir) if env.is_main and start >= cfg.steps else None
-    for step in range(start, cfg.steps):
-        chunks = plan.micro_batches(step)
-        for i, mb in enumerate(chunks):
-            torch.manual_seed(chunk_seed(cfg.seed, step, mb.chunk))
-            batch = {k: v.to(device, non_blocking=True) for k, v in dataset.gather(mb.indices).items()}
-            last = i == len(chunks) - 1
-            sync = contextlib.nullcontext()
-            if ddp is not None and not last:  # gradients are all-reduced once, after the last micro-batch
-                sync = ddp.no_sync()
-            elif cfg.fsdp:
-                model.set_requires_gradient_sync(last)
-            with sync:
-                with amp:
-                    out = step_fn(**batch)
-                (out.loss / len(chunks)).backward()
-            sums[:-1] += torch.stack([getattr(out, m).detach().float() for m in METRICS]) / len(chunks)
+    with prefetch:
+        for step in range(start, cfg.steps):
+            chunks = plan.micro_batches(step)
+            batches = [next(prefetch) for _ in chunks]
+            if runner is None:
+                if use_graph:
+                    from electra_fast.cuda_graph import CUDAGraphStep
+
+                    runner = CUDAGraphStep(ts, batches[0])
+                else:
+                    runner = ts
+            runner(batches, seeds=[chunk_seed(cfg.seed, step, mb.chunk) for mb in chunks])
             # Token ids were range-checked on the first batch (one host sync); later batches come from the same
             # data and tokenizer, so checking them again would only cost a sync per step.
             model.validate = False
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-            grad_norm = grad_norm.full_tensor()
-        sums[-1] += grad_norm.detach().float()
-        lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves on below)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        window_steps += 1
-        done = step + 1
-
-        if done % cfg.log_interval == 0 or done == cfg.steps:
-            # One all-reduce and one host sync per log interval, not per step.
-            stats = sums / window_steps
-            if env.world_size > 1:
-                dist.all_reduce(stats)
-                stats /= env.world_size
-            values, now = stats.tolist(), time.perf_counter()
-            record = {"step": done, **dict(zip(METRICS, values)), "grad_norm": values[-1], "lr": lr,
-                      "tokens_per_s": window_steps * cfg.batch_size * cfg.seq_len / max(now - window_start, 1e-9)}
-            if log is not None:
-                log.write(record)
+            window_steps += 1
+            done = step + 1
+            if eval_set is not None and (done % cfg.eval_interval == 0 or done == cfg.steps):
+                eval_record = {"step": done, "split": "eval",
+                               **evaluate(model, eval_set, eval_rows, plan.micro_batch, cfg.seed, device, amp_dtype)}
+                if log is not None:
+                    log.write(eval_record)
+            if done % cfg.log_interval == 0 or done == cfg.steps:
+                metrics, now = ts.read_metrics(), time.perf_counter()  # one all-reduce and host sync per interval
+                record = {"step": done, **metrics,
+                          "tokens_per_s": window_steps * cfg.batch_size * cfg.seq_len / max(now - window_start, 1e-9)}
+                if log is not None:
+                    log.write(record)
+                if bar is not None:
+                    shown = OrderedDict(  # an OrderedDict keeps this order (keyword arguments get sorted)
+                        loss=f"{record['loss']:.3f}", mlm=f"{record['mlm_loss']:.3f}",
+                        disc=f"{record['disc_loss']:.4f}", disc_acc=f"{record['disc_accuracy']:.3f}",
+                        tok_s=f"{record['tokens_per_s']:.0f}")
+                    if record["skipped_steps"]:
+                        shown["skipped"] = record["skipped_steps"]
+                    if eval_record is not None:
+                        shown["eval_auc"] = f"{eval_record['disc_auc']:.3f}"
+                    bar.set_postfix(shown, refresh=False)
+                window_steps, window_start = 0, now
             if bar is not None:
-                bar.set_postfix(OrderedDict(  # an OrderedDict keeps this order (keyword arguments get sorted)
-                    loss=f"{record['loss']:.3f}", mlm=f"{record['mlm_loss']:.3f}", disc=f"{record['disc_loss']:.4f}",
-                    disc_acc=f"{record['disc_accuracy']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}"), refresh=False)
-            sums.zero_()
-            window_steps, window_start = 0, now
-        if bar is not None:
-            bar.update(1)
-        if done % cfg.save_interval == 0 or done == cfg.steps:
-            last_ckpt = checkpoint(done) or last_ckpt
+                bar.update(1)
+            if done % cfg.save_interval == 0 or done == cfg.steps:
+                last_ckpt = checkpoint(done) or last_ckpt
     if bar is not None:
         bar.close()
     if log is not None:
@@ -496,7 +524,7 @@ def _train(cfg: TrainConfig, resume: Optional[dict], env: Dist, device: torch.de
         export(last_ckpt, out_dir)
     env.barrier()
     return {"step": max(start, cfg.steps), "output_dir": out_dir, "checkpoint": last_ckpt, "metrics": record,
-            "model": model}
+            "model": model, "skipped_lines": skipped, "eval": eval_record}
 
 
 def find_resume_checkpoint(resume: str, output_dir: str) -> str:

@@ -6,11 +6,15 @@ so `torch.compile(fullgraph=True)` traces them and CUDA graphs capture them. Imp
 (ImportError otherwise, which the backend switch reports as "unavailable"). On CPU tensors the kernels run only
 under `TRITON_INTERPRET=1`.
 """
+from .dropout_add_layer_norm import dropout_add_layer_norm
 from .gumbel_sample import gumbel_sample
+from .lm_head import lm_head_loss_and_sample
+from .mask_tokens import mask_tokens
 from .masked_gather import masked_gather
 from .mlm_loss_sample import mlm_loss_and_sample
 from .replace_tokens import replace_tokens
 from .rtd_bce import rtd_bce_loss
 from .rtd_head import rtd_head_loss
 
-__all__ = ["gumbel_sample", "masked_gather", "mlm_loss_and_sample", "replace_tokens", "rtd_bce_loss", "rtd_head_loss"]
+__all__ = ["gumbel_sample", "lm_head_loss_and_sample", "mask_tokens", "masked_gather", "mlm_loss_and_sample",
+           "replace_tokens", "rtd_bce_loss", "rtd_head_loss", "dropout_add_layer_norm"]

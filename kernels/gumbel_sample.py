@@ -15,16 +15,18 @@ from . import mlm_loss_sample as _mls
 
 @torch.library.custom_op("electra_fast::gumbel_sample_triton", mutates_args=())
 def _gumbel_sample_op(logits: torch.Tensor, seed: torch.Tensor, temperature: float, disallow: Optional[torch.Tensor],
-                      sampler: str) -> torch.Tensor:
-    return _mls.launch_sampler(logits, seed, temperature, disallow, sampler)
+                      sampler: str, vocab_size: int) -> torch.Tensor:
+    return _mls.launch_sampler(logits, seed, temperature, disallow, sampler, vocab_size)
 
 
 @_gumbel_sample_op.register_fake
-def _(logits, seed, temperature, disallow, sampler):
+def _(logits, seed, temperature, disallow, sampler, vocab_size):
     return logits.new_empty((logits.shape[0],), dtype=torch.int64)
 
 
-def gumbel_sample(logits, seed, temperature: float, disallow: Optional[torch.Tensor]):
-    """Backend entry (see electra_fast.ops.gumbel_sample): contiguous logits [M, V], a 1-element int64 seed
-    tensor, optional int64 disallow [M] (negative: none). Returns [M] int64."""
-    return _gumbel_sample_op(logits, seed, float(temperature), disallow, _mls.check_sampler(_mls.SAMPLER))
+def gumbel_sample(logits, seed, temperature: float, disallow: Optional[torch.Tensor], vocab_size: int):
+    """Backend entry (see electra_fast.ops.gumbel_sample): contiguous logits [M, W] of which the first `vocab_size`
+    columns are the vocabulary, a 1-element int64 seed tensor, optional int64 disallow [M] (negative: none).
+    Returns [M] int64 in [0, vocab_size)."""
+    return _gumbel_sample_op(logits, seed, float(temperature), disallow, _mls.check_sampler(_mls.SAMPLER),
+                             int(vocab_size))

@@ -20,6 +20,14 @@ Sampling draws exactly from softmax(logits / T), with two samplers (constexpr `C
 `ELECTRA_FAST_SAMPLER=gumbel` (or `SAMPLER` here) picks the sampler. The Philox seed is read from a device tensor
 drawn with torch's RNG, so samples follow `torch.manual_seed`/`generator=` and CUDA-graph replays draw fresh ones.
 `gumbel_sample.py` runs this same row kernel with the loss switched off (`WITH_LOSS=False`).
+
+Padded vocabulary and 16-byte loads. Rows are `[W]` wide with only the first V columns real. Every load and store
+of the logits and their gradient is masked with the row width W (`cols < W`), never with V: the model pads W to a
+multiple of 128, so Triton's integer specialisation sees W and the row stride divisible by 16, the mask is constant
+over 16 aligned columns and the compiler emits 16-byte accesses (LDG.E.128 / STG.E.128; masking with V = 30522
+gave 2-byte ones). The real V is applied after the load with a select (-inf in the forward, 0 in the backward), so
+padded columns never reach the loss, the argmax or the sampler and get a gradient of exactly 0.
+tests/test_compile_sm90.py reads the widths in the sm_90 SASS.
 """
 from __future__ import annotations
 
@@ -86,17 +94,28 @@ def _inverse_cdf(w, u, idx):
 
 
 @triton.jit
+def _load_real(row_ptr, cols, V, W):
+    """A tile of a logit row in fp32, -inf outside the vocabulary. Masked with the row width W (16-byte loads when W
+    and the stride are multiples of 16), the real V applied by a select."""
+    x = tl.load(row_ptr + cols, mask=cols < W, other=float("-inf")).to(tl.float32)
+    return tl.where(cols < V, x, float("-inf"))
+
+
+@triton.jit
 def _sample_rows_kernel(logits_ptr, targets_ptr, banned_ptr, seed_ptr, sampled_ptr, lse_ptr, ce_ptr, correct_ptr,
-                        V, stride, inv_t, BLOCK: tl.constexpr, N_TILES: tl.constexpr, WITH_LOSS: tl.constexpr,
-                        CDF: tl.constexpr, SCALED: tl.constexpr, DISALLOW: tl.constexpr, SHARE_EXP: tl.constexpr):
+                        V, W, stride, row_offset, inv_t, BLOCK: tl.constexpr, N_TILES: tl.constexpr,
+                        WITH_LOSS: tl.constexpr, CDF: tl.constexpr, SCALED: tl.constexpr, DISALLOW: tl.constexpr,
+                        SHARE_EXP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride
     seed = tl.load(seed_ptr)
     banned = -1
     if DISALLOW:
         banned = tl.load(banned_ptr + row)
-    # Disjoint Philox counters per row: one per 4 columns (gumbel), counter 0 of the row's range (cdf).
-    rng = row * (N_TILES * (BLOCK // 4))
+    # Disjoint Philox counters per row: one per 4 columns (gumbel), counter 0 of the row's range (cdf). They follow
+    # the row's index in the whole matrix (row_offset + row), so a launch on a chunk of rows draws what one launch on
+    # all rows would.
+    rng = (row + row_offset) * (N_TILES * (BLOCK // 4))
     tiles = tl.arange(0, N_TILES)
     m = float("-inf")    # log-sum-exp state of x (the loss)
     s = 0.0
@@ -109,7 +128,7 @@ def _sample_rows_kernel(logits_ptr, targets_ptr, banned_ptr, seed_ptr, sampled_p
     tile_mass = tl.zeros([N_TILES], tl.float32)
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        x = _load_real(row_ptr, cols, V, W)
         if WITH_LOSS:
             blk_top, blk_idx = tl.max(x, 0, return_indices=True, return_indices_tie_break_left=True)
             m, s, blk = _online_lse_step(x, blk_top, m, s)
@@ -136,8 +155,7 @@ def _sample_rows_kernel(logits_ptr, targets_ptr, banned_ptr, seed_ptr, sampled_p
         start = _inverse_cdf(w, tl.sum(_uniform(r0), 0), tiles) * BLOCK
         idx = tl.arange(0, BLOCK)
         cols = start + idx
-        x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        x = _scores(x, cols, inv_t, banned, SCALED, DISALLOW)
+        x = _scores(_load_real(row_ptr, cols, V, W), cols, inv_t, banned, SCALED, DISALLOW)
         mx = tl.max(x, 0)
         pick = start + _inverse_cdf(tl.exp(x - tl.where(mx == float("-inf"), 0.0, mx)), tl.sum(_uniform(r1), 0), idx)
     tl.store(sampled_ptr + row, pick.to(tl.int64))
@@ -167,15 +185,18 @@ def _weighted_mean_kernel(ce_ptr, w_ptr, loss_ptr, inv_norm_ptr, M, EPS: tl.cons
 
 
 @triton.jit
-def _mlm_backward_kernel(grad_ptr, logits_ptr, targets_ptr, w_ptr, lse_ptr, inv_norm_ptr, grad_loss_ptr, V, stride,
-                         BLOCK: tl.constexpr):
+def _mlm_backward_kernel(grad_ptr, logits_ptr, targets_ptr, w_ptr, lse_ptr, inv_norm_ptr, grad_loss_ptr, V, W,
+                         stride, grad_stride, BLOCK: tl.constexpr):
+    """Program (row, j): columns [j * BLOCK, (j + 1) * BLOCK) of `grad = (softmax - onehot) * w * grad_loss * inv_norm`,
+    exactly 0 in the padded columns [V, W)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     scale = tl.load(w_ptr + row) * tl.load(inv_norm_ptr) * tl.load(grad_loss_ptr).to(tl.float32)
-    x = tl.load(logits_ptr + row * stride + cols, mask=cols < V, other=0.0).to(tl.float32)
+    x = _load_real(logits_ptr + row * stride, cols, V, W)
     p = tl.exp(x - tl.load(lse_ptr + row))
     g = (p - (cols == tl.load(targets_ptr + row)).to(tl.float32)) * scale
-    tl.store(grad_ptr + row * stride + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
+    g = tl.where(cols < V, g, 0.0)  # exactly 0 even when scale is not finite
+    tl.store(grad_ptr + row * grad_stride + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < W)
 
 
 def check_sampler(sampler: str) -> str:
@@ -184,42 +205,70 @@ def check_sampler(sampler: str) -> str:
     return sampler
 
 
-def launch_sampler(logits, seed, temperature, banned, sampler, *, targets=None, outs=None):
-    """Run the row kernel. With `targets` (and `outs` = (lse, ce, correct_u8)) it also computes the loss terms."""
-    m, v = logits.shape
+def launch_sampler(logits, seed, temperature: float, banned, sampler: str, vocab_size: int, *, targets=None,
+                   outs=None, row_offset: int = 0):
+    """Run the row kernel on `logits` `[m, W]` (unit column stride; columns >= `vocab_size` are padding) and return
+    the `[m]` int64 samples. `banned`: optional `[m]` int64 id per row that may not be drawn (negative: none).
+    With `targets` (`[m]` int64) it also computes the loss terms into `outs` = (lse `[m]` fp32, ce `[m]` fp32,
+    correct `[m]` uint8), each contiguous.
+
+    `row_offset`: the index of `logits`' first row in the whole matrix. The Philox counters follow the whole-matrix
+    row, so launching on the chunks `logits[r0:r0 + c]` with `row_offset=r0` (same W, seed, temperature, sampler)
+    draws exactly the samples of one launch on all rows; that is how a chunked caller (the fused LM head) calls it."""
+    m, w = logits.shape
     sampled = torch.empty(m, device=logits.device, dtype=torch.int64)
     if m == 0:
         return sampled
-    block = pow2(v, lo=4, hi=BLOCK_V)
-    n_tiles = triton.cdiv(v, block)
+    block = pow2(w, lo=4, hi=BLOCK_V)
     with_loss = targets is not None
     scaled, disallow = temperature != 1.0, banned is not None
     lse, ce, correct = outs if with_loss else (sampled, sampled, sampled)  # unused pointers when not WITH_LOSS
     _sample_rows_kernel[(m,)](
         logits, targets if with_loss else sampled, banned if disallow else sampled, seed, sampled, lse, ce, correct,
-        v, logits.stride(0), 1.0 / temperature, BLOCK=block, N_TILES=pow2(n_tiles), WITH_LOSS=with_loss,
-        CDF=check_sampler(sampler) == "cdf", SCALED=scaled, DISALLOW=disallow,
-        SHARE_EXP=with_loss and not scaled and not disallow, num_warps=8 if block >= 2048 else 4)
+        vocab_size, w, logits.stride(0), row_offset, 1.0 / temperature, BLOCK=block,
+        N_TILES=pow2(triton.cdiv(w, block)), WITH_LOSS=with_loss, CDF=check_sampler(sampler) == "cdf",
+        SCALED=scaled, DISALLOW=disallow, SHARE_EXP=with_loss and not scaled and not disallow,
+        num_warps=8 if block >= 2048 else 4)
     return sampled
+
+
+def launch_weighted_mean(ce, weights):
+    """`(loss, inv_norm)`: fp32 scalars `sum(w * ce) / (sum(w) + 1e-6)` and `1 / (sum(w) + 1e-6)` over all M rows
+    (`ce`, `weights`: contiguous fp32 `[M]`), on the device, deterministic."""
+    loss, inv_norm = (torch.empty((), device=ce.device, dtype=torch.float32) for _ in range(2))
+    _weighted_mean_kernel[(1,)](ce, weights, loss, inv_norm, ce.shape[0], EPS=WEIGHT_EPS, BLOCK=1024)
+    return loss, inv_norm
+
+
+def launch_backward(grad, logits, targets, weights, lse, inv_norm, grad_loss, vocab_size: int) -> None:
+    """Write the MLM gradient of `logits` `[m, W]` into `grad` (same shape, unit column stride): rows' `targets`,
+    `weights` (fp32), `lse` (fp32) are `[m]` contiguous; `inv_norm` and `grad_loss` are the fp32 scalars of the
+    whole batch (from `launch_weighted_mean` and autograd). Columns >= `vocab_size` get exactly 0. Rows are
+    independent, so a chunked caller passes a chunk of rows with the matching slices; `grad` may be `logits` itself
+    (each element is read, then written, by one program)."""
+    m, w = logits.shape
+    if m:
+        block = pow2(w, lo=16, hi=BLOCK_BWD)
+        _mlm_backward_kernel[(m, triton.cdiv(w, block))](
+            grad, logits, targets, weights, lse, inv_norm, grad_loss, vocab_size, w, logits.stride(0), grad.stride(0),
+            BLOCK=block, num_warps=8 if block >= 2048 else 4)
 
 
 @torch.library.custom_op("electra_fast::mlm_loss_and_sample_triton", mutates_args=())
 def _mlm_op(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, seed: torch.Tensor,
-            temperature: float, disallow_correct: bool, sampler: str
+            temperature: float, disallow_correct: bool, sampler: str, vocab_size: int
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     m = logits.shape[0]
-    f32 = dict(device=logits.device, dtype=torch.float32)
-    lse, ce = torch.empty(m, **f32), torch.empty(m, **f32)
+    lse, ce = (torch.empty(m, device=logits.device, dtype=torch.float32) for _ in range(2))
     correct = torch.empty(m, device=logits.device, dtype=torch.bool)
-    sampled = launch_sampler(logits, seed, temperature, targets if disallow_correct else None, sampler,
+    sampled = launch_sampler(logits, seed, temperature, targets if disallow_correct else None, sampler, vocab_size,
                              targets=targets, outs=(lse, ce, correct.view(torch.uint8)))
-    loss, inv_norm = torch.empty((), **f32), torch.empty((), **f32)
-    _weighted_mean_kernel[(1,)](ce, weights, loss, inv_norm, m, EPS=WEIGHT_EPS, BLOCK=1024)
+    loss, inv_norm = launch_weighted_mean(ce, weights)
     return loss, sampled, correct, lse, inv_norm
 
 
 @_mlm_op.register_fake
-def _(logits, targets, weights, seed, temperature, disallow_correct, sampler):
+def _(logits, targets, weights, seed, temperature, disallow_correct, sampler, vocab_size):
     m = logits.shape[0]
     return (logits.new_empty((), dtype=torch.float32), logits.new_empty((m,), dtype=torch.int64),
             logits.new_empty((m,), dtype=torch.bool), logits.new_empty((m,), dtype=torch.float32),
@@ -228,28 +277,25 @@ def _(logits, targets, weights, seed, temperature, disallow_correct, sampler):
 
 @torch.library.custom_op("electra_fast::mlm_loss_backward_triton", mutates_args=())
 def _mlm_backward_op(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
-                     lse: torch.Tensor, inv_norm: torch.Tensor) -> torch.Tensor:
+                     lse: torch.Tensor, inv_norm: torch.Tensor, vocab_size: int) -> torch.Tensor:
     grad = torch.empty_like(logits)
-    m, v = logits.shape
-    if m:
-        block = pow2(v, lo=16, hi=BLOCK_BWD)
-        _mlm_backward_kernel[(m, triton.cdiv(v, block))](grad, logits, targets, weights, lse, inv_norm,
-                                                         grad_loss.contiguous(), v, logits.stride(0), BLOCK=block,
-                                                         num_warps=8 if block >= 2048 else 4)
+    launch_backward(grad, logits, targets, weights, lse, inv_norm, grad_loss, vocab_size)
     return grad
 
 
 @_mlm_backward_op.register_fake
-def _(grad_loss, logits, targets, weights, lse, inv_norm):
+def _(grad_loss, logits, targets, weights, lse, inv_norm, vocab_size):
     return torch.empty_like(logits)
 
 
 register_mlm_autograd(_mlm_op, _mlm_backward_op)
 
 
-def mlm_loss_and_sample(logits, targets, weights, seed, temperature: float, disallow_correct: bool):
-    """Backend entry (see electra_fast.ops.mlm_loss_and_sample): contiguous logits [M, V], int64 targets,
-    fp32 weights, a 1-element int64 seed tensor. Returns (loss, sampled, correct); loss differentiable."""
+def mlm_loss_and_sample(logits, targets, weights, seed, temperature: float, disallow_correct: bool,
+                        vocab_size: int):
+    """Backend entry (see electra_fast.ops.mlm_loss_and_sample): contiguous logits [M, W] of which the first
+    `vocab_size` columns are the vocabulary, int64 targets, fp32 weights, a 1-element int64 seed tensor.
+    Returns (loss, sampled, correct); loss differentiable."""
     loss, sampled, correct, _, _ = _mlm_op(logits, targets, weights, seed, float(temperature), bool(disallow_correct),
-                                           check_sampler(SAMPLER))
+                                           check_sampler(SAMPLER), int(vocab_size))
     return loss, sampled, correct

@@ -39,3 +39,16 @@ def dataset(tmp_path_factory):
     lines = list(builtin_lines())[:1500]
     prepare(iter(lines), out, train_tokenizer(iter(lines), vocab_size=1000), seq_len=32)
     return out
+
+
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # hypothesis comes with the `test` extra; without it only tests/test_fuzz_ops.py cannot run
+    pass
+else:
+    # Fuzz budget of tests/test_fuzz_ops.py. "ci" (the default): few examples, derandomized so every CI run tries the
+    # same ones; ELECTRA_FAST_FUZZ=thorough: many fresh random examples. No deadline: the Triton interpreter is slow.
+    _fuzz = dict(deadline=None, database=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("ci", max_examples=20, derandomize=True, **_fuzz)
+    settings.register_profile("thorough", max_examples=400, **_fuzz)
+    settings.load_profile(os.environ.get("ELECTRA_FAST_FUZZ", "ci"))

@@ -4,10 +4,12 @@ import dataclasses
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -16,10 +18,10 @@ import torch
 pytest.importorskip("tokenizers")
 
 import electra_fast.train as train_mod  # noqa: E402
-from electra_fast.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, rng_state,  # noqa: E402
-                                     save_checkpoint, set_rng_state)
+from electra_fast.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint,  # noqa: E402
+                                     payload_checksum, rng_state, save_checkpoint, set_rng_state)
 from electra_fast.cli import main  # noqa: E402
-from electra_fast.errors import InputError  # noqa: E402
+from electra_fast.errors import InputError, lock_directory  # noqa: E402
 from electra_fast.train import TrainConfig, train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,18 +125,89 @@ def test_corrupt_checkpoint_error_names_the_way_out(tmp_path):
     path = save_checkpoint({"x": torch.ones(2)}, d, 20)
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
-    with pytest.raises(InputError, match=r"corrupt or unreadable .*delete it to resume from checkpoint-00000010"):
+    with pytest.raises(InputError, match=r"checkpoint-00000020.pt' is damaged: it cannot be read as a checkpoint: "
+                                         r"delete it to resume from the previous good one, .*checkpoint-00000010"):
         load_checkpoint(path)
     with open(os.path.join(d, "checkpoint-00000030.pt"), "wb") as f:
         f.write(b"not a checkpoint")
-    with pytest.raises(InputError, match="corrupt"):
+    with pytest.raises(InputError, match="damaged") as e:
         load_checkpoint(latest_checkpoint(d))
+    assert "checkpoint-00000010" in str(e.value)  # the newest one that is intact, not merely the one before
     torch.save({"something": "else"}, os.path.join(d, "checkpoint-00000040.pt"))
     with pytest.raises(InputError, match="not an electra-fast training checkpoint"):
         load_checkpoint(latest_checkpoint(d))
 
 
-def test_sigkill_leaves_loadable_checkpoints_and_resume_finishes(dataset, tmp_path):
+def zero_bytes(path, n=5000):
+    """Overwrite `n` bytes inside one tensor's data with zeros (what a bad disk or an aborted copy leaves; zeros in
+    the zip structure make the file unreadable, a case of its own). A tensor past the file's first third whose
+    bytes are mostly non-zero: Adam moments of embedding rows never used are zeros already."""
+    data = np.fromfile(path, dtype=np.uint8)
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            h = info.header_offset  # local header: 30 bytes, then the name and the extra field, then the data
+            start = h + 30 + int(data[h + 26:h + 28].view("<u2")[0]) + int(data[h + 28:h + 30].view("<u2")[0])
+            if start > len(data) // 3 and info.file_size >= n and np.count_nonzero(data[start:start + n]) > n // 2:
+                break
+        else:
+            raise AssertionError("no tensor to damage")
+    with open(path, "r+b") as f:
+        f.seek(start)
+        f.write(bytes(n))
+
+
+def test_zeroed_bytes_in_a_checkpoint_are_an_error_naming_the_previous_good_one(dataset, tmp_path, capsys):
+    cfg = config(dataset, tmp_path / "run", steps=4, save_interval=2, keep_checkpoints=0, grad_accum=1)
+    train(cfg)
+    ckpts = os.path.join(cfg.output_dir, "checkpoints")
+    (_, good), (_, last) = list_checkpoints(ckpts)
+    intact = load_checkpoint(last)
+    assert "checksum" not in intact and intact["step"] == 4
+    zero_bytes(last)
+    with pytest.raises(InputError) as e:
+        load_checkpoint(last)
+    message = str(e.value)
+    assert message == (f"checkpoint {last!r} is damaged: its contents do not match their checksum: delete it to "
+                       f"resume from the previous good one, {good!r}")
+    # On the command line: one line, ours (torch's advice about weights_only never shows), nothing resumed.
+    assert main(["pretrain", "-o", cfg.output_dir, "--resume", "--steps", "6", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"electra-fast: error: {message}\n" and "weights_only" not in err
+    assert [s for s, _ in list_checkpoints(ckpts)] == [2, 4]
+    zero_bytes(good)
+    with pytest.raises(InputError, match="no earlier checkpoint is intact"):
+        load_checkpoint(last)
+
+
+def test_checksum_covers_every_value():
+    state = {"model": {"w": torch.randn(3, 4), "h": torch.randn(5).to(torch.bfloat16)}, "step": 7,
+             "rng": {"python": (3, (1, 2, 3), None)}, "config": {"lr": 1e-3, "name": "tiny"}}
+    base = payload_checksum(state)
+    assert payload_checksum(state) == base
+    changed = [{**state, "step": 8}, {**state, "config": {"lr": 1e-3, "name": "tinY"}},
+               {**state, "rng": {"python": (3, (1, 2, 4), None)}},
+               {**state, "model": {**state["model"], "h": state["model"]["h"].float()}},  # same values, other dtype
+               {**state, "model": {**state["model"], "w": state["model"]["w"].reshape(4, 3)}}]  # other shape
+    w = state["model"]["w"].clone()
+    w.view(torch.int32)[1, 2] ^= 1  # one bit
+    changed.append({**state, "model": {**state["model"], "w": w}})
+    assert len({payload_checksum(c) for c in changed} | {base}) == len(changed) + 1
+
+
+def test_run_directory_is_locked(dataset, tmp_path):
+    cfg = config(dataset, tmp_path / "run", steps=2)
+    held = lock_directory(cfg.output_dir, "--output-dir", "a pretrain run")  # as a run in another process does
+    try:
+        with pytest.raises(InputError, match=r"--output-dir .* is in use by a pretrain run \(pid \d+\): wait for "
+                                             r"it to finish, or choose another --output-dir"):
+            train(cfg)
+    finally:
+        held.close()
+    assert not os.path.exists(os.path.join(cfg.output_dir, "checkpoints"))
+    assert train(cfg)["step"] == 2  # released: the directory is free again
+
+
+def test_sigkill_leaves_loadable_checkpoints_and_resume_finishes(dataset, tmp_path, capsys):
     out = str(tmp_path / "run")
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "electra_fast", "pretrain", "--data", dataset, "-o", out, "--steps", "400",
@@ -146,6 +219,15 @@ def test_sigkill_leaves_loadable_checkpoints_and_resume_finishes(dataset, tmp_pa
     deadline = time.time() + 120
     while len(list_checkpoints(ckpts)) < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
+    # A second run into the same directory while the first one runs: refused at once, even with --overwrite (which
+    # would delete the running one's checkpoints), and the first keeps going.
+    started = time.time()
+    assert main(["pretrain", "--data", dataset, "-o", out, "--overwrite", "--steps", "5", "--batch-size", "8",
+                 "--seq-len", "32", "--threads", "1", "--no-progress", "--device", "cpu"]) == 2
+    assert time.time() - started < 30 and proc.poll() is None
+    assert re.fullmatch(rf"electra-fast: error: --output-dir {re.escape(repr(out))} is in use by a pretrain run "
+                        rf"\(pid {proc.pid}\): wait for it to finish, or choose another --output-dir\n",
+                        capsys.readouterr().err)
     proc.send_signal(signal.SIGKILL)  # at whatever point it is: possibly mid-write
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]

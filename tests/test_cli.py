@@ -199,9 +199,32 @@ def test_corrupt_checkpoint_on_resume(trained, tmp_path, capsys):
     with open(path, "r+b") as f:
         f.truncate(size // 3)
     rc, _, err = run_cli(capsys, "pretrain", "-o", run, "--resume", *FAST)
-    assert_one_line_error(rc, err, r"checkpoint .* is corrupt or unreadable .*: delete it and start again")
+    assert_one_line_error(rc, err, r"checkpoint .* is damaged: it cannot be read as a checkpoint: delete it and "
+                                   r"start again without --resume \(no earlier checkpoint is intact\)$")
     assert os.path.getsize(path) == size // 3  # nothing was touched
     assert os.path.exists(os.path.join(run, "discriminator", "model.safetensors"))
+
+
+def test_pretrain_on_text_reports_lines_that_are_not_utf8(tmp_path, capsys):
+    corpus = tmp_path / "latin1.txt"
+    skipped = 0
+    with open(corpus, "wb") as f:
+        for i, line in enumerate(LINES[:1600]):
+            if i % 2 and line:  # every other sentence written by a Latin-1 editor: not UTF-8
+                f.write(line.encode() + " caf\xe9 cr\xe8me".encode("latin-1") + b"\n")
+                skipped += 1
+            else:
+                f.write(line.encode() + b"\n")
+    rc, out, err = run_cli(capsys, "pretrain", "--data", str(corpus), "-o", str(tmp_path / "run"), "--steps", "2",
+                           "--batch-size", "8", "--seq-len", "32", "--vocab-size", "300", "--no-export", *FAST)
+    assert rc == 0, err
+    assert f"electra-fast: warning: skipped {skipped} lines of the text that were not UTF-8: convert the files to " \
+           "UTF-8 (e.g. iconv -f latin1 -t utf-8) to train on them" in err.splitlines()
+    assert out.strip().endswith(f"; skipped {skipped} lines that were not UTF-8")
+    # What `prepare` says about the same file.
+    rc, out, _ = run_cli(capsys, "prepare", str(corpus), "-o", str(tmp_path / "data"), "--vocab-size", "300",
+                         "--no-progress")
+    assert rc == 0 and out.strip().endswith(f"; skipped {skipped} lines that were not UTF-8")
 
 
 def test_console_exit_code_without_traceback(tmp_path):

@@ -3,9 +3,11 @@
 CPU part (always runs): backend selection and its errors, the probe that must never compile, the build
 definition, and the fake kernels + autograd wiring (on meta tensors).
 GPU part (skipped without a GPU, or without nvcc/ninja to build the extension): parity with the PyTorch
-reference at real sizes (V = 30522, M in thousands; fp32/fp16/bf16) including exact samples, replayed from the
-kernels' own Gumbel noise; gradients; a chi-square test of the sampling distribution; parity with the Triton
-kernels; CUDA-graph replays drawing fresh samples; torch.compile(fullgraph=True); opcheck; int64 offsets.
+reference at real sizes (V = 30522, M in thousands; fp32/fp16/bf16), plain and padded to a multiple of 128 (garbage
+in the padding, exactly zero gradient there), with both samplers: exact samples for the Gumbel one, replayed from
+its own noise; gradients; chi-square tests of the sampling distribution (both samplers; the full-vocabulary one is
+in test_kernels_cuda.py); parity with the Triton kernels; CUDA-graph replays drawing fresh samples;
+torch.compile(fullgraph=True); opcheck; int64 offsets.
 """
 import itertools
 
@@ -15,13 +17,22 @@ import torch
 from electra_fast import _cuda_build, ops
 from electra_fast import cuda as ef_cuda
 from electra_fast.ops.gumbel_sample import disallow_ids
+from helpers import chi2_critical
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 VOCAB = 30522  # BERT's: rows of 16-bit logits then start off 16-byte boundaries, exercising the scalar head/tail
+PADDED = 30592  # the model's width for it (a multiple of 128): every row 16-byte aligned, 70 padding columns
 
 
 def _seed(device="cuda"):
-    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+    return torch.randint(0, 2**63 - 1, (1,), device=device, dtype=torch.int64)  # as draw_seed: all 64 bits used
+
+
+@pytest.fixture(params=ef_cuda.SAMPLERS)
+def sampler(request, monkeypatch):
+    """Runs a test with each sampler (as ELECTRA_FAST_SAMPLER would select it at import)."""
+    monkeypatch.setattr(ef_cuda, "SAMPLER", request.param)
+    return request.param
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -61,6 +72,16 @@ def test_direct_calls_name_the_cpu_argument():
                                torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.long))
 
 
+def test_sampler_choice_is_checked(monkeypatch):
+    assert ef_cuda.SAMPLER in ef_cuda.SAMPLERS and ef_cuda.SAMPLERS[0] == "cdf"  # the default: exact inverse CDF
+    monkeypatch.setattr(ef_cuda, "SAMPLER", "nope")
+    ids, seed = torch.zeros(4, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    with pytest.raises(ValueError, match="ELECTRA_FAST_SAMPLER.*nope"):
+        ef_cuda.mlm_loss_and_sample(torch.randn(4, 10), ids, torch.ones(4), seed, 1.0, False)
+    with pytest.raises(ValueError, match="ELECTRA_FAST_SAMPLER.*nope"):
+        ef_cuda.gumbel_sample(torch.randn(4, 10), seed, 1.0)
+
+
 def test_probe_is_cheap_and_explains_itself():
     before = ef_cuda._ext
     reason = ef_cuda.unavailable_reason()
@@ -92,12 +113,12 @@ def test_fake_kernels_and_autograd_wiring_on_meta():
     for dtype in DTYPES:
         logits = torch.empty(6, 11, device=d, dtype=dtype, requires_grad=True)
         ids, w, seed = torch.zeros(6, dtype=torch.long, device=d), torch.ones(6, device=d), _seed(d)
-        loss, sampled, correct, lse, wsum = ef_cuda._mlm_op(logits, ids, w, seed, 1.0, True)
+        loss, sampled, correct, lse, wsum = ef_cuda._mlm_op(logits, ids, w, seed, 1.0, True, "cdf", 9)
         assert (loss.shape, loss.dtype, sampled.shape, sampled.dtype, correct.dtype) == \
             (torch.Size([]), torch.float32, torch.Size([6]), torch.int64, torch.bool)
         loss.backward()
         assert logits.grad.shape == logits.shape and logits.grad.dtype == dtype
-        assert ef_cuda._gumbel_op(logits.detach(), seed, 0.5, ids).shape == (6,)
+        assert ef_cuda._gumbel_op(logits.detach(), seed, 0.5, ids, "gumbel", 11).shape == (6,)
 
         bce_logits = torch.empty(3, 7, device=d, dtype=dtype, requires_grad=True)
         bce = ef_cuda._bce_op(bce_logits, torch.empty(3, 7, device=d, dtype=torch.bool),
@@ -145,47 +166,53 @@ def _close(got, want, dtype, what):
     torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=atol, msg=what)
 
 
-def _mlm_inputs(m, v, dtype):
-    logits = (torch.randn(m, v, device="cuda") * 3).to(dtype)
+def _mlm_inputs(m, v, dtype, width=None):
+    """Logits [m, width] whose first v columns are the vocabulary; the padding holds NaN, which must never leak."""
+    logits = torch.full((m, width or v), float("nan"), device="cuda", dtype=dtype)
+    logits[:, :v] = (torch.randn(m, v, device="cuda") * 3).to(dtype)
     targets = torch.randint(0, v, (m,), device="cuda")
     # Half the rows target their argmax, so `correct` is exercised both ways (and its tie rule in 16-bit).
-    targets = torch.where(torch.rand(m, device="cuda") < 0.5, logits.float().argmax(1), targets)
+    targets = torch.where(torch.rand(m, device="cuda") < 0.5, logits[:, :v].float().argmax(1), targets)
     weights = (torch.rand(m, device="cuda") > 0.1).float()
     return logits, targets, weights
 
 
-@pytest.mark.parametrize("v", [VOCAB, 1000, 7])
+@pytest.mark.parametrize("v, width", [(VOCAB, VOCAB), (VOCAB, PADDED), (1000, 1000), (7, 16)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("temperature,disallow_correct", [(1.0, False), (0.5, True)])
-def test_mlm_loss_and_sample_matches_reference(ext, dtype, v, temperature, disallow_correct):
+def test_mlm_loss_and_sample_matches_reference(ext, sampler, dtype, v, width, temperature, disallow_correct):
     m = 2048
-    logits, targets, weights = _mlm_inputs(m, v, dtype)
+    logits, targets, weights = _mlm_inputs(m, v, dtype, width)
     logits.requires_grad_(True)
     seed = _seed()
-    _poison_allocator(m * v * 4)
+    _poison_allocator(m * width * 4)
     loss, sampled, correct = ef_cuda.mlm_loss_and_sample(logits, targets, weights, seed, temperature,
-                                                         disallow_correct)
+                                                         disallow_correct, v)
     (loss * 2.5).backward()
 
     ref_logits = logits.detach().double().requires_grad_(True)
-    ref_loss, _, ref_correct = ops.mlm_loss_and_sample(ref_logits, targets, weights, backend="torch")
+    ref_loss, _, ref_correct = ops.mlm_loss_and_sample(ref_logits, targets, weights, backend="torch", vocab_size=v)
     (ref_loss * 2.5).backward()
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-5, atol=1e-6)
     assert torch.equal(correct, ref_correct)
-    _close(logits.grad, ref_logits.grad, dtype, "grad of the MLM loss")
+    _close(logits.grad[:, :v], ref_logits.grad[:, :v], dtype, "grad of the MLM loss")
+    assert torch.equal(logits.grad[:, v:], torch.zeros_like(logits.grad[:, v:]))  # padding: exactly 0, written
 
-    # The sample, exactly: the reference's argmax of logits / T + g with the noise the kernel used.
-    scores = logits.detach().float() / temperature + ef_cuda.gumbel_noise(seed, m, v)
+    assert ((sampled >= 0) & (sampled < v)).all()
     if disallow_correct:
-        scores = disallow_ids(scores, targets)
         assert not (sampled == targets).any()
-    assert torch.equal(sampled, scores.argmax(1))
+    if sampler == "gumbel":  # the sample, exactly: the reference's argmax of logits / T + g with the kernel's noise
+        scores = logits.detach()[:, :v].float() / temperature + ef_cuda.gumbel_noise(seed, m, width)[:, :v]
+        if disallow_correct:
+            scores = disallow_ids(scores, targets)
+        assert torch.equal(sampled, scores.argmax(1))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_disallow", [False, True])
-def test_gumbel_sample_matches_reference(ext, dtype, with_disallow):
+def test_gumbel_sample_matches_reference(ext, monkeypatch, dtype, with_disallow):
+    monkeypatch.setattr(ef_cuda, "SAMPLER", "gumbel")  # the sampler whose draws can be replayed
     m, v, temperature = 4096, VOCAB, 2.0
     logits = (torch.randn(m, v, device="cuda") * 2).to(dtype)
     disallow = None
@@ -200,32 +227,63 @@ def test_gumbel_sample_matches_reference(ext, dtype, with_disallow):
     assert torch.equal(sampled, scores.argmax(1))
 
 
-def _chi_square_pvalue(counts, probs):
-    expected = probs * counts.sum()
-    stat = ((counts - expected) ** 2 / expected).sum()
-    return torch.special.gammaincc(torch.tensor((len(probs) - 1) / 2.0), stat / 2).item()
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [12, 16])
 @pytest.mark.parametrize("op", ["gumbel_sample", "mlm_loss_and_sample"])
-def test_sampling_distribution(ext, op, dtype):
-    # One 12-token row repeated 200k times (rows 24 bytes apart in 16-bit: both the vector and the scalar
-    # paths draw), token 3 disallowed; the counts must follow softmax(logits / T) over the other tokens.
+def test_sampling_distribution(ext, sampler, op, dtype, width):
+    # One 12-token row repeated 200k times (unpadded, rows 24 bytes apart in 16-bit: both the vector and the scalar
+    # paths draw; or padded to 16 with garbage that would win every draw if it leaked), token 3 disallowed; the
+    # counts must follow softmax(logits / T) over the other tokens.
     v, m, temperature, banned = 12, 200_000, 0.7, 3
-    row = (torch.randn(v, dtype=torch.float64) * 2.5).to(dtype)
-    logits = row.to("cuda").expand(m, v).contiguous()
+    row = torch.full((width,), 50.0, dtype=torch.float64)
+    row[:v] = torch.randn(v, dtype=torch.float64) * 2.5
+    row = row.to(dtype)
+    logits = row.to("cuda").expand(m, width).contiguous()
     ids = torch.full((m,), banned, device="cuda", dtype=torch.int64)
     if op == "gumbel_sample":
-        sampled = ops.gumbel_sample(logits, temperature=temperature, disallow=ids, backend="cuda")
+        sampled = ops.gumbel_sample(logits, temperature=temperature, disallow=ids, backend="cuda", vocab_size=v)
     else:
         sampled = ops.mlm_loss_and_sample(logits, ids, torch.ones(m, device="cuda"), temperature=temperature,
-                                          disallow_correct=True, backend="cuda")[1]
-    counts = torch.bincount(sampled, minlength=v).double().cpu()
-    assert counts.sum() == m and counts[banned] == 0
-    probs = torch.softmax(row.double() / temperature, 0)
+                                          disallow_correct=True, backend="cuda", vocab_size=v)[1]
+    counts = torch.bincount(sampled, minlength=width).double().cpu()
+    assert counts.sum() == m and counts[banned] == 0 and counts[v:].sum() == 0
+    probs = torch.softmax(row[:v].double() / temperature, 0)
     keep = torch.arange(v) != banned
-    p = _chi_square_pvalue(counts[keep], probs[keep] / probs[keep].sum())
-    assert p > 1e-4, (p, counts, probs)
+    expected = probs[keep] / probs[keep].sum() * m
+    assert expected.min() >= 5
+    stat = ((counts[:v][keep] - expected) ** 2 / expected).sum().item()
+    assert stat < chi2_critical(int(keep.sum()) - 1), (stat, counts, probs)
+
+
+@pytest.mark.parametrize("temperature, disallow", [(1.0, False), (0.8, True)])
+def test_cdf_sampling_across_warps_and_tiles(ext, monkeypatch, temperature, disallow):
+    """The inverse-CDF draw's levels (warp, thread tile, lane share, column) at a width where every thread holds
+    several vectors: V = 2000 fp32 (500 vectors over 64 threads, two warps), the row max in the last tile, the mass
+    spread so every tile carries some; NaN padding."""
+    monkeypatch.setattr(ef_cuda, "SAMPLER", "cdf")
+    v, width, m, banned = 2000, 2048, 100_000, 1234
+    row = torch.full((width,), float("nan"))
+    row[:v] = torch.randn(v) * 0.25
+    row[v - 1] = row[:v].max() + 0.5
+    logits = row.to("cuda").expand(m, width).contiguous()
+    ids = torch.full((m,), banned, device="cuda")
+    if disallow:
+        sampled = ops.gumbel_sample(logits, temperature=temperature, disallow=ids, backend="cuda", vocab_size=v)
+    else:
+        sampled = ops.mlm_loss_and_sample(logits, ids, torch.ones(m, device="cuda"), temperature=temperature,
+                                          backend="cuda", vocab_size=v)[1]
+    counts = torch.bincount(sampled, minlength=width).double().cpu()
+    assert counts.sum() == m and counts[v:].sum() == 0
+    probs = torch.softmax(row[:v].double() / temperature, 0)
+    if disallow:
+        assert counts[banned] == 0
+        probs[banned] = 0
+        probs /= probs.sum()
+    keep = probs > 0
+    expected = probs[keep] * m
+    assert expected.min() >= 5
+    stat = ((counts[:v][keep] - expected) ** 2 / expected).sum().item()
+    assert stat < chi2_critical(int(keep.sum()) - 1), stat
 
 
 def test_samples_follow_torch_seed(ext):
@@ -447,8 +505,10 @@ def test_opcheck(ext):
     positions = torch.randint(0, 40, (2, 7), device="cuda")
     bce_logits = torch.randn(2, 40, device="cuda", requires_grad=True)
     cases = [
-        (ef_cuda._mlm_op, (logits, ids, w, seed, 0.8, True)),
-        (ef_cuda._gumbel_op, (logits.detach(), seed, 1.0, ids)),
+        (ef_cuda._mlm_op, (logits, ids, w, seed, 0.8, True, "cdf", v)),
+        (ef_cuda._mlm_op, (logits, ids.clamp(max=v - 45), w, seed, 1.0, False, "gumbel", v - 44)),
+        (ef_cuda._gumbel_op, (logits.detach(), seed, 1.0, ids, "gumbel", v)),
+        (ef_cuda._gumbel_op, (logits.detach(), seed, 0.5, None, "cdf", v - 44)),
         (ef_cuda._gather_op, (hidden, positions)),
         (ef_cuda._scatter_add_op, (torch.randn(2, 7, 16, device="cuda"), positions, 40)),
         (ef_cuda._replace_op, (torch.randint(0, v, (2, 40), device="cuda"), positions, torch.ones(2, 7, device="cuda"),

@@ -1,5 +1,6 @@
-"""The training step on a GPU: bf16 autocast, and a whole step (forward, backward, AdamW) captured in a CUDA graph
-that draws fresh masks and samples on every replay. Skipped without CUDA."""
+"""The training step on a GPU: bf16 autocast, and a whole step (`TrainStep`: forward, backward, clip, skip, AdamW)
+captured in CUDA graphs that draw fresh masks and samples on every replay, follow the seeds of the eager step and
+skip non-finite steps. Skipped without CUDA."""
 import math
 
 import pytest
@@ -13,7 +14,8 @@ V, B, L = 1000, 8, 64
 
 def make():
     return ElectraPretrainer.from_preset("tiny", vocab_size=V, mask_token_id=4, special_token_ids=range(5),
-                                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).cuda()
+                                         pad_token_id=0, hidden_dropout_prob=0.0,
+                                         attention_probs_dropout_prob=0.0).cuda()
 
 
 def batch():
@@ -39,21 +41,28 @@ def test_bf16_step_is_finite_and_close_to_fp32():
     torch.testing.assert_close(out.replaced_frac, ref.replaced_frac, rtol=0.2, atol=0.02)
 
 
+def graph_step(model, accum=1, dtype=None, **kwargs):
+    from electra_fast.cuda_graph import CUDAGraphStep
+    from electra_fast.step import TrainStep
+
+    opt = torch.optim.AdamW(param_groups(model, 0.01), lr=torch.tensor(1e-3, device="cuda"), eps=1e-6, fused=True,
+                            capturable=True)
+    step = TrainStep(model, opt, accum=accum, max_grad_norm=1.0, amp_dtype=dtype, **kwargs)
+    ids, mask = batch()
+    return step, CUDAGraphStep(step, {"input_ids": ids, "attention_mask": mask})
+
+
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_cuda_graph_step_draws_fresh_samples_and_trains(dtype):
-    from electra_fast.cuda_graph import CUDAGraphStep
-
     model = make()
-    opt = torch.optim.AdamW(param_groups(model), lr=torch.tensor(1e-3, device="cuda"), eps=1e-6, capturable=True)
-    ids, mask = batch()
     before = [p.detach().clone() for p in model.parameters()]
-    step = CUDAGraphStep(model, opt, ids, mask, max_grad_norm=1.0, dtype=dtype)
+    _, step = graph_step(model, dtype=dtype)
     # Construction warmed up and captured, but left the weights as they were.
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
-
+    ids, mask = batch()
     seen, losses = set(), []
     for i in range(40):
-        out = step(ids, mask)
+        out = step([{"input_ids": ids, "attention_mask": mask}])
         seen.add(round(out.replaced_frac.item(), 6))
         losses.append(out.loss.item())
         if i == 0:
@@ -62,17 +71,54 @@ def test_cuda_graph_step_draws_fresh_samples_and_trains(dtype):
     assert len(seen) > 5, seen
     assert all(math.isfinite(x) for x in losses), losses
     assert sum(losses[-10:]) < sum(losses[:10]), losses  # and it trains
+    assert step.read_metrics()["skipped_steps"] == 0
 
     with pytest.raises(ValueError, match="input_ids must have the captured shape"):
-        step(ids[:, :-1], mask[:, :-1])
-    with pytest.raises(ValueError, match="attention_mask must be given"):
-        step(ids)
+        step([{"input_ids": ids[:, :-1], "attention_mask": mask[:, :-1]}])
+    with pytest.raises(ValueError, match="captured inputs"):
+        step([{"input_ids": ids}])
+
+
+def test_cuda_graph_accumulation_replays_equal_the_eager_step():
+    """Seeded micro-step replays draw what the eager step draws: same weights after 3 steps of accum=2."""
+    from electra_fast.step import TrainStep, warmup_linear_decay
+
+    model, ref = make(), make()
+    ref.load_state_dict(model.state_dict())
+    _, step = graph_step(model, accum=2, lr_schedule=warmup_linear_decay(10, 2))
+    ref_opt = torch.optim.AdamW(param_groups(ref, 0.01), lr=torch.tensor(1e-3, device="cuda"), eps=1e-6, fused=True)
+    eager = TrainStep(ref, ref_opt, accum=2, max_grad_norm=1.0, lr_schedule=warmup_linear_decay(10, 2))
+    for s in range(3):
+        mbs = [dict(zip(("input_ids", "attention_mask"), batch())) for _ in range(2)]
+        step(mbs, seeds=[10 * s, 10 * s + 1])
+        eager(mbs, seeds=[10 * s, 10 * s + 1])
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_graph_skips_a_non_finite_step():
+    model = make()
+    step, graph = graph_step(model)
+    ids, mask = batch()
+    graph([{"input_ids": ids, "attention_mask": mask}])
+    before = [p.detach().clone() for p in model.parameters()]
+    # A NaN weight makes the loss and gradients NaN: the captured step must leave every weight as it was.
+    with torch.no_grad():
+        model.discriminator.embeddings.word_embeddings.weight[7].fill_(float("nan"))
+        before[[id(p) for p in model.parameters()].index(id(model.discriminator.embeddings.word_embeddings.weight))
+               ][7].fill_(float("nan"))
+    ids[:, 3] = 7
+    graph([{"input_ids": ids, "attention_mask": mask}])
+    assert all(torch.equal(a.nan_to_num(), p.nan_to_num()) for a, p in zip(before, model.parameters()))
+    assert graph.read_metrics()["skipped_steps"] == 1
 
 
 def test_cuda_graph_step_requires_capturable_optimizer():
     from electra_fast.cuda_graph import CUDAGraphStep
+    from electra_fast.step import TrainStep
 
     model = make()
     ids, mask = batch()
+    opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3, device="cuda"), fused=True)
     with pytest.raises(ValueError, match="capturable=True"):
-        CUDAGraphStep(model, torch.optim.AdamW(model.parameters(), lr=1e-3), ids, mask)
+        CUDAGraphStep(TrainStep(model, opt), {"input_ids": ids, "attention_mask": mask})

@@ -1,8 +1,10 @@
 """Data pipeline: packing against the reference algorithm, shards on disk, crash safety, rank-split batches,
 tokenizers against transformers' BERT tokenizer."""
-import json
 import os
 import random
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,9 +13,9 @@ import torch
 pytest.importorskip("tokenizers")
 
 from electra_fast.data import (BatchPlan, ExampleBuilder, LineReader, PretrainingData, builtin_lines,  # noqa: E402
-                               load_tokenizer, prepare, prepare_text, read_index, save_tokenizer, special_ids,
-                               train_tokenizer)
-from electra_fast.errors import InputError  # noqa: E402
+                               load_tokenizer, open_training_data, prepare, prepare_text, read_index, save_tokenizer,
+                               special_ids, train_tokenizer)
+from electra_fast.errors import InputError, lock_directory  # noqa: E402
 
 CLS, SEP = 2, 3
 
@@ -199,47 +201,97 @@ class Crash(Exception):
     pass
 
 
+def temp_dirs(out):
+    return [n for n in os.listdir(out) if n.startswith(".prepare-")]
+
+
 def crashing_lines(lines, after, out_dir, seen):
     for i, line in enumerate(lines):
         if i == after:
-            # Streaming: shards are already on disk before the input is used up.
-            seen.append(json.load(open(os.path.join(out_dir, "index.partial.json")))["num_examples"])
+            # Streaming: shards are already on disk (in the preparation's own directory) before the input is used up.
+            (tmp,) = temp_dirs(out_dir)
+            seen.append(len([n for n in os.listdir(os.path.join(out_dir, tmp)) if n.endswith("-ids.npy")]))
             raise Crash
         yield line
 
 
-def test_interrupted_prepare_keeps_existing_dataset_and_finished_shards(tok, tmp_path):
+LINES = [l for d in docs_from(SENTENCES) for l in d + [""]]  # > 2048: one tokenizer batch is done at 2500
+
+KILLED_PREPARE = """
+import os, signal, sys
+from electra_fast.data import load_tokenizer, prepare
+lines = open(sys.argv[1], encoding="utf-8").read().split("\\n")
+def dying():
+    for i, line in enumerate(lines):
+        if i == 2500:
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield line
+prepare(dying(), sys.argv[2], load_tokenizer(sys.argv[3]), seq_len=32, shard_size=5, overwrite=True)
+"""
+
+
+def killed_prepare(tok, out, tmp_path):
+    """Run a preparation into `out` in another process and SIGKILL it halfway (shards written, input left)."""
+    (tmp_path / "lines.txt").write_text("\n".join(LINES), encoding="utf-8")
+    save_tokenizer(tok, str(tmp_path / "tok"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", KILLED_PREPARE, str(tmp_path / "lines.txt"), out,
+                           str(tmp_path / "tok")], env={**os.environ, "PYTHONPATH": root}, capture_output=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    (tmp,) = temp_dirs(out)
+    assert any(n.endswith("-ids.npy") for n in os.listdir(os.path.join(out, tmp)))  # it was killed mid-way
+
+
+def test_interrupted_prepare_keeps_existing_dataset(tok, tmp_path):
     out = str(tmp_path / "data")
-    lines = [l for d in docs_from(SENTENCES) for l in d + [""]]  # > 2048: one tokenizer batch is done at 2500
-    first = prepare(iter(lines[:300]), out, tok, seq_len=32, shard_size=5)
+    first = prepare(iter(LINES[:300]), out, tok, seq_len=32, shard_size=5)
     with pytest.raises(InputError, match="--overwrite"):
-        prepare(iter(lines), out, tok, seq_len=32)
+        prepare(iter(LINES), out, tok, seq_len=32)
     seen = []
     with pytest.raises(Crash):
-        prepare(crashing_lines(lines, 2500, out, seen), out, tok, seq_len=32, shard_size=5, overwrite=True)
-    assert seen and seen[0] >= 5
-    # The old dataset is still the one in use and intact; the crashed run's shards are on disk, listed.
+        prepare(crashing_lines(LINES, 2500, out, seen), out, tok, seq_len=32, shard_size=5, overwrite=True)
+    assert seen and seen[0] >= 1
+    assert not temp_dirs(out)  # an error cleans up after itself
+    killed_prepare(tok, out, tmp_path)
+    # The old dataset is still the one in use, and intact, after an exception and after a SIGKILL.
     assert read_index(out)["num_examples"] == first["num_examples"]
     assert len(PretrainingData(out)) == first["num_examples"]
-    partial = json.load(open(os.path.join(out, "index.partial.json")))
-    for s in partial["shards"]:
-        assert np.load(os.path.join(out, s["name"] + "-ids.npy")).shape == (s["num_examples"], 32)
-    # A finished overwrite switches to the new data and removes the older files.
-    new = prepare(iter(lines), out, tok, seq_len=32, shard_size=500, overwrite=True)
+    # A finished overwrite switches to the new data and removes the older files and the killed run's leftovers.
+    new = prepare(iter(LINES), out, tok, seq_len=32, shard_size=500, overwrite=True)
     assert read_index(out)["num_examples"] == new["num_examples"] > first["num_examples"]
-    shard_files = sorted(f for f in os.listdir(out) if f.startswith("shard-"))
-    assert len(shard_files) == 2 * len(new["shards"])
-    assert not os.path.exists(os.path.join(out, "index.partial.json"))
+    (shards,) = [n for n in os.listdir(out) if n.startswith("shards-")]
+    assert sorted(n for n in os.listdir(os.path.join(out, shards)) if n.endswith(".npy")) == sorted(
+        f"shard-{k:05d}-{part}.npy" for k in range(len(new["shards"])) for part in ("ids", "len"))
+    assert not temp_dirs(out)
+    assert len(PretrainingData(out)) == new["num_examples"]
 
 
-def test_unfinished_or_missing_dataset_errors(tok, tmp_path):
+def test_killed_prepare_is_not_a_dataset(tok, tmp_path):
+    out = str(tmp_path / "data")
     with pytest.raises(InputError, match="not a prepared dataset"):
         read_index(str(tmp_path))
-    with pytest.raises(Crash):
-        prepare(crashing_lines([l for d in docs_from(SENTENCES) for l in d + [""]], 2500, str(tmp_path), []),
-                str(tmp_path), tok, seq_len=32, shard_size=5)
-    with pytest.raises(InputError, match="unfinished"):
-        PretrainingData(str(tmp_path))
+    killed_prepare(tok, out, tmp_path)
+    assert not os.path.exists(os.path.join(out, "index.json"))
+    with pytest.raises(InputError, match="unfinished preparation"):
+        PretrainingData(out)
+    # `pretrain --data <dir>` neither trains on the leftovers nor reads the shards as text.
+    with pytest.raises(InputError, match="unfinished preparation"):
+        open_training_data([out], str(tmp_path / "cache"), seq_len=32, progress=False)
+    index = prepare(iter(LINES[:400]), out, tok, seq_len=32)
+    assert not temp_dirs(out) and len(PretrainingData(out)) == index["num_examples"]
+
+
+def test_concurrent_prepare_fails_at_once(tok, tmp_path):
+    out = str(tmp_path / "data")
+    held = lock_directory(out, "output", "another preparation")  # as a preparation in another process holds it
+    try:
+        with pytest.raises(InputError, match=r"output .* is in use by another preparation \(pid \d+\): wait for it"):
+            prepare(iter(LINES[:300]), out, tok, seq_len=32)
+    finally:
+        held.close()
+    assert os.listdir(out) == [".electra-fast.lock"]  # the refused preparation wrote nothing
+    prepare(iter(LINES[:300]), out, tok, seq_len=32)  # free again once the holder is gone
 
 
 def test_empty_and_missing_inputs(tok, tmp_path):

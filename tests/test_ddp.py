@@ -27,9 +27,9 @@ import electra_fast.data.loader as loader
 from electra_fast.train import TrainConfig, train
 
 seen, gather = [], loader.PretrainingData.gather
-def recording_gather(self, indices):
+def recording_gather(self, indices, **kw):
     seen.append([int(i) for i in indices])
-    return gather(self, indices)
+    return gather(self, indices, **kw)
 loader.PretrainingData.gather = recording_gather
 
 from electra_fast.checkpoint import load_checkpoint

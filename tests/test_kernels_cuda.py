@@ -1,6 +1,7 @@
 """The Triton kernels on a GPU at ELECTRA sizes (V = 30522, thousands of rows, bf16), against the PyTorch
 reference, plus CUDA-graph capture: each replay draws fresh samples, and `torch.manual_seed` replays the same
-sequence. Skipped without CUDA (the interpreter tests in test_kernels_triton.py cover the logic on the CPU)."""
+sequence. The full-vocabulary sampling test runs the CUDA C++ backend too (both samplers, plain and padded
+vocabulary). Skipped without CUDA (the interpreter tests in test_kernels_triton.py cover the logic on the CPU)."""
 import importlib
 import math
 
@@ -41,25 +42,40 @@ def test_mlm_loss_and_sample_real_sizes(poison, dtype, m, temperature, disallow)
     torch.testing.assert_close(grad, ref_grad, **TOL[dtype])
 
 
+def _use_sampler(monkeypatch, backend, sampler):
+    """Select the sampler of a backend, as ELECTRA_FAST_SAMPLER does at import."""
+    if backend == "cuda":
+        ef_cuda = importlib.import_module("electra_fast.cuda")
+        if not ef_cuda.is_available():
+            pytest.skip(f"CUDA backend unavailable: {ef_cuda.unavailable_reason()}")
+        monkeypatch.setattr(ef_cuda, "SAMPLER", sampler)
+    else:
+        monkeypatch.setattr(MLS, "SAMPLER", sampler)
+
+
+@pytest.mark.parametrize("width", [V, 30592])  # as is, and padded to a multiple of 128 (garbage in the padding)
 @pytest.mark.parametrize("sampler", MLS.SAMPLERS)
 @pytest.mark.parametrize("op", ["mlm", "gumbel"])
-def test_sampling_distribution_at_full_vocabulary(monkeypatch, sampler, op):
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_sampling_distribution_at_full_vocabulary(monkeypatch, backend, sampler, op, width):
     """Mass on 24 ids spread over all tiles (the largest in the last tile), the rest of the vocabulary at a
     low logit and pooled into one bucket; bf16 logits, T = 0.9."""
-    monkeypatch.setattr(MLS, "SAMPLER", sampler)
+    _use_sampler(monkeypatch, backend, sampler)
     draws, temperature = 40000, 0.9
     gen = torch.Generator("cuda").manual_seed(31)
-    row = torch.full((V,), -8.0, device="cuda")
+    row = torch.full((width,), 30.0, device="cuda")  # the padding would win every draw if it leaked
+    row[:V] = -8.0
     hot = torch.linspace(0, V - 1, 24, device="cuda").long()
     row[hot] = torch.linspace(-1.0, 2.0, 24, device="cuda")
-    logits = row.to(torch.bfloat16).expand(draws, V).contiguous()
+    logits = row.to(torch.bfloat16).expand(draws, width).contiguous()
     if op == "mlm":
         ids = ops.mlm_loss_and_sample(logits, torch.zeros(draws, dtype=torch.long, device="cuda"),
                                       torch.ones(draws, device="cuda"), temperature=temperature, generator=gen,
-                                      backend="triton")[1]
+                                      backend=backend, vocab_size=V)[1]
     else:
-        ids = ops.gumbel_sample(logits, temperature=temperature, generator=gen, backend="triton")
-    probs = torch.softmax(logits[0].double() / temperature, 0)
+        ids = ops.gumbel_sample(logits, temperature=temperature, generator=gen, backend=backend, vocab_size=V)
+    assert ((ids >= 0) & (ids < V)).all()
+    probs = torch.softmax(logits[0, :V].double() / temperature, 0)
     counts = torch.bincount(ids, minlength=V).double()
     is_hot = torch.zeros(V, dtype=torch.bool, device="cuda")
     is_hot[hot] = True

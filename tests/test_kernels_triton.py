@@ -113,6 +113,46 @@ def test_mlm_sampler_choice_keeps_loss_and_disallow(monkeypatch, sampler):
         ops.mlm_loss_and_sample(logits, targets, weights, backend="triton")
 
 
+def padded(real, width, value=1e4):
+    """`real` [M, V] widened to [M, width] with `value` in the padded columns: a leak of the padding shows."""
+    pad = torch.full((real.shape[0], width - real.shape[1]), value, device=real.device, dtype=real.dtype)
+    return torch.cat([real, pad], 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("temperature, disallow", [(1.0, False), (0.7, True)])
+@pytest.mark.parametrize("v, width", [(37, 48), (21, 43)])  # W a multiple of 16 (the model's case), and not
+def test_mlm_padded_vocabulary_matches_reference(poison, dtype, temperature, disallow, v, width):
+    m = 7
+    logits = padded(rand(m, v, dtype=dtype, scale=3), width).requires_grad_()
+    targets = torch.randint(0, v, (m,), device=DEVICE)
+    weights = torch.rand(m, device=DEVICE)
+    kw = dict(temperature=temperature, disallow_correct=disallow, vocab_size=v)
+    loss, sampled, correct = ops.mlm_loss_and_sample(logits, targets, weights, backend="triton", **kw)
+    ref_loss, _, ref_correct = ops.mlm_loss_and_sample(logits, targets, weights, backend="torch", **kw)
+    torch.testing.assert_close(loss, ref_loss, **TOL[torch.float32])
+    assert torch.equal(correct, ref_correct) and ((sampled >= 0) & (sampled < v)).all()
+    if disallow:
+        assert not (sampled == targets).any()
+    (grad,) = torch.autograd.grad(loss, logits, torch.tensor(1.5, device=DEVICE))
+    (ref_grad,) = torch.autograd.grad(ref_loss, logits, torch.tensor(1.5, device=DEVICE))
+    torch.testing.assert_close(grad[:, :v], ref_grad[:, :v], **TOL[dtype])
+    assert torch.equal(grad[:, v:], torch.zeros_like(grad[:, v:]))  # written (poisoned buffer), exactly 0
+
+
+def test_launch_sampler_row_offset_draws_the_whole_matrix_samples():
+    m, v, width, seed = 9, 13, 32, torch.tensor([21], device=DEVICE)
+    logits = padded(rand(m, v), width)
+    targets = torch.randint(0, v, (m,), device=DEVICE)
+    for sampler in MLS.SAMPLERS:
+        whole = MLS.launch_sampler(logits, seed, 1.0, targets, sampler, v)
+        chunks = [MLS.launch_sampler(logits[r0:r0 + 4], seed, 1.0, targets[r0:r0 + 4], sampler, v, row_offset=r0)
+                  for r0 in range(0, m, 4)]
+        assert torch.equal(torch.cat(chunks), whole)
+        shifted = MLS.launch_sampler(logits[4:8], seed, 1.0, targets[4:8], sampler, v)
+        assert not torch.equal(shifted, whole[4:8])  # without the offset, rows 4..7 draw rows 0..3's numbers
+
+
 # ---------------------------------------------------------------- sampling distribution
 
 # V = 10: a tile of 8 and a partial one; the maximum sits in the last tile, so the first tile's mass must be
@@ -120,24 +160,25 @@ def test_mlm_sampler_choice_keeps_loss_and_disallow(monkeypatch, sampler):
 BASE = torch.tensor([0.3, -0.4, 0.1, 0.2, -0.5, 0.0, 0.4, -0.2, 0.0, 2.2])
 
 
-@pytest.mark.parametrize("op, sampler, temperature, disallow", [
-    ("mlm", "cdf", 1.0, False),      # the default path: tile masses shared with the loss
-    ("gumbel", "cdf", 0.8, True),    # own running max for the scaled scores, a disallowed id
-    ("mlm", "gumbel", 1.7, False),   # Gumbel-max with randint4x noise
+@pytest.mark.parametrize("op, sampler, temperature, disallow, width", [
+    ("mlm", "cdf", 1.0, False, 10),     # the default path: tile masses shared with the loss
+    ("gumbel", "cdf", 0.8, True, 19),   # own running max for the scaled scores, a disallowed id, padding (+1e4)
+    ("mlm", "gumbel", 1.7, False, 16),  # Gumbel-max with randint4x noise, padding to a multiple of 16
 ])
-def test_sampling_distribution_is_softmax(monkeypatch, op, sampler, temperature, disallow):
+def test_sampling_distribution_is_softmax(monkeypatch, op, sampler, temperature, disallow, width):
     monkeypatch.setattr(MLS, "SAMPLER", sampler)
     draws, v = 500, BASE.numel()
-    logits = BASE.to(DEVICE).expand(draws, v).to(torch.float16)  # fp16 logits: sampling still in fp32
+    # fp16 logits (sampling still in fp32); columns >= v hold +1e4 and must never be drawn.
+    logits = padded(BASE.to(DEVICE).expand(draws, v), width).to(torch.float16)
     banned = torch.full((draws,), 3, device=DEVICE)
     gen = torch.Generator(DEVICE).manual_seed(2024)
     if op == "mlm":
         ids = ops.mlm_loss_and_sample(logits, banned, torch.ones(draws, device=DEVICE), temperature=temperature,
-                                      disallow_correct=disallow, generator=gen, backend="triton")[1]
+                                      disallow_correct=disallow, generator=gen, backend="triton", vocab_size=v)[1]
     else:
         ids = ops.gumbel_sample(logits, temperature=temperature, disallow=banned if disallow else None,
-                                generator=gen, backend="triton")
-    probs = torch.softmax(logits[0].double().cpu() / temperature, 0)
+                                generator=gen, backend="triton", vocab_size=v)
+    probs = torch.softmax(logits[0, :v].double().cpu() / temperature, 0)
     if disallow:
         probs[3] = 0
         probs /= probs.sum()
@@ -282,13 +323,14 @@ def test_opcheck_triton_custom_ops():
     targets, seed = torch.randint(0, v, (m,), device=DEVICE), torch.tensor([7], device=DEVICE)
     pos = torch.randint(0, seq_len, (b, n), device=DEVICE)
     cases = [
-        (MLS._mlm_op, (logits, targets, torch.rand(m, device=DEVICE), seed, 0.8, True, "cdf")),
-        (MLS._mlm_op, (logits, targets, torch.rand(m, device=DEVICE), seed, 1.0, False, "gumbel")),
-        (MLS._mlm_backward_op, (torch.tensor(1.5, device=DEVICE), logits.detach(), targets,
-                                torch.rand(m, device=DEVICE), rand(m), torch.tensor(0.3, device=DEVICE))),
+        (MLS._mlm_op, (logits, targets, torch.rand(m, device=DEVICE), seed, 0.8, True, "cdf", v)),
+        (MLS._mlm_op, (logits, targets.clamp(max=v - 4), torch.rand(m, device=DEVICE), seed, 1.0, False, "gumbel",
+                       v - 3)),
+        (MLS._mlm_backward_op, (torch.tensor(1.5, device=DEVICE), logits.detach(), targets.clamp(max=v - 3),
+                                torch.rand(m, device=DEVICE), rand(m), torch.tensor(0.3, device=DEVICE), v - 2)),
         (K["gumbel_sample"]._gumbel_sample_op, (logits.detach(), seed, 1.3,
-                                                torch.randint(-1, v, (m,), device=DEVICE), "cdf")),
-        (K["gumbel_sample"]._gumbel_sample_op, (logits.detach(), seed, 1.0, None, "gumbel")),
+                                                torch.randint(-1, v, (m,), device=DEVICE), "cdf", v - 1)),
+        (K["gumbel_sample"]._gumbel_sample_op, (logits.detach(), seed, 1.0, None, "gumbel", v)),
         (K["masked_gather"]._gather_op, (rand(b, seq_len, h).requires_grad_(), pos)),
         (K["masked_gather"]._scatter_add_op, (rand(b, n, h), pos, seq_len)),
         (K["replace_tokens"]._replace_tokens_op, (torch.randint(0, 9, (b, seq_len), device=DEVICE), pos,
@@ -322,7 +364,7 @@ def test_kernels_compile_fullgraph_and_match_eager():
         slots = kernels.masked_gather(hidden, pos)
         logits = slots.flatten(0, 1) @ emb.T
         mlm, sampled, correct = kernels.mlm_loss_and_sample(logits, ids.gather(1, pos).flatten(), w.flatten(),
-                                                            seed, 1.0, False)
+                                                            seed, 1.0, False, v)
         disc_ids, labels = kernels.replace_tokens(ids, pos, w, sampled.view(b, n))
         disc_hidden = torch.tanh(emb[disc_ids])
         disc, acc = kernels.rtd_head_loss(disc_hidden, head_w, head_b, labels, torch.ones_like(ids))

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from electra_fast.model import PRESETS, Discriminator, ElectraEmbeddings, ElectraModelConfig, Generator, \
     num_parameters, preset_configs
 from electra_fast.pretrainer import ElectraPretrainer
+from helpers import chi2_critical
 
 
 def tiny_config(**changes):
@@ -53,6 +54,8 @@ def test_preset_overrides_and_errors():
     (dict(num_hidden_layers=1.5), "num_hidden_layers"),
     (dict(pad_token_id=97), "pad_token_id"),
     (dict(hidden_dropout_prob=1.0), "hidden_dropout_prob"),
+    (dict(pad_vocab_multiple=0), "pad_vocab_multiple"),
+    (dict(initializer="xavier"), "initializer must be one of \\('reference', 'normal'\\), got 'xavier'"),
 ])
 def test_config_rejects_bad_values(changes, match):
     with pytest.raises(ValueError, match=match):
@@ -60,7 +63,8 @@ def test_config_rejects_bad_values(changes, match):
 
 
 def test_shared_embeddings_and_projection():
-    model = ElectraPretrainer.from_preset("tiny", vocab_size=300, mask_token_id=4, special_token_ids=(0, 1, 2, 3, 4))
+    model = ElectraPretrainer.from_preset("tiny", vocab_size=300, mask_token_id=4, special_token_ids=(0, 1, 2, 3, 4),
+                                          pad_token_id=0)
     gen, disc = model.generator, model.discriminator
     assert gen.embeddings is disc.embeddings
     # tiny: E=32, generator H=32 (no projection), discriminator H=64 (projection E -> H)
@@ -71,17 +75,92 @@ def test_shared_embeddings_and_projection():
         Generator(tiny_config(vocab_size=300, embedding_size=16), emb)
 
 
-def test_init_statistics():
+def normal_cdf(x):
+    return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+
+def std_tolerance(n, kurtosis):
+    """6 standard errors of a sample std, relative: sqrt((kurtosis - 1) / 4n) each."""
+    return 6 * math.sqrt((kurtosis - 1) / (4 * n))
+
+
+def assert_truncated_normal(w, std):
+    """tf.truncated_normal_initializer(stddev=std): N(0, std) redrawn outside +-2 std. Bounds, the truncated
+    distribution's std (std * 0.8796) and a chi-square test of 20 equal bins against its CDF."""
+    w = w.detach().flatten().double()
+    assert w.abs().max() <= 2 * std
+    mass = normal_cdf(2) - normal_cdf(-2)
+    want_std = std * math.sqrt(1 - 4 * math.exp(-2) / math.sqrt(2 * math.pi) / mass)
+    assert abs(want_std / std - 0.8796) < 1e-4
+    assert abs(w.std().item() / want_std - 1) < std_tolerance(w.numel(), 2.37), (w.std().item(), want_std)
+    edges = torch.linspace(-2, 2, 21, dtype=torch.float64)
+    counts = torch.histc(w / std, bins=20, min=-2, max=2)
+    expected = torch.tensor([normal_cdf(b) - normal_cdf(a) for a, b in zip(edges[:-1].tolist(), edges[1:].tolist())],
+                            dtype=torch.float64) / mass * w.numel()
+    assert ((counts - expected) ** 2 / expected).sum() < chi2_critical(19)
+
+
+def assert_glorot_uniform(w, large: bool):
+    """U(-a, a), a = sqrt(6 / (fan_in + fan_out)): bounds, std a / sqrt(3), and a large matrix reaches the bound."""
+    fan_out, fan_in = w.shape
+    bound = math.sqrt(6 / (fan_in + fan_out))
+    assert w.abs().max() <= bound
+    assert abs(w.std().item() / (bound / math.sqrt(3)) - 1) < std_tolerance(w.numel(), 1.8), (w.std().item(), bound)
+    if large:
+        assert w.abs().max() > 0.99 * bound
+
+
+def init_models(initializer):
+    cfg = tiny_config(vocab_size=4000, embedding_size=64, hidden_size=512, num_attention_heads=8, num_hidden_layers=1,
+                      intermediate_size=64, pad_token_id=5, initializer=initializer)
+    disc = Discriminator(cfg, gdes=True)
+    return disc, Generator(cfg.replace(hidden_size=128, num_attention_heads=2), disc.embeddings)
+
+
+def assert_fixed_parts(disc, gen):
+    """What both initializers share: zero biases and pad row, LayerNorm 1/0, zero GDES deltas."""
+    assert torch.all(disc.embeddings.word.weight[5] == 0) and torch.all(disc.embeddings.word.weight[4000:] == 0)
+    for model in (disc, gen):
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and "norm" not in name:
+                assert torch.all(p == 0), name
+            if "norm" in name and not name.startswith("embeddings_delta"):
+                assert torch.all(p == (1 if name.endswith("weight") else 0)), name
+    assert all(torch.all(p == 0) for p in disc.embeddings_delta.parameters())
+
+
+def test_reference_init_is_truncated_normal_and_glorot_where_the_reference_is():
     torch.manual_seed(0)
-    cfg = tiny_config(vocab_size=2000, hidden_size=64, pad_token_id=5)
-    disc = Discriminator(cfg)
-    w = disc.embeddings.word.weight
-    assert torch.all(w[5] == 0)
-    assert abs(w.std().item() - 0.02) < 0.002 and abs(disc.layers[0].qkv.weight.std().item() - 0.02) < 0.002
-    assert torch.all(disc.layers[0].qkv.bias == 0) and torch.all(disc.layers[1].ffn_norm.weight == 1)
-    # A generator built around existing embeddings must not re-initialise them.
-    before = w.detach().clone()
-    Generator(cfg.replace(hidden_size=32), disc.embeddings)
+    assert tiny_config().initializer == "reference"  # the default
+    disc, gen = init_models("reference")
+    std = 0.02
+    word = disc.embeddings.word.weight[:4000]
+    assert_truncated_normal(torch.cat([word[:5], word[6:]]), std)  # the pad row (5) is zero
+    for w in (disc.layers[0].qkv.weight, disc.layers[0].ffn_in.weight, disc.head.dense.weight,
+              gen.layers[0].attn_out.weight, gen.head.dense.weight):
+        assert_truncated_normal(w, std)
+    for w in (disc.embeddings.position.weight, disc.embeddings.token_type.weight):  # too few for statistics
+        assert w.abs().max() <= 2 * std and w.std() > 0.5 * std
+    # tf.layers.dense without a kernel initializer: the discriminator's dense(H -> 1) and each embeddings_project.
+    assert_glorot_uniform(disc.head.out.weight, large=False)
+    assert_glorot_uniform(disc.embeddings_project.weight, large=True)
+    assert_glorot_uniform(gen.embeddings_project.weight, large=True)
+    assert_fixed_parts(disc, gen)
+
+
+def test_normal_init_is_transformers():
+    torch.manual_seed(0)
+    disc, gen = init_models("normal")
+    for w in (disc.embeddings.word.weight[6:4000], disc.layers[0].qkv.weight, disc.embeddings_project.weight):
+        assert abs(w.std().item() / 0.02 - 1) < std_tolerance(w.numel(), 3) and w.abs().max() > 3 * 0.02
+    assert disc.head.out.weight.abs().max() < 0.1  # std 0.02, far inside the Glorot bound 0.108
+    assert_fixed_parts(disc, gen)
+
+
+def test_shared_embeddings_are_not_reinitialised():
+    disc = Discriminator(tiny_config())
+    before = disc.embeddings.word.weight.detach().clone()
+    Generator(tiny_config(hidden_size=16, num_attention_heads=2), disc.embeddings)
     assert torch.equal(disc.embeddings.word.weight, before)
 
 
@@ -140,9 +219,10 @@ def test_generator_logits_at_positions_equal_full_logits_gathered():
     at = gen(ids, positions=positions)
     want = torch.stack([full[b, positions[b]] for b in range(3)])
     torch.testing.assert_close(at, want, rtol=1e-6, atol=1e-6)
-    # The head is tied to the shared word embeddings.
+    # The head is tied to the shared word embeddings; forward leaves out the padded vocabulary columns.
     h = gen.head.norm(F.gelu(gen.head.dense(gen.encode(ids))))
-    torch.testing.assert_close(full, h @ gen.embeddings.word.weight.T + gen.head.bias, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(full, (h @ gen.embeddings.word.weight.T + gen.head.bias)[..., :97], rtol=1e-6,
+                               atol=1e-6)
 
 
 def test_token_type_ids_are_used():
@@ -153,20 +233,36 @@ def test_token_type_ids_are_used():
     assert not torch.allclose(disc(ids), disc(ids, token_type_ids=torch.ones_like(ids)))
 
 
-def test_gdes_separates_the_gradients():
+def test_gdes_disentangles_every_shared_parameter():
     cfg = tiny_config()
-    shared = ElectraEmbeddings(cfg)
-    gen, disc = Generator(cfg.replace(hidden_size=16, num_attention_heads=2), shared), Discriminator(cfg, shared,
-                                                                                                      gdes=True)
-    ids = torch.randint(0, 97, (2, 10))
-    torch.testing.assert_close(disc.embed(ids, None), shared(ids))  # delta starts at zero
-    disc(ids).sum().backward()
-    assert shared.word.weight.grad is None and disc.word_delta.grad.abs().sum() > 0
-    assert shared.norm.weight.grad is not None  # only the word table is disentangled
-    gen.zero_grad()
-    disc.word_delta.grad = None
-    gen(ids).logsumexp(-1).sum().backward()
-    assert disc.word_delta.grad is None and shared.word.weight.grad.abs().sum() > 0
+    disc = Discriminator(cfg, gdes=True)
+    gen = Generator(cfg.replace(hidden_size=16, num_attention_heads=2), disc.embeddings)
+    assert disc.gdes and not Discriminator(cfg).gdes
+    delta, shared = disc.embeddings_delta, disc.embeddings
+    assert sorted(n for n, _ in delta.named_parameters()) == sorted(n for n, _ in shared.named_parameters())
+    ids, types = torch.randint(0, 97, (2, 10)), torch.randint(0, 2, (2, 10))
+    # The deltas start at zero: the discriminator reads exactly the generator's embeddings.
+    assert all(torch.all(p == 0) for p in delta.parameters())
+    torch.testing.assert_close(disc.embed(ids, types), gen.embed(ids, types), rtol=0, atol=0)
+    with torch.no_grad():
+        for p in delta.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    # It reads shared + delta for each of the five: the same as embeddings holding the sums, run without a delta.
+    summed = ElectraEmbeddings(cfg)
+    summed.load_state_dict({k: v + delta.state_dict()[k] for k, v in shared.state_dict().items()})
+    torch.testing.assert_close(disc.embed(ids, types), summed(ids, types), rtol=1e-6, atol=1e-6)
+
+    gen_params = dict(gen.named_parameters())
+    rtd = F.logsigmoid(disc(ids, token_type_ids=types)).sum()
+    grads = torch.autograd.grad(rtd, list(gen_params.values()) + list(delta.parameters()), allow_unused=True)
+    for name, g in zip(gen_params, grads):  # no parameter the generator uses hears the discriminator
+        assert g is None or torch.all(g == 0), name
+    for (name, _), g in zip(delta.named_parameters(), grads[len(gen_params):]):
+        assert g is not None and g.abs().sum() > 0, name
+    mlm = gen(ids, token_type_ids=types).logsumexp(-1).sum()
+    grads = torch.autograd.grad(mlm, list(delta.parameters()) + list(shared.parameters()), allow_unused=True)
+    assert all(g is None for g in grads[:5])  # the MLM loss never reaches the deltas ...
+    assert all(g.abs().sum() > 0 for g in grads[5:])  # ... and reaches every shared parameter
 
 
 def test_dropout_only_in_training():
@@ -185,3 +281,27 @@ def test_bf16_autocast_forward_stays_close():
         low = gen(ids)
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), ref, rtol=0.05, atol=0.05)
+
+
+def test_vocabulary_is_padded_inside_the_model():
+    for name in PRESETS:  # every preset pads to a multiple of 128; vocab_size stays the logical size
+        gen, disc = preset_configs(name)
+        assert (disc.vocab_size, disc.pad_vocab_multiple, disc.padded_vocab_size) == (30522, 128, 30592)
+        assert gen.padded_vocab_size == 30592
+    assert tiny_config(pad_vocab_multiple=1).padded_vocab_size == 97
+    assert tiny_config(vocab_size=256).padded_vocab_size == 256 and tiny_config(vocab_size=257).padded_vocab_size == 384
+    torch.manual_seed(0)
+    cfg = tiny_config(vocab_size=300)  # padded to 384
+    disc = Discriminator(cfg, gdes=True)
+    gen = Generator(cfg.replace(hidden_size=16, num_attention_heads=2), disc.embeddings)
+    for table in (disc.embeddings.word.weight, disc.embeddings_delta.word.weight, gen.head.bias):
+        assert table.shape[0] == 384 and torch.all(table[300:] == 0)
+    assert disc.embeddings.word.weight[:300].abs().sum() > 0
+    ids = torch.randint(0, 300, (2, 12))
+    logits = gen.lm_logits(gen.encode(ids))
+    assert logits.shape == (2, 12, 384) and logits.stride(-2) % 16 == 0  # 16-byte aligned rows in bf16 and fp32
+    full = gen(ids)
+    assert full.shape == (2, 12, 300)
+    torch.testing.assert_close(full, logits[..., :300], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="padded_vocab_size"):  # shared embeddings must have the same padding
+        Generator(cfg.replace(pad_vocab_multiple=1), disc.embeddings)

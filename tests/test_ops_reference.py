@@ -173,6 +173,36 @@ def test_mlm_disallow_correct_and_zero_weights():
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().max() == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_mlm_padded_vocabulary_is_never_read(dtype):
+    # Columns >= V hold +1e4: any leak into the loss, argmax, sampler or gradient shows.
+    m, v, width = 9, 21, 32
+    real = torch.randn(m, v, dtype=torch.float64) * 3
+    logits = torch.cat([real, torch.full((m, width - v), 1e4, dtype=torch.float64)], 1).to(dtype).requires_grad_()
+    targets = torch.randint(0, v, (m,))
+    weights = torch.rand(m, dtype=torch.float64)
+    loss, sampled, correct = ops.mlm_loss_and_sample(logits, targets, weights, temperature=0.7, vocab_size=v,
+                                                     generator=torch.Generator().manual_seed(3))
+    ref_loss, ref_correct = naive_mlm(logits[:, :v].detach().double(), targets, weights)
+    assert abs(loss.item() - ref_loss) < 1e-6 * max(1, abs(ref_loss))
+    assert correct.tolist() == ref_correct
+    # The same draws as the unpadded logits: the uniforms are [M, V] and the padding takes none.
+    unpadded = ops.mlm_loss_and_sample(logits[:, :v].detach().contiguous(), targets, weights, temperature=0.7,
+                                       generator=torch.Generator().manual_seed(3))[1]
+    assert torch.equal(sampled, unpadded)
+    (grad,) = torch.autograd.grad(loss * 1.5, logits)
+    assert grad.dtype == dtype and torch.equal(grad[:, v:], torch.zeros_like(grad[:, v:]))
+    x = logits[:, :v].detach().double().requires_grad_()
+    ce = torch.nn.functional.cross_entropy(x, targets, reduction="none")
+    (expected,) = torch.autograd.grad((weights * ce).sum() / (weights.sum() + 1e-6) * 1.5, x)
+    torch.testing.assert_close(grad[:, :v].double(), expected, **({} if dtype == torch.float64 else
+                                                                   dict(rtol=1e-2, atol=1e-4)))
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(
+            lambda x: ops.mlm_loss_and_sample(x, targets, weights, vocab_size=v)[0],
+            (torch.cat([real, torch.randn(m, width - v, dtype=torch.float64)], 1).requires_grad_(),))
+
+
 # ---------------------------------------------------------------- gumbel_sample
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6, 2.5])
@@ -196,6 +226,17 @@ def test_gumbel_sample_disallow():
     p = torch.softmax(logits[0, [0, 2, 3, 4]].double(), 0) * (draws // 2)
     assert ((counts - p) ** 2 / p).sum() < chi2_critical(3)
     assert (ids[1::2] == 1).any()  # rows with a negative id disallow nothing
+
+
+def test_gumbel_sample_padded_vocabulary_is_never_drawn():
+    m, v, width = 200, 7, 16
+    real = torch.randn(m, v)
+    logits = torch.cat([real, torch.full((m, width - v), 1e4)], 1)
+    disallow = torch.randint(-1, v, (m,))
+    ids = ops.gumbel_sample(logits, temperature=1.3, disallow=disallow, vocab_size=v,
+                            generator=torch.Generator().manual_seed(5))
+    same = ops.gumbel_sample(real, temperature=1.3, disallow=disallow, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(ids, same) and (ids < v).all() and not (ids == disallow).any()
 
 
 # ---------------------------------------------------------------- replace_tokens
@@ -261,13 +302,16 @@ def test_opcheck_every_registered_op():
     logits = torch.randn(m, v, requires_grad=True)
     targets = torch.randint(0, v, (m,))
     cases = [
-        (_mask_tokens_op, (ids, am, torch.tensor(SPECIAL), torch.rand(b, seq_len), torch.rand(b, n), 0.3, MASK)),
+        (_mask_tokens_op, (ids, am, torch.tensor(SPECIAL), torch.rand(b, seq_len), torch.rand(b, n), 0.3, MASK, False)),
         (_masked_gather_op, (torch.randn(b, seq_len, h, requires_grad=True), pos)),
         (_masked_scatter_add_op, (torch.randn(b, n, h), pos, seq_len)),
-        (_mlm_op, (logits, targets, torch.rand(m), torch.rand(m, v), 0.8, True)),
-        (_mlm_backward_op, (torch.tensor(1.0), logits.detach(), targets, torch.rand(m), torch.randn(m))),
-        (_gumbel_sample_op, (logits.detach(), torch.rand(m, v), 1.3, torch.randint(-1, v, (m,)))),
-        (_gumbel_sample_op, (logits.detach(), torch.rand(m, v), 1.0, None)),
+        (_mlm_op, (logits, targets, torch.rand(m), torch.rand(m, v), 0.8, True, v)),
+        (_mlm_op, (logits, targets.clamp(max=v - 3), torch.rand(m), torch.rand(m, v - 2), 1.0, False, v - 2)),
+        (_mlm_backward_op, (torch.tensor(1.0), logits.detach(), targets, torch.rand(m), torch.randn(m), v)),
+        (_mlm_backward_op, (torch.tensor(1.0), logits.detach(), targets.clamp(max=v - 3), torch.rand(m),
+                            torch.randn(m), v - 2)),
+        (_gumbel_sample_op, (logits.detach(), torch.rand(m, v), 1.3, torch.randint(-1, v, (m,)), v)),
+        (_gumbel_sample_op, (logits.detach(), torch.rand(m, v - 4), 1.0, None, v - 4)),
         (_replace_tokens_op, (ids, pos, w, torch.randint(0, v, (b, n)))),
         (_rtd_bce_op, (torch.randn(b, seq_len, requires_grad=True), torch.rand(b, seq_len) > 0.5, am)),
     ]
@@ -310,6 +354,10 @@ def test_edge_cases_are_defined():
      TypeError, ["targets", "int64", "float32"]),
     (lambda: ops.mlm_loss_and_sample(torch.randn(4, 5), torch.zeros(4, dtype=torch.long), torch.ones(4),
                                      temperature=-1), ValueError, ["temperature", "-1"]),
+    (lambda: ops.mlm_loss_and_sample(torch.randn(4, 5), torch.zeros(4, dtype=torch.long), torch.ones(4),
+                                     vocab_size=6), ValueError, ["vocab_size", "[1, 5]", "6"]),
+    (lambda: ops.gumbel_sample(torch.randn(4, 5), vocab_size=0), ValueError, ["vocab_size", "[1, 5]", "0"]),
+    (lambda: ops.gumbel_sample(torch.randn(4, 5), vocab_size=3.0), ValueError, ["vocab_size", "int", "3.0"]),
     (lambda: ops.masked_gather(torch.randn(2, 5, 3), torch.zeros(3, 2, dtype=torch.long)),
      ValueError, ["positions", "batch size 2", "(3, 2)"]),
     (lambda: ops.masked_gather(torch.randn(2, 5), torch.zeros(2, 2, dtype=torch.long)),

@@ -7,9 +7,10 @@ import torch.nn.functional as F
 import electra_fast.pretrainer as pt
 from electra_fast.model import ElectraModelConfig
 from electra_fast.ops import mask_tokens
-from electra_fast.pretrainer import ElectraPretrainer, param_groups, rtd_step
+from electra_fast.pretrainer import ElectraPretrainer, embeddings_shared, param_groups, rtd_step
 
 V, L, MASK_ID, SPECIAL = 150, 32, 4, (0, 1, 2, 3, 4)
+IDS = dict(mask_token_id=MASK_ID, special_token_ids=SPECIAL, pad_token_id=0)
 COMMON = dict(vocab_size=V, embedding_size=16, num_hidden_layers=2, max_position_embeddings=48,
               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 GEN = dict(hidden_size=24, num_attention_heads=2, intermediate_size=40)
@@ -194,18 +195,17 @@ def test_mismatched_models_and_settings_are_refused():
     with pytest.raises(ValueError, match="mask_prob"):
         ElectraPretrainer(Generator(gen_cfg), disc, mask_token_id=4, special_token_ids=[0], mask_prob=1.5)
     with pytest.raises(TypeError, match="unknown ElectraModelConfig field"):
-        ElectraPretrainer.from_preset("tiny", vocab_size=V, mask_token_id=4, special_token_ids=SPECIAL, tempreature=2)
+        ElectraPretrainer.from_preset("tiny", vocab_size=V, **IDS, tempreature=2)
 
 
 def test_from_preset_options():
-    model = ElectraPretrainer.from_preset("large", vocab_size=V, mask_token_id=4, special_token_ids=SPECIAL,
+    model = ElectraPretrainer.from_preset("large", vocab_size=V, **IDS,
                                           num_hidden_layers=1, generator_hidden_size=64, temperature=0.5,
                                           max_position_embeddings=64)
     assert model.mask_prob == 0.25 and model.temperature == 0.5 and model.max_position_embeddings == 64
     assert model.vocab_size == V and model.generator.config.hidden_size == 64
     assert model.discriminator.config.num_hidden_layers == model.generator.config.num_hidden_layers == 1
-    assert ElectraPretrainer.from_preset("tiny", vocab_size=V, mask_token_id=4, special_token_ids=SPECIAL,
-                                         gdes=True).gdes
+    assert ElectraPretrainer.from_preset("tiny", vocab_size=V, **IDS, gdes=True).gdes
 
 
 def test_param_groups_split_decay():
@@ -241,3 +241,166 @@ def test_compiled_step_has_no_graph_break_and_matches_eager():
     for n, p in model.named_parameters():
         if n in grads:
             torch.testing.assert_close(p.grad, grads[n], rtol=1e-3, atol=1e-5, msg=n)
+
+
+# ------------------------------------------------------------------------------------------------- GDES
+@pytest.mark.parametrize("gdes", [False, True])
+def test_gdes_keeps_the_discriminator_loss_away_from_every_generator_parameter(gdes):
+    model = make(gdes=gdes)
+    gen_params = dict(model.generator.named_parameters())
+    assert {"embeddings.word.weight", "embeddings.position.weight", "embeddings.token_type.weight",
+            "embeddings.norm.weight", "embeddings.norm.bias"} <= set(gen_params)
+    ids, mask = batch()
+    out = model(ids, mask, torch.randint(0, 2, ids.shape))
+    grads = dict(zip(gen_params, torch.autograd.grad(out.disc_loss, list(gen_params.values()), retain_graph=True,
+                                                    allow_unused=True)))
+    reached = sorted(n for n, g in grads.items() if g is not None and g.abs().sum() > 0)
+    if not gdes:  # plain sharing: the RTD loss trains the shared embeddings, and nothing else of the generator
+        assert reached == sorted(n for n in gen_params if n.startswith("embeddings."))
+        return
+    assert reached == []  # all None or exactly zero
+    delta = dict(model.discriminator.embeddings_delta.named_parameters())
+    assert len(delta) == 5
+    for name, g in zip(delta, torch.autograd.grad(out.disc_loss, list(delta.values()), retain_graph=True)):
+        assert g.abs().sum() > 0, name  # the RTD loss trains the deltas instead
+    assert all(g is None for g in torch.autograd.grad(out.mlm_loss, list(delta.values()), allow_unused=True))
+
+
+# ---------------------------------------------------------------------------------- the padded vocabulary
+@pytest.mark.parametrize("gdes", [False, True])
+def test_padded_vocabulary_rows_get_exactly_zero_gradient_and_stay_zero(gdes):
+    model = make(gdes=gdes)
+    gen = model.generator
+    assert gen.config.padded_vocab_size == 256 and model.vocab_size == V
+    tables = {"word": gen.embeddings.word.weight, "bias": gen.head.bias}
+    if gdes:
+        tables["delta"] = model.discriminator.embeddings_delta.word.weight
+    ids, mask = batch()
+    ids[:, 1:4] = torch.tensor([V - 1, V - 2, 5])  # the last real rows of the tables are used too
+    opt = torch.optim.AdamW(param_groups(model, weight_decay=0.1), lr=1e-2)
+    for step in range(3):
+        opt.zero_grad(set_to_none=True)
+        torch.manual_seed(step)
+        model(ids, mask).loss.backward()
+        for name, t in tables.items():
+            assert torch.all(t.grad[V:] == 0), name
+            assert t.grad[:V].abs().sum() > 0, name
+        opt.step()
+    for name, t in tables.items():  # weight decay and Adam moved every real row, never a padded one
+        assert torch.all(t[V:] == 0) and t.shape[0] == 256, name
+
+
+def test_padded_logit_columns_never_reach_the_step():
+    model = make()
+    ids, mask = batch()
+    torch.manual_seed(0)
+    want = model(ids, mask)
+    with torch.no_grad():
+        model.generator.head.bias[V:] = 1e4  # would win every softmax, argmax and sample if they were read
+    torch.manual_seed(0)
+    got = model(ids, mask)
+    for name in ("loss", "mlm_loss", "disc_loss", "gen_accuracy", "replaced_frac"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=0, msg=name)
+
+
+# ------------------------------------------------------------------ drop-in models share their embeddings
+def hf_pair(**gen_changes):
+    """A transformers generator and discriminator built separately: each with its own random embeddings."""
+    transformers = pytest.importorskip("transformers")
+    gen = transformers.ElectraForMaskedLM(transformers.ElectraConfig(**COMMON, **GEN, **gen_changes))
+    disc = transformers.ElectraForPreTraining(transformers.ElectraConfig(**COMMON, **DISC))
+    return gen, disc
+
+
+def test_drop_in_transformers_pair_ends_up_sharing_embeddings():
+    gen, disc = hf_pair()
+    d = disc.electra.embeddings
+    assert not torch.equal(gen.electra.embeddings.word_embeddings.weight, d.word_embeddings.weight)
+    theirs = dict(d.named_parameters())
+    model = ElectraPretrainer(gen, disc, mask_token_id=MASK_ID, special_token_ids=SPECIAL)
+    ours = dict(gen.electra.embeddings.named_parameters())
+    assert sorted(ours) == sorted(theirs) and len(ours) == 5  # word, position, token type, LayerNorm weight/bias
+    for name, p in ours.items():
+        assert p is theirs[name] and p.data_ptr() == theirs[name].data_ptr(), name
+    assert gen.generator_lm_head.weight is d.word_embeddings.weight  # the LM head stays tied to the shared table
+    assert embeddings_shared(gen, disc)
+    n = len(list(gen.parameters())) + len(list(disc.parameters())) - 5
+    assert len(list(model.parameters())) == n  # the shared tables are one set of parameters
+    ids, mask = batch()
+    out = model(ids, mask)
+    shared = [d.word_embeddings.weight, d.position_embeddings.weight, d.LayerNorm.weight]
+    for loss in (out.mlm_loss, out.disc_loss):  # both losses reach the shared tables
+        for g in torch.autograd.grad(loss, shared, retain_graph=True):
+            assert g.abs().sum() > 0
+
+
+def test_separately_built_slim_pair_ends_up_sharing_embeddings():
+    from electra_fast.model import Discriminator, Generator
+
+    gen, disc = Generator(ElectraModelConfig(**COMMON, **GEN)), Discriminator(ElectraModelConfig(**COMMON, **DISC))
+    ElectraPretrainer(gen, disc, mask_token_id=MASK_ID, special_token_ids=SPECIAL)
+    assert gen.embeddings is disc.embeddings and embeddings_shared(gen, disc)
+    assert gen.embeddings.word.weight.data_ptr() == disc.embeddings.word.weight.data_ptr()
+
+
+def test_share_embeddings_false_keeps_the_models_apart():
+    gen, disc = hf_pair()
+    gen_word, disc_word = gen.electra.embeddings.word_embeddings.weight, disc.electra.embeddings.word_embeddings.weight
+    model = ElectraPretrainer(gen, disc, mask_token_id=MASK_ID, special_token_ids=SPECIAL, share_embeddings=False)
+    assert not embeddings_shared(gen, disc) and gen.electra.embeddings.word_embeddings.weight is gen_word
+    ids, mask = batch()
+    out = model(ids, mask)
+    assert torch.autograd.grad(out.mlm_loss, disc_word, retain_graph=True, allow_unused=True)[0] is None
+    assert torch.autograd.grad(out.disc_loss, gen_word, allow_unused=True)[0] is None
+    assert model.settings()["share_embeddings"] is False
+    slim = make(share_embeddings=False)
+    assert slim.generator.embeddings is not slim.discriminator.embeddings
+    shared = make()
+    with pytest.raises(ValueError, match="share_embeddings=False but the models already share"):
+        ElectraPretrainer(shared.generator, shared.discriminator, mask_token_id=MASK_ID, special_token_ids=SPECIAL,
+                          share_embeddings=False)
+
+
+def test_embeddings_that_cannot_be_shared_are_refused():
+    gen, disc = hf_pair(layer_norm_eps=1e-5)
+    with pytest.raises(ValueError, match="same layer_norm_eps, the discriminator has 1e-12, the generator 1e-05 "
+                                         "\\(or pass share_embeddings=False\\)"):
+        ElectraPretrainer(gen, disc, mask_token_id=MASK_ID, special_token_ids=SPECIAL)
+    assert not embeddings_shared(gen, disc)  # nothing was tied before the error
+    gen, disc = hf_pair()
+    disc.electra.embeddings.token_type_embeddings = torch.nn.Embedding(3, COMMON["embedding_size"])
+    with pytest.raises(ValueError, match="generator's token_type embedding parameters have shapes \\{'weight': "
+                                         "\\(2, 16\\)\\}, the discriminator's \\{'weight': \\(3, 16\\)\\}"):
+        ElectraPretrainer(gen, disc, mask_token_id=MASK_ID, special_token_ids=SPECIAL)
+    assert ElectraPretrainer(*hf_pair(), mask_token_id=MASK_ID, special_token_ids=SPECIAL, gdes=True).gdes
+    with pytest.raises(ValueError, match="gdes=True but the discriminator was built with gdes=False"):
+        slim = make()
+        ElectraPretrainer(slim.generator, slim.discriminator, mask_token_id=MASK_ID, special_token_ids=SPECIAL,
+                          gdes=True)
+
+
+# ------------------------------------------------------------------- token ids: the tokenizer's or given
+def test_token_ids_come_from_the_tokenizer_or_must_be_given(tmp_path):
+    from electra_fast.data.tokenizer import save_tokenizer, train_tokenizer
+
+    lines = ["the quick brown fox jumps over the lazy dog", "a lazy dog sleeps", "quick foxes jump high"] * 4
+    tok = train_tokenizer(lines, vocab_size=60, min_frequency=1)  # its own ids: [PAD] 0 ... [MASK] 4
+    t = {name: tok.token_to_id(f"[{name}]") for name in ("PAD", "CLS", "SEP", "MASK")}
+    save_tokenizer(tok, str(tmp_path / "tok"))
+    sources = [tok, str(tmp_path / "tok"), str(tmp_path / "tok" / "vocab.txt")]
+    transformers = pytest.importorskip("transformers")
+    sources.append(transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok")))
+    for source in sources:
+        model = ElectraPretrainer.from_preset("tiny", tokenizer=source)
+        assert model.vocab_size == tok.get_vocab_size(with_added_tokens=True), source
+        assert model.mask_token_id == t["MASK"] and sorted(model.special_token_ids.tolist()) == sorted(t.values())
+        assert model.generator.config.pad_token_id == model.discriminator.config.pad_token_id == t["PAD"]
+    explicit = ElectraPretrainer.from_preset("tiny", tokenizer=tok, special_token_ids=[t["PAD"], t["MASK"]])
+    assert explicit.special_token_ids.tolist() == [t["PAD"], t["MASK"]]  # explicit ids win over the tokenizer's
+    with pytest.raises(ValueError, match="mask_token_id, special_token_ids, pad_token_id must be given: no default "
+                                         "fits every vocabulary.*Pass tokenizer=.*mask_token_id=103"):
+        ElectraPretrainer.from_preset("tiny")
+    with pytest.raises(ValueError, match="^pad_token_id must be given"):
+        ElectraPretrainer.from_preset("tiny", vocab_size=V, mask_token_id=MASK_ID, special_token_ids=SPECIAL)
+    with pytest.raises(ValueError, match="more than the model's vocab_size=20"):
+        ElectraPretrainer.from_preset("tiny", tokenizer=tok, vocab_size=20)

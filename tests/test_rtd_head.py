@@ -1,11 +1,21 @@
 """The reference fused discriminator head (`ops.rtd_head_loss`, torch backend) against plain autograd of
-`dense(H -> 1)` + BCE written out here, naive accuracy loops, gradcheck in float64, opcheck and compile."""
+`dense(H -> 1)` + BCE written out here, naive accuracy loops, gradcheck in float64, opcheck and compile; the
+counts for precision/recall (reference and Triton) against naive loops and the step's former logit formulas."""
+import importlib
+import os
+
 import pytest
 import torch
 import torch._dynamo
 
 from electra_fast import ops
-from electra_fast.ops.rtd_head import _rtd_head_op
+from electra_fast.ops.rtd_head import COUNTS, _rtd_head_op
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+TRITON_DEVICE = "cpu" if INTERPRET else "cuda"
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or not (INTERPRET or torch.cuda.is_available()),
+    reason="the Triton backend needs triton and a CUDA GPU, or TRITON_INTERPRET=1")
 
 
 def plain_head(hidden, weight, bias, labels, mask):
@@ -94,3 +104,67 @@ def test_bad_input_errors_name_the_argument(call, exc, words):
         call(*make())
     for word in words:
         assert word in str(info.value), (word, str(info.value))
+
+
+# ---------------------------------------------------------------- counts for the step's metrics
+
+def metrics_from_logits(logits, is_replaced, mask):
+    """The metrics as the step computed them from the `[B, L]` logits before the counts existed."""
+    real = mask != 0
+    count = real.sum().clamp(min=1).float()
+    pred = logits > 0
+    hit = (pred & is_replaced & real).sum().float()
+    return dict(disc_accuracy=((pred == is_replaced) & real).sum().float() / count,
+                replaced_frac=(is_replaced & real).sum().float() / count,
+                precision=hit / (pred & real).sum().clamp(min=1).float(),
+                recall=hit / (is_replaced & real).sum().clamp(min=1).float())
+
+
+def metrics_from_counts(counts):
+    real, right, predicted, replaced, tp = counts.unbind()
+    return dict(disc_accuracy=right / real.clamp(min=1), replaced_frac=replaced / real.clamp(min=1),
+                precision=tp / predicted.clamp(min=1), recall=tp / replaced.clamp(min=1))
+
+
+def naive_counts(logits, labels, mask):
+    c = dict.fromkeys(COUNTS, 0)
+    for x, y, m in zip(logits.flatten().tolist(), labels.flatten().tolist(), mask.flatten().tolist()):
+        if m:
+            p, y = x > 0, bool(y)
+            c["real"] += 1
+            c["correct"] += p == y
+            c["predicted"] += p
+            c["replaced"] += y
+            c["true_positive"] += p and y
+    return [c[k] for k in COUNTS]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_counts_match_naive_loops_and_the_logit_metrics(backend, request):
+    if backend == "triton":
+        request.getfixturevalue("poison")
+        monkeypatch = request.getfixturevalue("monkeypatch")
+        head = importlib.import_module("electra_fast.kernels.rtd_head")
+        monkeypatch.setattr(head, "TILE_ELEMS", 16)  # several tiles and programs at this tiny shape
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    hidden, weight, bias, labels, mask = (t.detach().to(device) for t in make(b=4, seq_len=9, h=5,
+                                                                               dtype=torch.float32))
+    mask[3] = 0  # a row of padding
+    loss, acc, counts = ops.rtd_head_loss(hidden, weight, bias, labels, mask, with_counts=True, backend=backend)
+    ref_loss, ref_acc = ops.rtd_head_loss(hidden, weight, bias, labels, mask, backend="torch")
+    logits = torch.nn.functional.linear(hidden, weight, bias).squeeze(-1)
+    assert counts.dtype == torch.float32 and counts.shape == (len(COUNTS),) and not counts.requires_grad
+    assert counts.cpu().tolist() == naive_counts(logits, labels, mask)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(acc, ref_acc)
+    old, new = metrics_from_logits(logits, labels, mask), metrics_from_counts(counts)
+    for k in old:
+        torch.testing.assert_close(new[k], old[k], rtol=0, atol=0)
+
+
+def test_counts_of_an_all_padding_batch_are_zero():
+    hidden, weight, bias, labels, mask = make()
+    _, _, counts = ops.rtd_head_loss(hidden, weight, bias, labels, torch.zeros_like(mask), with_counts=True,
+                                     backend="torch")
+    assert counts.tolist() == [0.0] * len(COUNTS)
+    assert all(v.item() == 0.0 for v in metrics_from_counts(counts).values())

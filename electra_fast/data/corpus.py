@@ -1,18 +1,36 @@
-"""Text sources: the built-in corpus and streaming line readers over user files.
+"""Text sources: the built-in corpus and streaming readers over user files, in the form packing reads: one sentence
+per line, a blank line between documents.
 
-The input format is the reference's (`build_pretraining_dataset.py`): one sentence per line, a blank line between
-documents. Files are read as bytes and decoded line by line, so a corpus larger than RAM streams and a line that
-is not UTF-8 is skipped and counted instead of ending the run halfway.
+Inputs, by name (`expand_inputs`, `input_kind`):
+- text (`.gz` too, decompressed as it streams): already in that form (the reference's `build_pretraining_dataset.py`
+  input): one sentence per line, a blank line between documents.
+- JSON Lines (`.jsonl`, `.ndjson`, `.json`, each also `.gz`): one JSON object per line, its `text_field` one
+  document. A line that is not a JSON object, lacks the field or holds a non-string there ends the run with an
+  error naming the file and line (silently dropping records hides a wrong `--text-field`); blank lines are ignored.
+- parquet files (`.parquet`, read with pyarrow) and Hugging Face `datasets` folders (`save_to_disk` output: a
+  directory holding `dataset_info.json` / `state.json`, read with `datasets.load_from_disk`): each row's
+  `text_field` is one document. They need the optional extra: pip install "electra-fast[datasets]".
+A document of a record or row is split into sentences as the built-in corpus is (`document_to_lines`).
+
+Everything streams (a line, or a batch of rows, at a time), so a corpus larger than RAM is fine. Text is read as
+bytes and decoded line by line: a line that is not UTF-8 is skipped and counted instead of ending the run halfway.
 """
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import re
-from typing import Iterator, List, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 from electra_fast.errors import InputError
 
 BUILTIN = "builtin"  # the `--data` value that names the built-in corpus
+DEFAULT_TEXT_FIELD = "text"
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+DATASETS_MARKERS = ("dataset_info.json", "state.json")  # what `Dataset.save_to_disk` writes beside its arrow files
+EXTRA_HINT = 'pip install "electra-fast[datasets]"'
+_ROW_BATCH = 1024
 
 # A sentence ends at . ! or ? followed by white space and a capital, a quote or an opening bracket.
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
@@ -62,16 +80,39 @@ def builtin_lines() -> Iterator[str]:
         yield ""
 
 
+def is_datasets_folder(path: str) -> bool:
+    """True for a Hugging Face `datasets` `save_to_disk` directory (a `Dataset` or a `DatasetDict`)."""
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, m))
+                                       for m in DATASETS_MARKERS + ("dataset_dict.json",))
+
+
+def input_kind(path: str) -> str:
+    """"datasets", "parquet", "jsonl" or "text" (`.gz` is decompressed for text and JSON Lines)."""
+    if os.path.isdir(path):
+        return "datasets"
+    name = path.lower()
+    name = name[:-3] if name.endswith(".gz") else name
+    if name.endswith(".parquet"):
+        return "parquet"
+    return "jsonl" if name.endswith(JSONL_SUFFIXES) else "text"
+
+
 def expand_inputs(paths: Sequence[str]) -> List[str]:
-    """Files named by `paths` (a directory means every non-hidden file below it, in sorted order)."""
+    """Inputs named by `paths`: files, and `datasets` folders kept whole; any other directory means every
+    non-hidden file (and `datasets` folder) below it, in sorted order."""
     if not paths:
         raise InputError("no input given: pass text files or directories (one sentence per line, "
                          "blank line between documents)")
     files = []
     for p in paths:
-        if os.path.isdir(p):
+        if is_datasets_folder(p):
+            files.append(p)
+        elif os.path.isdir(p):
             for root, dirs, names in os.walk(p):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                dirs.sort()
+                for d in [d for d in dirs if is_datasets_folder(os.path.join(root, d))]:
+                    files.append(os.path.join(root, d))
+                dirs[:] = [d for d in dirs if not d.startswith(".") and not is_datasets_folder(os.path.join(root, d))]
                 files.extend(os.path.join(root, n) for n in sorted(names) if not n.startswith("."))
         elif os.path.isfile(p):
             files.append(p)
@@ -82,29 +123,72 @@ def expand_inputs(paths: Sequence[str]) -> List[str]:
     return files
 
 
-class LineReader:
-    """Streams decoded lines from files; counts (and skips) lines that are not valid UTF-8.
+def input_size(path: str) -> int:
+    """Bytes on disk of a file, or of all files in a `datasets` folder (the progress bar's unit)."""
+    if not os.path.isdir(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(r, n)) for r, _, names in os.walk(path) for n in names)
 
-    `on_bytes(n)` is called with the size of each raw line, for a progress bar in bytes.
+
+def _import_optional(module: str, path: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise InputError(f"reading {path!r} needs the `{module.split('.')[0]}` package: {EXTRA_HINT}") from None
+
+
+def _document(value, path: str, where: str, field: str) -> List[str]:
+    if not isinstance(value, str):
+        raise InputError(f"{path!r} {where}: field {field!r} holds {type(value).__name__}, not text: pass "
+                         "--text-field naming a text column")
+    return document_to_lines(value)
+
+
+class LineReader:
+    """Streams the inputs (see the module docstring) as lines; counts (and skips) lines that are not valid UTF-8
+    in `.skipped`. Re-iterable: each `iter()` reads the inputs afresh.
+
+    `on_bytes(n)` is called as input is consumed, `n` bytes on disk at a time (compressed bytes for `.gz`; rows
+    of parquet and `datasets` inputs in proportion to their size), for a progress bar in bytes.
+    `text_field`: the field of a JSON Lines record / column of a table that holds the document.
     """
 
-    def __init__(self, files: Sequence[str], on_bytes=None):
+    def __init__(self, files: Sequence[str], on_bytes: Optional[Callable[[int], None]] = None,
+                 text_field: str = DEFAULT_TEXT_FIELD):
         self.files = list(files)
         self.skipped = 0
         self.on_bytes = on_bytes
+        self.text_field = text_field
 
     def __iter__(self) -> Iterator[str]:
         self.skipped = 0
         for path in self.files:
+            kind = input_kind(path)
+            if kind == "text":
+                yield from self._decoded(path)
+            elif kind == "jsonl":
+                yield from self._jsonl(path)
+            else:
+                yield from self._rows(path, kind)
+            yield ""  # a file ends a document even without a trailing blank line
+
+    def _decoded(self, path: str) -> Iterator[str]:
+        """The UTF-8 lines of a text or `.gz` file (a byte-order mark dropped); others are counted in `skipped`."""
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise InputError(f"cannot read {path!r} ({e.strerror}): check the path and its permissions") from None
+        with f:
+            stream = gzip.GzipFile(fileobj=f) if path.lower().endswith(".gz") else f
+            first, done = True, 0
             try:
-                f = open(path, "rb")
-            except OSError as e:
-                raise InputError(f"cannot read {path!r} ({e.strerror}): check the path and its permissions") from None
-            with f:
-                first = True
-                for raw in f:
+                for raw in stream:
                     if self.on_bytes is not None:
-                        self.on_bytes(len(raw))
+                        now = f.tell()
+                        self.on_bytes(now - done)
+                        done = now
                     try:
                         line = raw.decode("utf-8")
                     except UnicodeDecodeError:
@@ -113,4 +197,56 @@ class LineReader:
                     if first:
                         line, first = line.lstrip("\ufeff"), False
                     yield line
-            yield ""  # a file ends a document even without a trailing blank line
+            except (OSError, EOFError) as e:  # not gzip, truncated, or a read error
+                raise InputError(f"cannot read {path!r} ({e}): check the file") from None
+
+    def _jsonl(self, path: str) -> Iterator[str]:
+        field = self.text_field
+        for number, line in enumerate(self._decoded(path), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise InputError(f"{path!r} line {number} is not JSON ({e}): JSON Lines hold one object per "
+                                 "line") from None
+            if not isinstance(record, dict):
+                raise InputError(f"{path!r} line {number} holds a {type(record).__name__}, not a JSON object: JSON "
+                                 "Lines hold one object per line")
+            if field not in record:
+                raise InputError(f"{path!r} line {number} has no field {field!r} (it has {sorted(record)}): pass "
+                                 "--text-field naming the text")
+            yield from _document(record[field], path, f"line {number}", field)
+            yield ""
+
+    def _rows(self, path: str, kind: str) -> Iterator[str]:
+        """Documents of a parquet file or a `datasets` folder, streamed `_ROW_BATCH` rows at a time."""
+        field = self.text_field
+        if kind == "parquet":
+            pq = _import_optional("pyarrow.parquet", path)
+            table = pq.ParquetFile(path)
+            columns, num_rows = table.schema_arrow.names, table.metadata.num_rows
+        else:
+            datasets = _import_optional("datasets", path)
+            table = datasets.load_from_disk(path)
+            if isinstance(table, datasets.DatasetDict):
+                raise InputError(f"{path!r} holds several splits {sorted(table)}: pass one split's folder, e.g. "
+                                 f"{os.path.join(path, sorted(table)[0])!r}")
+            columns, num_rows = table.column_names, table.num_rows
+        if field not in columns:
+            raise InputError(f"{path!r} has no column {field!r} (it has {columns}): pass --text-field naming the "
+                             "text")
+        if kind == "parquet":
+            batches = (b.column(0).to_pylist() for b in table.iter_batches(batch_size=_ROW_BATCH, columns=[field]))
+        else:
+            batches = (b[field] for b in table.select_columns([field]).iter(batch_size=_ROW_BATCH))
+        size, row, done = input_size(path), 0, 0
+        for values in batches:
+            for value in values:
+                row += 1
+                yield from _document(value, path, f"row {row}", field)
+                yield ""
+            if self.on_bytes is not None:  # cumulative, so rounding never drifts from the total
+                now = size * row // max(num_rows, 1)
+                self.on_bytes(now - done)
+                done = now

@@ -59,8 +59,13 @@ class PretrainingData:
         """The tokenizer the data was prepared with."""
         return load_tokenizer(os.path.join(self.directory, self.index["tokenizer"]))
 
-    def gather(self, indices: np.ndarray) -> Dict[str, torch.Tensor]:
-        """Examples `indices` (in that order) as int64 tensors `input_ids`, `attention_mask`, `token_type_ids`."""
+    def gather(self, indices: np.ndarray, omit_full_mask: bool = False) -> Dict[str, torch.Tensor]:
+        """Examples `indices` (in that order) as int64 tensors `input_ids`, `attention_mask`, `token_type_ids`.
+
+        `omit_full_mask=True` leaves `attention_mask` out when every row is full (no padding): known here from
+        the lengths on the host, so the model can run attention without any mask (FlashAttention on a GPU) and
+        the step never has to look at the mask on the device to find out.
+        """
         indices = np.asarray(indices, dtype=np.int64)
         shard = np.searchsorted(self._starts, indices, side="right") - 1
         ids = np.empty((len(indices), self.seq_len), dtype=np.int64)
@@ -73,8 +78,11 @@ class PretrainingData:
         pos = np.arange(self.seq_len)
         real = pos[None, :] < lens[:, :1]
         segment_b = real & (pos[None, :] >= lens[:, 1:])
-        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(real.astype(np.int64)),
-                "token_type_ids": torch.from_numpy(segment_b.astype(np.int64))}
+        batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(real.astype(np.int64)),
+                 "token_type_ids": torch.from_numpy(segment_b.astype(np.int64))}
+        if omit_full_mask and bool((lens[:, 0] == self.seq_len).all()):
+            del batch["attention_mask"]
+        return batch
 
 
 @dataclass

@@ -4,27 +4,33 @@ Packing follows the reference `ExampleBuilder`: sentences of one document accumu
 length, then become `[CLS] A [SEP] B [SEP]` (10% of the time a single segment `[CLS] A [SEP]`), padded to
 `seq_len`; 5% of the time the next target length is drawn uniformly from [5, seq_len] so short inputs are seen too.
 
-On disk (a directory): `shard-RUN-NNNNN-ids.npy` (`[n, seq_len]` uint16, or int32 for vocabularies over 65535
-tokens), `shard-RUN-NNNNN-len.npy` (`[n, 2]` int32: real length, length of `[CLS] A [SEP]`), the tokenizer and
-`index.json`. Memory-mapped on reading, so the corpus never has to fit in RAM, neither here (input streams
-through, one shard buffered) nor in training. Every file is written under a temporary name and renamed;
-`index.partial.json` lists the finished shards after each one, and `index.json` appears in one rename at the
-end, so a crash loses nothing already written and never leaves a half dataset that looks whole.
+On disk (a directory): `index.json`, the tokenizer (`tokenizer.json`, `vocab.txt`) and `shards-RUN/` holding
+`shard-NNNNN-ids.npy` (`[n, seq_len]` uint16, or int32 for vocabularies over 65535 tokens), `shard-NNNNN-len.npy`
+(`[n, 2]` int32: real length, length of `[CLS] A [SEP]`) and the tokenizer the index names. Memory-mapped on
+reading, so the corpus never has to fit in RAM, neither here (input streams through, one shard buffered) nor in
+training.
+
+Atomic: one preparation at a time holds the directory (`errors.lock_directory`; another fails at once); it writes
+into a hidden `.prepare-RUN/`, renames that to `shards-RUN/` when all input is packed, and only then switches
+`index.json` (one rename) to it, and deletes the older data. A kill at any point leaves the previous dataset in
+use, or none: never an index naming missing or half-written shards. Leftovers of a killed run are deleted by the
+next preparation, and a directory holding only such leftovers is reported as unfinished, not read as text.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import shutil
 from typing import Iterable, List, Optional
 
 import numpy as np
 
-from electra_fast.data.tokenizer import save_tokenizer, special_ids, vocab_fingerprint
-from electra_fast.errors import InputError, ensure_writable
+from electra_fast.data.tokenizer import TOKENIZER_FILE, save_tokenizer, special_ids, vocab_fingerprint
+from electra_fast.errors import InputError, ensure_writable, lock_directory
 
 INDEX_FILE = "index.json"
-PARTIAL_INDEX_FILE = "index.partial.json"
+TEMP_PREFIX, DATA_PREFIX = ".prepare-", "shards-"
 FORMAT = "electra-fast-shards/1"
 SINGLE_SEGMENT_PROB = 0.1
 SHORT_TARGET_PROB = 0.05
@@ -85,12 +91,10 @@ class ExampleBuilder:
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with open(path, "wb") as f:  # inside the preparation's own directory: nobody reads it before the switch
         np.save(f, array)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_json(path: str, obj) -> None:
@@ -107,9 +111,8 @@ def write_json(path: str, obj) -> None:
 class ShardWriter:
     """Buffers examples and writes a shard (ids + lengths) every `shard_size` examples, then the index."""
 
-    def __init__(self, directory: str, seq_len: int, vocab_size: int, pad_id: int, shard_size: int, meta: dict,
-                 prefix: str = "shard"):
-        self.directory, self.prefix = directory, prefix
+    def __init__(self, directory: str, seq_len: int, vocab_size: int, pad_id: int, shard_size: int, meta: dict):
+        self.directory = directory
         self.dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
         self.seq_len, self.shard_size, self.pad_id = seq_len, shard_size, pad_id
         self.ids = np.full((shard_size, seq_len), pad_id, dtype=self.dtype)
@@ -129,13 +132,12 @@ class ShardWriter:
         if self.n == 0:
             return
         k = len(self.index["shards"])
-        name = f"{self.prefix}-{k:05d}"
+        name = f"shard-{k:05d}"
         _save_npy(os.path.join(self.directory, f"{name}-ids.npy"), self.ids[: self.n])
         _save_npy(os.path.join(self.directory, f"{name}-len.npy"), self.lens[: self.n])
         self.index["shards"].append({"name": name, "num_examples": self.n})
         self.index["num_examples"] += self.n
         self.index["num_tokens"] += int(self.lens[: self.n, 0].sum())
-        write_json(os.path.join(self.directory, PARTIAL_INDEX_FILE), self.index)
         self.ids.fill(self.pad_id)
         self.n = 0
 
@@ -169,55 +171,80 @@ def _run_id() -> str:
     return f"{os.getpid():x}{int.from_bytes(os.urandom(3), 'little'):06x}"
 
 
-def prepare(lines: Iterable[str], output_dir: str, tok, *, seq_len: int = 128, seed: int = 12345,
-            shard_size: Optional[int] = None, overwrite: bool = False, sources=None, extra_meta=None) -> dict:
-    """Tokenize and pack `lines` into shards in `output_dir`; returns the index (also in `output_dir/index.json`).
+def unfinished(directory: str) -> bool:
+    """True if `directory` has no `index.json` but what a killed (or running) preparation leaves there."""
+    return (os.path.isdir(directory) and not os.path.exists(os.path.join(directory, INDEX_FILE))
+            and any(n.startswith((TEMP_PREFIX, DATA_PREFIX)) for n in os.listdir(directory)))
 
-    Progress goes to `index.partial.json` after every shard; `index.json` appears (or, with `overwrite`, is
-    replaced) in one rename when all input is packed, so an existing dataset stays usable until then.
-    """
-    ids = special_ids(tok)
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def check_output(output_dir: str, overwrite: bool) -> None:
+    """Fail now, before any long work, if `output_dir` cannot receive a dataset (created if needed)."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise InputError(f"output {output_dir!r} is a file: pass a directory path")
-    old_index = os.path.join(output_dir, INDEX_FILE)
-    if os.path.exists(old_index) and not overwrite:
+    if os.path.exists(os.path.join(output_dir, INDEX_FILE)) and not overwrite:
         raise InputError(f"{output_dir!r} already holds a prepared dataset: pass --overwrite to replace it "
                          "or choose another output directory")
     ensure_writable(output_dir, "output")
 
+
+def prepare(lines: Iterable[str], output_dir: str, tok, *, seq_len: int = 128, seed: int = 12345,
+            shard_size: Optional[int] = None, overwrite: bool = False, sources=None, extra_meta=None) -> dict:
+    """Tokenize and pack `lines` into shards in `output_dir`; returns the index (also in `output_dir/index.json`).
+
+    `index.json` appears (or, with `overwrite`, is replaced) in one rename when all input is packed, so an existing
+    dataset stays usable until then (see the module docstring).
+    """
+    ids = special_ids(tok)
+    check_output(output_dir, overwrite)
+    lock = lock_directory(output_dir, "output", "another preparation")
     run = _run_id()
-    vocab_size = tok.get_vocab_size(with_added_tokens=True)
-    tokenizer_file = f"tokenizer-{run}.json"
-    with open(os.path.join(output_dir, tokenizer_file), "w", encoding="utf-8") as f:
-        f.write(tok.to_str())
-    meta = {"vocab_size": vocab_size, "vocab_hash": vocab_fingerprint(tok), "special_ids": ids,
-            "tokenizer": tokenizer_file, "seed": seed, "sources": sources or [], **(extra_meta or {})}
-    shard_size = shard_size or max(1, (64 << 20) // (2 * seq_len))  # ~64 MB of uint16 per shard
-    writer = ShardWriter(output_dir, seq_len, vocab_size, ids["pad"], shard_size, meta, prefix=f"shard-{run}")
-    builder = ExampleBuilder(seq_len, ids["cls"], ids["sep"], random.Random(seed))
-    for token_ids in _encode_in_batches(tok, lines):
-        example = builder.add_line(token_ids)
+    tmp, final = os.path.join(output_dir, TEMP_PREFIX + run), DATA_PREFIX + run
+    index_path = os.path.join(output_dir, INDEX_FILE)
+    try:
+        check_output(output_dir, overwrite)  # again under the lock: another preparation may have finished since
+        for name in os.listdir(output_dir):  # what a killed preparation left (none runs: we hold the lock)
+            if name.startswith(TEMP_PREFIX):
+                _remove(os.path.join(output_dir, name))
+        os.mkdir(tmp)
+        save_tokenizer(tok, tmp)  # the index names this copy: the data and its tokenizer go together
+        meta = {"vocab_size": tok.get_vocab_size(with_added_tokens=True), "vocab_hash": vocab_fingerprint(tok),
+                "special_ids": ids, "tokenizer": f"{final}/{TOKENIZER_FILE}", "seed": seed, "sources": sources or [],
+                **(extra_meta or {})}
+        shard_size = shard_size or max(1, (64 << 20) // (2 * seq_len))  # ~64 MB of uint16 per shard
+        writer = ShardWriter(tmp, seq_len, meta["vocab_size"], ids["pad"], shard_size, meta)
+        builder = ExampleBuilder(seq_len, ids["cls"], ids["sep"], random.Random(seed))
+        for token_ids in _encode_in_batches(tok, lines):
+            example = builder.add_line(token_ids)
+            if example is not None:
+                writer.add(*example)
+        example = builder.add_line(None)
         if example is not None:
             writer.add(*example)
-    example = builder.add_line(None)
-    if example is not None:
-        writer.add(*example)
-    writer.flush()
-    skipped = getattr(lines, "skipped", 0)
-    writer.index["skipped_lines"] = skipped
-    if writer.index["num_examples"] == 0:
-        raise InputError(no_text_message(skipped))
-    writer.index["complete"] = True
-    save_tokenizer(tok, output_dir)  # tokenizer.json / vocab.txt for users; the index names its own copy
-    write_json(old_index, writer.index)  # the switch to the new dataset: one rename
-    keep = {tokenizer_file} | {f"{s['name']}-{k}.npy" for s in writer.index["shards"] for k in ("ids", "len")}
-    for name in os.listdir(output_dir):  # what an older dataset or an interrupted run left behind
-        if (name.startswith("shard-") or name.startswith("tokenizer-")) and name not in keep:
-            os.remove(os.path.join(output_dir, name))
-    partial = os.path.join(output_dir, PARTIAL_INDEX_FILE)
-    if os.path.exists(partial):
-        os.remove(partial)
-    return writer.index
+        writer.flush()
+        index = writer.index
+        index["skipped_lines"] = getattr(lines, "skipped", 0)
+        if index["num_examples"] == 0:
+            raise InputError(no_text_message(index["skipped_lines"]))
+        index["complete"] = True
+        for shard in index["shards"]:
+            shard["name"] = f"{final}/{shard['name']}"
+        os.rename(tmp, os.path.join(output_dir, final))
+        save_tokenizer(tok, output_dir)  # tokenizer.json / vocab.txt for users
+        write_json(index_path, index)  # the switch to the new dataset: one rename
+        for name in os.listdir(output_dir):  # an older dataset (this layout, or the flat one before it)
+            if name != final and name.startswith((DATA_PREFIX, "shard-", "tokenizer-")):
+                _remove(os.path.join(output_dir, name))
+        return index
+    finally:
+        _remove(tmp)  # an error or Ctrl-C (after the switch it is gone already); a kill leaves it to the next run
+        lock.close()
 
 
 def read_index(directory: str) -> dict:
@@ -227,9 +254,9 @@ def read_index(directory: str) -> dict:
         with open(path, encoding="utf-8") as f:
             index = json.load(f)
     except FileNotFoundError:
-        if os.path.exists(os.path.join(directory, PARTIAL_INDEX_FILE)):
-            raise InputError(f"{directory!r} holds an unfinished preparation: re-run `electra-fast prepare` "
-                             "to finish it") from None
+        if unfinished(directory):
+            raise InputError(f"{directory!r} holds an unfinished preparation (interrupted, or still running): wait "
+                             "for it, or re-run `electra-fast prepare`") from None
         raise InputError(f"{directory!r} is not a prepared dataset (no {INDEX_FILE}): run `electra-fast prepare` "
                          "on your text files first, or pass the text files themselves") from None
     except (OSError, ValueError) as e:

@@ -1,8 +1,9 @@
 """From what the user passes as `--data` / `--tokenizer` to a prepared dataset and its tokenizer.
 
-`--data` is a prepared dataset directory (used as it is), text files or directories (prepared once into
-`<output>/data`, reused while the files, the tokenizer and the sequence length stay the same), or nothing: the
-built-in corpus. Without `--tokenizer`, a WordPiece tokenizer is trained on the text first (a second pass).
+`--data` is a prepared dataset directory (used as it is), inputs (text, `.gz`, JSON Lines, parquet, `datasets`
+folders: see `corpus`; prepared once into `<output>/data`, reused while the inputs, the tokenizer and the sequence
+length stay the same), or nothing: the built-in corpus. Without `--tokenizer`, a WordPiece tokenizer is trained on
+the text first (a second pass).
 """
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
-from electra_fast.data.corpus import BUILTIN, LineReader, builtin_lines, expand_inputs
+from electra_fast.data.corpus import (BUILTIN, DEFAULT_TEXT_FIELD, LineReader, builtin_lines, expand_inputs,
+                                      input_kind, input_size)
 from electra_fast.data.loader import PretrainingData
-from electra_fast.data.prepare import INDEX_FILE, no_text_message, prepare
+from electra_fast.data.prepare import INDEX_FILE, check_output, no_text_message, prepare, unfinished
 from electra_fast.data.tokenizer import load_tokenizer, train_tokenizer, vocab_fingerprint
 from electra_fast.errors import InputError
 
@@ -22,45 +24,77 @@ def is_prepared(path: str) -> bool:
 
 
 class TextSource:
-    """User text files, or the built-in corpus when `data` is empty or `["builtin"]`; readable several times.
+    """User inputs (see `corpus`), or the built-in corpus when `data` is empty or `["builtin"]`; readable several
+    times. `text_field`: the JSON Lines field / table column holding the documents.
 
-    `describe()` identifies the input (paths, sizes, modification times) so a prepared cache can be recognised.
+    `describe()` identifies the input (paths, sizes, modification times, and the text field where it matters) so a
+    prepared cache can be recognised.
     """
 
-    def __init__(self, data: Optional[Sequence[str]]):
+    def __init__(self, data: Optional[Sequence[str]], text_field: str = DEFAULT_TEXT_FIELD):
         self.files = None if not data or list(data) == [BUILTIN] else expand_inputs(data)
+        self.text_field = text_field
 
     def describe(self) -> list:
         if self.files is None:
             return [f"{BUILTIN}:python-{sys.version_info[0]}.{sys.version_info[1]}"]
-        return [[os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in self.files]
+        described = [[os.path.abspath(f), input_size(f), _mtime(f)] for f in self.files]
+        if any(input_kind(f) != "text" for f in self.files):
+            described.append({"text_field": self.text_field})
+        return described
 
     def lines(self, on_bytes=None):
         """A fresh iterator over the lines; for files, a `LineReader` (counts non-UTF-8 lines in `.skipped`)."""
-        return builtin_lines() if self.files is None else LineReader(self.files, on_bytes)
+        return builtin_lines() if self.files is None else LineReader(self.files, on_bytes, self.text_field)
 
     def total_bytes(self) -> Optional[int]:
-        return None if self.files is None else sum(os.path.getsize(f) for f in self.files)
+        return None if self.files is None else sum(input_size(f) for f in self.files)
+
+
+def _mtime(path: str) -> int:
+    if not os.path.isdir(path):
+        return os.stat(path).st_mtime_ns
+    return max((os.stat(os.path.join(r, n)).st_mtime_ns for r, _, names in os.walk(path) for n in names), default=0)
+
+
+def vocab_shortfall(tok, vocab_size: int) -> Optional[str]:
+    """A one-line notice when a tokenizer trained for `vocab_size` tokens came out smaller (a small corpus has
+    fewer pieces seen at least twice), else None."""
+    got = tok.get_vocab_size(with_added_tokens=True)
+    if got >= vocab_size:
+        return None
+    return (f"electra-fast: note: --vocab-size {vocab_size}, but the text yields only {got} tokens (pieces seen at "
+            f"least twice): the tokenizer has {got}; more text gives more")
 
 
 def tokenizer_for(source: TextSource, tokenizer: Optional[str], vocab_size: int, lowercase: bool = True):
-    """The tokenizer at `tokenizer`, or one trained on `source`."""
+    """The tokenizer at `tokenizer`, or one trained on `source` (a notice on stderr if it has fewer than
+    `vocab_size` tokens)."""
     if tokenizer:
         return load_tokenizer(tokenizer, lowercase)
     reader = source.lines()
     try:
-        return train_tokenizer(reader, vocab_size, lowercase)
+        tok = train_tokenizer(reader, vocab_size, lowercase)
     except InputError:
         if getattr(reader, "skipped", 0):
             raise InputError(no_text_message(reader.skipped)) from None
         raise
+    notice = vocab_shortfall(tok, vocab_size)
+    if notice:
+        print(notice, file=sys.stderr)
+    return tok
 
 
 def prepare_text(data, output_dir: str, *, tokenizer: Optional[str] = None, seq_len: int = 128,
                  vocab_size: int = 30522, lowercase: bool = True, seed: int = 12345, overwrite: bool = False,
-                 shard_size: Optional[int] = None, progress: bool = True, extra_meta: Optional[dict] = None) -> dict:
-    """The `prepare` command: text (or the built-in corpus) -> a dataset in `output_dir`. Returns its index."""
-    source = TextSource(data)
+                 shard_size: Optional[int] = None, progress: bool = True, extra_meta: Optional[dict] = None,
+                 text_field: str = DEFAULT_TEXT_FIELD) -> dict:
+    """The `prepare` command: inputs (or the built-in corpus) -> a dataset in `output_dir`. Returns its index.
+
+    The inputs and `output_dir` are checked before the tokenizer is trained, so a bad path fails at once.
+    """
+    source = TextSource(data, text_field)
+    check_output(output_dir, overwrite)
     tok = tokenizer_for(source, tokenizer, vocab_size, lowercase)
     bar = None
     if progress and source.files is not None:
@@ -78,10 +112,11 @@ def prepare_text(data, output_dir: str, *, tokenizer: Optional[str] = None, seq_
 
 def open_training_data(data: Optional[Sequence[str]], cache_dir: str, *, tokenizer: Optional[str] = None,
                        seq_len: int = 128, vocab_size: int = 30522, seed: int = 12345, is_main: bool = True,
-                       barrier: Callable[[], None] = lambda: None, progress: bool = True):
+                       barrier: Callable[[], None] = lambda: None, progress: bool = True,
+                       text_field: str = DEFAULT_TEXT_FIELD):
     """`(PretrainingData, tokenizer)` for training; text is prepared into `cache_dir` by the main process only."""
-    if data and len(data) == 1 and is_prepared(data[0]):
-        dataset = PretrainingData(data[0])
+    if data and len(data) == 1 and (is_prepared(data[0]) or unfinished(data[0])):
+        dataset = PretrainingData(data[0])  # an unfinished one is an error, not text to read
         if tokenizer and vocab_fingerprint(load_tokenizer(tokenizer)) != dataset.index["vocab_hash"]:
             raise InputError(f"--tokenizer {tokenizer!r} differs from the one {data[0]!r} was prepared with: "
                              "leave --tokenizer out, or re-run `electra-fast prepare` with it")
@@ -90,7 +125,7 @@ def open_training_data(data: Optional[Sequence[str]], cache_dir: str, *, tokeniz
                              f"--seq-len {dataset.seq_len} or re-run `electra-fast prepare --seq-len {seq_len}`")
         return dataset, dataset.tokenizer()
 
-    source = TextSource(data)  # checks the paths on every rank before any rank waits
+    source = TextSource(data, text_field)  # checks the paths on every rank before any rank waits
     if is_main:
         wanted = {"sources": source.describe(), "seq_len": seq_len, "seed": seed,
                   "tokenizer_source": f"trained:{vocab_size}" if not tokenizer else os.path.abspath(tokenizer)}
@@ -102,7 +137,7 @@ def open_training_data(data: Optional[Sequence[str]], cache_dir: str, *, tokeniz
             cached = None
         if cached is None or any(cached.get(k) != v for k, v in wanted.items()):
             prepare_text(data, cache_dir, tokenizer=tokenizer, seq_len=seq_len, vocab_size=vocab_size, seed=seed,
-                         overwrite=True, progress=progress, extra_meta={"tokenizer_source": wanted["tokenizer_source"]})
+                         overwrite=True, progress=progress, text_field=text_field, extra_meta={"tokenizer_source": wanted["tokenizer_source"]})
     barrier()
     dataset = PretrainingData(cache_dir)
     return dataset, dataset.tokenizer()

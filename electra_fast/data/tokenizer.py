@@ -127,3 +127,23 @@ def save_tokenizer(tok, directory: str) -> None:
               "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
               "mask_token": "[MASK]", "model_max_length": 512}
     _atomic_write(os.path.join(directory, "tokenizer_config.json"), json.dumps(config, indent=2) + "\n")
+
+
+def train_unigram_tokenizer(lines: Iterable[str], vocab_size: int = 128000, lowercase: bool = False):
+    """Train a SentencePiece-style Unigram tokenizer on `lines` (DeBERTa-v3's kind: NFKC, word starts marked with
+    "▁", cased by default) with BERT's special tokens at ids 0-4 ([PAD] = 0) and its [CLS] A [SEP] template."""
+    tk = _tokenizers()
+    from tokenizers import decoders, normalizers, pre_tokenizers
+
+    if vocab_size < len(SPECIAL_TOKENS) + 1:
+        raise InputError(f"--vocab-size must be larger than {len(SPECIAL_TOKENS)}, got {vocab_size}")
+    tok = tk.Tokenizer(tk.models.Unigram())
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else []))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = tk.trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                         unk_token="[UNK]", show_progress=False)
+    tok.train_from_iterator((l for l in lines if l.strip()), trainer=trainer)
+    if tok.get_vocab_size() <= len(SPECIAL_TOKENS):
+        raise InputError("the data holds no text to train a tokenizer on: pass non-empty text files")
+    return _add_bert_post_processor(tok)

@@ -6,6 +6,8 @@ Triton or CUDA kernel through the backend switch in `_backend`.
 """
 from electra_fast.ops._backend import BACKENDS, available_backends, get_backend, set_backend
 from electra_fast.ops.gumbel_sample import gumbel_sample
+from electra_fast.ops.layer_norm import dropout_add_layer_norm
+from electra_fast.ops.lm_head import lm_head_loss_and_sample
 from electra_fast.ops.mask_tokens import mask_tokens, num_slots
 from electra_fast.ops.masked_gather import masked_gather
 from electra_fast.ops.mlm_loss import mlm_loss_and_sample
@@ -15,6 +17,6 @@ from electra_fast.ops.rtd_head import rtd_head_loss
 
 __all__ = [
     "BACKENDS", "available_backends", "get_backend", "set_backend",
-    "mask_tokens", "num_slots", "masked_gather", "mlm_loss_and_sample", "gumbel_sample", "replace_tokens",
-    "rtd_bce_loss", "rtd_head_loss",
+    "mask_tokens", "num_slots", "masked_gather", "mlm_loss_and_sample", "lm_head_loss_and_sample", "gumbel_sample",
+    "replace_tokens", "rtd_bce_loss", "rtd_head_loss", "dropout_add_layer_norm",
 ]

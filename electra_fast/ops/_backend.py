@@ -20,13 +20,15 @@ BACKENDS = ("torch", "triton", "cuda")
 _KERNEL_MODULES = {"triton": "electra_fast.kernels", "cuda": "electra_fast.cuda"}
 # Per-op preference on CUDA tensors; benchmarks/RESULTS.md is where a change of order must be justified.
 DEFAULT_ORDER = {
-    "mask_tokens": ("torch",),
+    "mask_tokens": ("triton", "torch"),
     "masked_gather": ("triton", "cuda", "torch"),
     "mlm_loss_and_sample": ("triton", "cuda", "torch"),
     "gumbel_sample": ("triton", "cuda", "torch"),
     "replace_tokens": ("triton", "cuda", "torch"),
     "rtd_bce_loss": ("triton", "cuda", "torch"),
     "rtd_head_loss": ("triton", "cuda", "torch"),
+    "lm_head_loss_and_sample": ("triton", "torch"),
+    "dropout_add_layer_norm": ("triton", "torch"),
 }
 _forced: Optional[str] = None
 
@@ -115,5 +117,7 @@ def draw_seed(device: torch.device, generator: Optional[torch.Generator] = None)
 
     Kernels read it from memory rather than taking a Python int, so results follow
     `torch.manual_seed`/`generator=` and each replay of a captured CUDA graph draws a fresh seed.
+    63 random bits, all of which key Philox (Triton's `tl.randint` splits the int64 into the two 32-bit key
+    words): with 31 bits, 1M steps would have ~233 pairs of steps sharing one random stream.
     """
-    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64, generator=generator)
+    return torch.randint(0, 2**63 - 1, (1,), device=device, dtype=torch.int64, generator=generator)

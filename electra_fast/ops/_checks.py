@@ -1,9 +1,12 @@
 """Argument checks shared by the public ops: each error names the argument, the expected and the actual value.
 
-They look at shapes, dtypes and Python scalars only, never at tensor data, so they cost no host sync and
-`torch.compile(fullgraph=True)` traces through them.
+They look at shapes, dtypes and Python scalars, and at tensor data only where reading it costs no device sync:
+`check_ids` reads the values of CPU tensors in eager mode; on CUDA (and while compiling) id ranges are a documented
+precondition of the ops, which `torch.compile(fullgraph=True)` and CUDA graphs need.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -39,8 +42,8 @@ def check_same_device(tensors: dict) -> None:
 
 
 def check_temperature(temperature) -> float:
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     return float(temperature)
 
 
@@ -54,3 +57,22 @@ def check_logits(logits, name: str = "logits") -> torch.Tensor:
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: fp32 for fp32/fp16/bf16 inputs, fp64 for fp64 (so float64 gradchecks stay exact)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_vocab_size(vocab_size, width: int) -> int:
+    """The logical vocabulary V of `[M, W]` logits whose columns >= V are padding: None means V = W."""
+    if vocab_size is None:
+        return width
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or not 1 <= vocab_size <= width:
+        raise ValueError(f"vocab_size must be an int in [1, {width}] (the logits' width), got {vocab_size!r}")
+    return vocab_size
+
+
+def check_ids(ids: torch.Tensor, name: str, limit: int, what: str) -> None:
+    """`ids` values in `[0, limit)` (`what` names the limit). Read only for CPU tensors in eager mode: on CUDA the
+    check would cost a host sync per call, so there it is the caller's precondition."""
+    if ids.device.type != "cpu" or ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= limit:
+        raise ValueError(f"{name} must lie in [0, {what}={limit}), got values in [{lo}, {hi}]")

@@ -1,6 +1,7 @@
 """Gumbel-max sampling from `softmax(logits / T)`: `argmax(logits / T + g)`, `g = -log(-log(U))`.
 
 Always in fp32 whatever the logits' dtype (fp16 Gumbel noise is a known source of biased samples).
+Logits may be padded: `[M, W]` with only the first `vocab_size` columns real; the others are never drawn.
 The reference takes its uniforms as a tensor drawn with torch's RNG; kernels draw in-kernel Philox
 from a seed tensor (see `_backend.draw_seed`).
 """
@@ -12,7 +13,7 @@ import torch
 
 from electra_fast.ops._backend import draw_seed, resolve
 from electra_fast.ops._checks import INT_DTYPES, acc_dtype, check_logits, check_same_device, check_shape, check_tensor, \
-    check_temperature
+    check_temperature, check_vocab_size
 
 
 def gumbel_scores(logits: torch.Tensor, uniform: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -26,8 +27,9 @@ def disallow_ids(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(hit, float("-inf"))
 
 
-def gumbel_sample_reference(logits, uniform, temperature: float, disallow=None) -> torch.Tensor:
-    scores = gumbel_scores(logits, uniform, temperature)
+def gumbel_sample_reference(logits, uniform, temperature: float, disallow, vocab_size: int) -> torch.Tensor:
+    """`uniform` is `[M, vocab_size]`: the padded columns take no noise and cannot be drawn."""
+    scores = gumbel_scores(logits[:, :vocab_size], uniform, temperature)
     if disallow is not None:
         scores = disallow_ids(scores, disallow)
     return scores.argmax(dim=1)
@@ -35,28 +37,32 @@ def gumbel_sample_reference(logits, uniform, temperature: float, disallow=None) 
 
 @torch.library.custom_op("electra_fast::gumbel_sample", mutates_args=())
 def _gumbel_sample_op(logits: torch.Tensor, uniform: torch.Tensor, temperature: float,
-                      disallow: Optional[torch.Tensor]) -> torch.Tensor:
-    return gumbel_sample_reference(logits, uniform, temperature, disallow)
+                      disallow: Optional[torch.Tensor], vocab_size: int) -> torch.Tensor:
+    return gumbel_sample_reference(logits, uniform, temperature, disallow, vocab_size)
 
 
 @_gumbel_sample_op.register_fake
-def _(logits, uniform, temperature, disallow):
+def _(logits, uniform, temperature, disallow, vocab_size):
     return logits.new_empty((logits.shape[0],), dtype=torch.int64)
 
 
 def gumbel_sample(logits: torch.Tensor, *, temperature: float = 1.0, disallow: Optional[torch.Tensor] = None,
-                  generator: Optional[torch.Generator] = None, backend: Optional[str] = None) -> torch.Tensor:
-    """Draw one id per row from `softmax(logits / temperature)`.
+                  generator: Optional[torch.Generator] = None, backend: Optional[str] = None,
+                  vocab_size: Optional[int] = None) -> torch.Tensor:
+    """Draw one id per row from `softmax(logits[:, :vocab_size] / temperature)`.
 
     Args:
-        logits: `[M, V]` fp32/fp16/bf16 (fp64 on the reference path).
+        logits: `[M, W]` fp32/fp16/bf16 (fp64 on the reference path).
         temperature: > 0.
         disallow: optional `[M]` int ids that row m may not draw (negative: none), e.g. the original token.
         generator: torch RNG (default the global one; `torch.manual_seed` makes draws reproducible).
+        vocab_size: the real vocabulary V <= W (None: V = W). Columns >= V are padding (e.g. a vocabulary padded to
+            a multiple of 128 for 16-byte loads): never drawn, whatever they hold.
 
-    Returns: `[M]` int64 ids. No gradient flows through sampling.
+    Returns: `[M]` int64 ids in `[0, V)`. No gradient flows through sampling.
     """
     check_logits(logits)
+    vocab_size = check_vocab_size(vocab_size, logits.shape[1])
     temperature = check_temperature(temperature)
     if disallow is not None:
         check_tensor(disallow, "disallow", ndim=1, dtypes=INT_DTYPES)
@@ -66,6 +72,6 @@ def gumbel_sample(logits: torch.Tensor, *, temperature: float = 1.0, disallow: O
     logits = logits.detach().contiguous()
     _, kernel = resolve("gumbel_sample", backend, logits.device, logits.dtype)
     if kernel is not None:
-        return kernel(logits, draw_seed(logits.device, generator), temperature, disallow)
-    uniform = torch.rand(logits.shape, device=logits.device, dtype=torch.float32, generator=generator)
-    return _gumbel_sample_op(logits, uniform, temperature, disallow)
+        return kernel(logits, draw_seed(logits.device, generator), temperature, disallow, vocab_size)
+    uniform = torch.rand((logits.shape[0], vocab_size), device=logits.device, dtype=torch.float32, generator=generator)
+    return _gumbel_sample_op(logits, uniform, temperature, disallow, vocab_size)

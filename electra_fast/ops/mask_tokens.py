@@ -2,16 +2,20 @@
 
 Static shapes are the point: `positions [B, N]` and `weights [B, N]` with N fixed by the sequence length, so no
 boolean indexing and no host sync. Slots past a row's real count are padding (position 0, weight 0).
-Positions are drawn uniformly among candidates without replacement as the top-N of i.i.d. uniform scores;
-the real ones are sorted ascending for memory locality, padding slots come last.
+The real count is the reference's, `K_b = max(1, min(N, round(num_tokens_b * mask_prob)))` rounded half to even in
+float32 (in float64, rows of 190/350/390 tokens at L=512 would get one slot fewer than the reference gives).
+By default positions are drawn uniformly among candidates without replacement, as the top-K of i.i.d. uniform
+scores, and the real ones are sorted ascending for memory locality. `replacement=True` is the reference's draw:
+K_b i.i.d. uniform candidates per row (duplicates possible), in draw order.
 """
 from __future__ import annotations
 
+import struct
 from typing import Optional, Sequence, Union
 
 import torch
 
-from electra_fast.ops._backend import resolve
+from electra_fast.ops._backend import draw_seed, resolve
 from electra_fast.ops._checks import INT_DTYPES, check_same_device, check_shape, check_tensor
 
 MASK_REPLACE_PROB = 0.85  # a chosen slot becomes [MASK] with this probability, else keeps its token
@@ -22,23 +26,45 @@ def num_slots(seq_len: int, mask_prob: float) -> int:
     return max(1, min(seq_len, int((mask_prob + 0.005) * seq_len)))
 
 
+def as_float32(x: float) -> float:
+    """`x` rounded to the nearest float32 (what TensorFlow makes of the Python float `mask_prob`)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def real_slots(num_tokens: torch.Tensor, mask_prob: float, n: int) -> torch.Tensor:
+    """The reference's `K_b = max(1, min(N, round(num_tokens * mask_prob)))`, all in float32, round half to even.
+
+    Both factors are float32 values, so their product is the correctly rounded float32 product whatever precision
+    a backend multiplies in."""
+    return torch.round(num_tokens.float() * as_float32(mask_prob)).long().clamp(1, n)
+
+
 def mask_tokens_reference(input_ids, attention_mask, special_ids, scores, keep_draw, mask_prob: float,
-                          mask_token_id: int):
-    """Plain PyTorch masking. `scores [B, L]` and `keep_draw [B, N]` are uniform draws in [0, 1)."""
+                          mask_token_id: int, replacement: bool = False):
+    """Plain PyTorch masking. Uniform draws in [0, 1): `keep_draw [B, N]` decides [MASK] per slot; `scores` are
+    `[B, L]` candidate scores (without replacement) or `[B, N]` slot draws (with replacement)."""
     n = keep_draw.shape[1]
     real = attention_mask != 0
     candidate = real & ~torch.isin(input_ids, special_ids)
-    # round half to even, as tf.round in the reference; float64 keeps e.g. 0.15 * 100 exact enough
-    k = torch.round(real.sum(1).double() * mask_prob).clamp(1, n).long()
-    k = torch.minimum(k, candidate.sum(1))
-    top = torch.where(candidate, scores, -1.0).topk(n, dim=1).indices
-    valid = torch.arange(n, device=input_ids.device) < k[:, None]
-    # Sort real positions ascending, padding last (keyed past L), then point padding slots at position 0.
-    seq_len = input_ids.shape[1]
-    key = torch.where(valid, top, seq_len + torch.arange(n, device=input_ids.device))
-    positions = torch.where(valid, key.sort(dim=1).values, 0)
+    n_cands = candidate.sum(1)
+    k = real_slots(real.sum(1), mask_prob, n)
+    slot = torch.arange(n, device=input_ids.device)
+    if replacement:
+        # As the reference: K_b draws even from fewer candidates; none from a row without any (the reference's
+        # sampling distribution is 0/0 there).
+        valid = (slot < k[:, None]) & (n_cands[:, None] > 0)
+        # The r-th candidate of the row, r uniform in [0, C): the first column whose candidate count exceeds r.
+        rank = (scores.double() * n_cands[:, None]).long().clamp(max=(n_cands[:, None] - 1).clamp(min=0))
+        drawn = torch.searchsorted(candidate.long().cumsum(1), rank, right=True)
+        positions = torch.where(valid, drawn, 0)
+    else:
+        valid = slot < torch.minimum(k, n_cands)[:, None]
+        top = torch.where(candidate, scores, -1.0).topk(n, dim=1).indices
+        # Sort real positions ascending, padding last (keyed past L), then point padding slots at position 0.
+        key = torch.where(valid, top, input_ids.shape[1] + slot)
+        positions = torch.where(valid, key.sort(dim=1).values, 0)
     to_mask = valid & (keep_draw < MASK_REPLACE_PROB)
-    # scatter_add is safe with the duplicate padding positions: they add 0.
+    # scatter_add: padding slots (position 0) add 0; a position drawn twice is [MASK] if either slot says so.
     hit = torch.zeros_like(input_ids).scatter_add_(1, positions, to_mask.to(input_ids.dtype)) > 0
     masked_ids = torch.where(hit, torch.full_like(input_ids, mask_token_id), input_ids)
     return masked_ids, positions, valid.float()
@@ -46,13 +72,14 @@ def mask_tokens_reference(input_ids, attention_mask, special_ids, scores, keep_d
 
 @torch.library.custom_op("electra_fast::mask_tokens", mutates_args=())
 def _mask_tokens_op(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: torch.Tensor,
-                    scores: torch.Tensor, keep_draw: torch.Tensor, mask_prob: float,
-                    mask_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return mask_tokens_reference(input_ids, attention_mask, special_ids, scores, keep_draw, mask_prob, mask_token_id)
+                    scores: torch.Tensor, keep_draw: torch.Tensor, mask_prob: float, mask_token_id: int,
+                    replacement: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return mask_tokens_reference(input_ids, attention_mask, special_ids, scores, keep_draw, mask_prob, mask_token_id,
+                                 replacement)
 
 
 @_mask_tokens_op.register_fake
-def _(input_ids, attention_mask, special_ids, scores, keep_draw, mask_prob, mask_token_id):
+def _(input_ids, attention_mask, special_ids, scores, keep_draw, mask_prob, mask_token_id, replacement):
     b, n = keep_draw.shape
     return (torch.empty_like(input_ids), input_ids.new_empty((b, n), dtype=torch.int64),
             input_ids.new_empty((b, n), dtype=torch.float32))
@@ -60,8 +87,8 @@ def _(input_ids, attention_mask, special_ids, scores, keep_draw, mask_prob, mask
 
 def mask_tokens(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *, mask_prob: float = 0.15,
                 mask_token_id: int, special_token_ids: Union[Sequence[int], torch.Tensor],
-                max_predictions: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                backend: Optional[str] = None):
+                max_predictions: Optional[int] = None, replacement: bool = False,
+                generator: Optional[torch.Generator] = None, backend: Optional[str] = None):
     """Choose the positions to predict and mask them (SPEC 1.1).
 
     Args:
@@ -71,13 +98,16 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] 
         mask_token_id: id of `[MASK]`.
         special_token_ids: ids never chosen (`[CLS]`, `[SEP]`, `[MASK]`, `[PAD]`, ...).
         max_predictions: slots per row N; default `int((mask_prob + 0.005) * L)`.
+        replacement: False (default): K_b distinct positions. True: the reference's draw, K_b positions drawn
+            independently (with replacement: a position may fill several slots), in draw order.
         generator: torch RNG for the draws (default: the global one, so `torch.manual_seed` applies).
 
     Returns:
-        `(masked_ids [B, L], positions [B, N] int64, weights [B, N] float32)`. Row b has
-        `min(max(1, min(N, round(sum(mask_b) * mask_prob))), candidates_b)` real slots (weight 1) first,
-        sorted by position, then padding slots (position 0, weight 0). Each real slot becomes `[MASK]`
-        with probability 0.85, otherwise keeps its token.
+        `(masked_ids [B, L], positions [B, N] int64, weights [B, N] float32)`. Row b has K_b =
+        `max(1, min(N, round(sum(mask_b) * mask_prob)))` real slots (weight 1) first, the product rounded in float32
+        as the reference does; without replacement at most as many as the row has candidates, with replacement none
+        in a row without candidates. Then padding slots (position 0, weight 0). Without replacement the real slots
+        are sorted by position. Each real slot becomes `[MASK]` with probability 0.85, otherwise keeps its token.
     """
     check_tensor(input_ids, "input_ids", ndim=2, dtypes=INT_DTYPES)
     if attention_mask is None:
@@ -89,6 +119,8 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] 
         raise ValueError(f"mask_prob must be a number in (0, 1), got {mask_prob!r}")
     if isinstance(mask_token_id, bool) or not isinstance(mask_token_id, int) or mask_token_id < 0:
         raise TypeError(f"mask_token_id must be a non-negative int, got {mask_token_id!r}")
+    if not isinstance(replacement, bool):
+        raise TypeError(f"replacement must be a bool, got {replacement!r}")
     b, seq_len = input_ids.shape
     if seq_len == 0:
         raise ValueError(f"input_ids must have a non-empty sequence dimension, got shape {tuple(input_ids.shape)}")
@@ -100,7 +132,11 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] 
         special = special_token_ids.to(device=device, dtype=input_ids.dtype).reshape(-1)
     else:
         special = torch.tensor(list(special_token_ids), dtype=input_ids.dtype, device=device)
-    resolve("mask_tokens", backend, device)  # only the reference exists; an explicit kernel backend raises
-    scores = torch.rand((b, seq_len), device=device, generator=generator)
+    _, kernel = resolve("mask_tokens", backend, device)
+    if kernel is not None:
+        return kernel(input_ids.contiguous(), attention_mask.contiguous(), special, draw_seed(device, generator),
+                      float(mask_prob), mask_token_id, n, replacement)
+    scores = torch.rand((b, n if replacement else seq_len), device=device, generator=generator)
     keep_draw = torch.rand((b, n), device=device, generator=generator)
-    return _mask_tokens_op(input_ids, attention_mask, special, scores, keep_draw, float(mask_prob), mask_token_id)
+    return _mask_tokens_op(input_ids, attention_mask, special, scores, keep_draw, float(mask_prob), mask_token_id,
+                           replacement)

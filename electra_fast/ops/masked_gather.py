@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from electra_fast.ops._backend import resolve
-from electra_fast.ops._checks import INT_DTYPES, check_same_device, check_tensor
+from electra_fast.ops._checks import INT_DTYPES, check_ids, check_same_device, check_tensor
 
 
 def masked_gather_reference(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -68,6 +68,7 @@ def masked_gather(hidden: torch.Tensor, positions: torch.Tensor, *, backend: Opt
         raise ValueError(f"positions must have batch size {hidden.shape[0]} (that of hidden), got shape "
                          f"{tuple(positions.shape)}")
     check_same_device({"hidden": hidden, "positions": positions})
+    check_ids(positions, "positions", hidden.shape[1], "L")
     _, kernel = resolve("masked_gather", backend, hidden.device, hidden.dtype)
     hidden, positions = hidden.contiguous(), positions.long().contiguous()
     return (kernel or _masked_gather_op)(hidden, positions)

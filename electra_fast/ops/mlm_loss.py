@@ -3,28 +3,41 @@
 `loss = sum(w * ce) / (sum(w) + 1e-6)`, `sampled = argmax(logits / T + gumbel)`, `correct = argmax(logits) == target`.
 The backward is `(softmax - onehot) * w / (sum(w) + 1e-6)`, recomputed from the saved per-row log-sum-exp
 so nothing else of size `[M, V]` is kept. Kernels fuse all of it into one pass over each logit row.
+Logits may be padded, `[M, W]` with only the first `vocab_size` columns real (a vocabulary padded to a multiple of
+128 gives rows the kernels read with 16-byte loads): padded columns never reach the loss, the argmax or the sampler,
+and their gradient is exactly 0.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from electra_fast.ops._backend import draw_seed, resolve
 from electra_fast.ops._checks import FLOAT_DTYPES, INT_DTYPES, acc_dtype, check_logits, check_same_device, check_shape, \
-    check_tensor, check_temperature
+    check_ids, check_tensor, check_temperature, check_vocab_size
 from electra_fast.ops.gumbel_sample import disallow_ids, gumbel_scores
 
 WEIGHT_EPS = 1e-6  # the reference's denominator guard: a batch with no real slot gives loss 0, not NaN
 
 
-def mlm_loss_and_sample_reference(logits, targets, weights, uniform, temperature: float, disallow_correct: bool):
-    """Returns `(loss, sampled, correct, lse)`; lse `[M]` (fp32, fp64 for fp64 logits) is what the backward needs."""
+def weighted_mean(ce: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`sum(w * ce) / (sum(w) + 1e-6)` where a weight-0 row adds exactly 0, even if its ce is not finite (a padding
+    slot whose target logit is -inf), as the kernels do."""
+    return torch.where(w != 0, w * ce, 0.0).sum() / (w.sum() + WEIGHT_EPS)
+
+
+def mlm_loss_and_sample_reference(logits, targets, weights, uniform, temperature: float, disallow_correct: bool,
+                                  vocab_size: int):
+    """Returns `(loss, sampled, correct, lse)`; lse `[M]` (fp32, fp64 for fp64 logits) is what the backward needs.
+    Only `logits[:, :vocab_size]` is read (the same as masking the padding to -inf); `uniform` is `[M, vocab_size]`."""
+    logits = logits[:, :vocab_size]
     x = logits.to(acc_dtype(logits.dtype))
     lse = torch.logsumexp(x, dim=1)
     ce = lse - x.gather(1, targets[:, None])[:, 0]
     w = weights.to(x.dtype)
-    loss = (w * ce).sum() / (w.sum() + WEIGHT_EPS)
+    loss = weighted_mean(ce, w)
     correct = x.argmax(dim=1) == targets
     scores = gumbel_scores(logits, uniform, temperature)
     if disallow_correct:
@@ -32,22 +45,23 @@ def mlm_loss_and_sample_reference(logits, targets, weights, uniform, temperature
     return loss, scores.argmax(dim=1), correct, lse
 
 
-def mlm_loss_backward_reference(grad_loss, logits, targets, weights, lse):
+def mlm_loss_backward_reference(grad_loss, logits, targets, weights, lse, vocab_size: int):
     w = weights.to(lse.dtype)
     scale = (w / (w.sum() + WEIGHT_EPS) * grad_loss)[:, None]
-    grad = torch.exp(logits.to(lse.dtype) - lse[:, None])
+    grad = torch.exp(logits[:, :vocab_size].to(lse.dtype) - lse[:, None])
     grad.scatter_add_(1, targets[:, None], -torch.ones_like(grad[:, :1]))
-    return (grad * scale).to(logits.dtype)
+    return F.pad((grad * scale).to(logits.dtype), (0, logits.shape[1] - vocab_size))  # padded columns: exactly 0
 
 
 @torch.library.custom_op("electra_fast::mlm_loss_and_sample", mutates_args=())
 def _mlm_op(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, uniform: torch.Tensor,
-            temperature: float, disallow_correct: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return mlm_loss_and_sample_reference(logits, targets, weights, uniform, temperature, disallow_correct)
+            temperature: float, disallow_correct: bool, vocab_size: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return mlm_loss_and_sample_reference(logits, targets, weights, uniform, temperature, disallow_correct, vocab_size)
 
 
 @_mlm_op.register_fake
-def _(logits, targets, weights, uniform, temperature, disallow_correct):
+def _(logits, targets, weights, uniform, temperature, disallow_correct, vocab_size):
     m, acc = logits.shape[0], acc_dtype(logits.dtype)
     return (logits.new_empty((), dtype=acc), logits.new_empty((m,), dtype=torch.int64),
             logits.new_empty((m,), dtype=torch.bool), logits.new_empty((m,), dtype=acc))
@@ -55,26 +69,27 @@ def _(logits, targets, weights, uniform, temperature, disallow_correct):
 
 @torch.library.custom_op("electra_fast::mlm_loss_backward", mutates_args=())
 def _mlm_backward_op(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
-                     lse: torch.Tensor) -> torch.Tensor:
-    return mlm_loss_backward_reference(grad_loss, logits, targets, weights, lse)
+                     lse: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    return mlm_loss_backward_reference(grad_loss, logits, targets, weights, lse, vocab_size)
 
 
 @_mlm_backward_op.register_fake
-def _(grad_loss, logits, targets, weights, lse):
+def _(grad_loss, logits, targets, weights, lse, vocab_size):
     return torch.empty_like(logits)
 
 
 def register_mlm_autograd(mlm_op, backward_op) -> None:
-    """Autograd of an MLM op `(logits, targets, weights, ...) -> (loss, sampled, correct, *saved)` whose backward is
-    `backward_op(grad_loss, logits, targets, weights, *saved)` (saved[0] is the per-row lse). Shared by the
-    reference and the kernel backends."""
+    """Autograd of an MLM op `(logits, targets, weights, ..., vocab_size) -> (loss, sampled, correct, *saved)` whose
+    backward is `backward_op(grad_loss, logits, targets, weights, *saved, vocab_size)`: the op's LAST input is the
+    int vocabulary size V (columns >= V are padding, their gradient must be exactly 0) and saved[0] is the per-row
+    lse. Shared by the reference and the kernel backends."""
     def setup(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:3], *output[3:])
-        ctx.num_inputs = len(inputs)
+        ctx.num_inputs, ctx.vocab_size = len(inputs), inputs[-1]
 
     def backward(ctx, grad_loss, *_):
         saved = ctx.saved_tensors
-        grad = backward_op(grad_loss.to(saved[3].dtype).contiguous(), *saved)
+        grad = backward_op(grad_loss.to(saved[3].dtype).contiguous(), *saved, ctx.vocab_size)
         return (grad,) + (None,) * (ctx.num_inputs - 1)
 
     mlm_op.register_autograd(backward, setup_context=setup)
@@ -85,22 +100,28 @@ register_mlm_autograd(_mlm_op, _mlm_backward_op)
 
 def mlm_loss_and_sample(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, *,
                         temperature: float = 1.0, disallow_correct: bool = False,
-                        generator: Optional[torch.Generator] = None, backend: Optional[str] = None):
+                        generator: Optional[torch.Generator] = None, backend: Optional[str] = None,
+                        vocab_size: Optional[int] = None):
     """Masked-LM loss and Gumbel-max replacement samples from one set of logits.
 
     Args:
-        logits: `[M, V]` generator logits at the M gathered slots (fp32/fp16/bf16).
+        logits: `[M, W]` generator logits at the M gathered slots (fp32/fp16/bf16); the first V = `vocab_size`
+            columns are the vocabulary.
         targets: `[M]` original token ids, each in `[0, V)` (padding slots too: use any valid id).
         weights: `[M]` slot weights (1 real, 0 padding).
         temperature: sampling temperature > 0 (the loss is always at T = 1).
         disallow_correct: forbid sampling the original token.
         generator: torch RNG for the sampling noise.
+        vocab_size: the real vocabulary V <= W (None: V = W). Columns >= V are padding (e.g. a vocabulary padded to
+            a multiple of 128, whose rows the kernels read with 16-byte loads): they never reach the loss, the
+            log-sum-exp, `correct` or the sampler, whatever they hold, and their gradient is exactly 0.
 
     Returns:
         `(loss, sampled, correct)`: fp32 scalar `sum(w * ce) / (sum(w) + 1e-6)`, differentiable w.r.t. logits;
-        `[M]` int64 samples (no gradient); `[M]` bool, whether `argmax(logits) == targets`.
+        `[M]` int64 samples in `[0, V)` (no gradient); `[M]` bool, whether `argmax(logits[:, :V]) == targets`.
     """
     check_logits(logits)
+    vocab_size = check_vocab_size(vocab_size, logits.shape[1])
     m = logits.shape[0]
     check_tensor(targets, "targets", ndim=1, dtypes=INT_DTYPES)
     check_shape(targets, "targets", (m,), "one per row of logits")
@@ -108,11 +129,13 @@ def mlm_loss_and_sample(logits: torch.Tensor, targets: torch.Tensor, weights: to
     check_shape(weights, "weights", (m,), "one per row of logits")
     check_same_device({"logits": logits, "targets": targets, "weights": weights})
     temperature = check_temperature(temperature)
+    check_ids(targets, "targets", vocab_size, "vocab_size")
     logits, targets, weights = logits.contiguous(), targets.long().contiguous(), weights.float().contiguous()
     _, kernel = resolve("mlm_loss_and_sample", backend, logits.device, logits.dtype)
     if kernel is not None:
         return kernel(logits, targets, weights, draw_seed(logits.device, generator), temperature,
-                      bool(disallow_correct))
-    uniform = torch.rand(logits.shape, device=logits.device, dtype=torch.float32, generator=generator)
-    loss, sampled, correct, _ = _mlm_op(logits, targets, weights, uniform, temperature, bool(disallow_correct))
+                      bool(disallow_correct), vocab_size)
+    uniform = torch.rand((m, vocab_size), device=logits.device, dtype=torch.float32, generator=generator)
+    loss, sampled, correct, _ = _mlm_op(logits, targets, weights, uniform, temperature, bool(disallow_correct),
+                                        vocab_size)
     return loss, sampled, correct

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from electra_fast.ops._backend import resolve
-from electra_fast.ops._checks import FLOAT_DTYPES, INT_DTYPES, check_same_device, check_shape, check_tensor
+from electra_fast.ops._checks import FLOAT_DTYPES, INT_DTYPES, check_ids, check_same_device, check_shape, check_tensor
 
 
 def replace_tokens_reference(input_ids, positions, weights, sampled):
@@ -53,6 +53,7 @@ def replace_tokens(input_ids: torch.Tensor, positions: torch.Tensor, weights: to
         raise ValueError(f"sampled must have {positions.numel()} elements (one per slot of positions "
                          f"{tuple(positions.shape)}), got shape {tuple(sampled.shape)}")
     check_same_device({"input_ids": input_ids, "positions": positions, "weights": weights, "sampled": sampled})
+    check_ids(positions, "positions", input_ids.shape[1], "L")
     _, kernel = resolve("replace_tokens", backend, input_ids.device)
     args = (input_ids.contiguous(), positions.long().contiguous(), weights.float().contiguous(),
             sampled.reshape(positions.shape).long().contiguous())

@@ -1,0 +1,97 @@
+"""Batches of tokenized rows for the loops people already have: `transformers.Trainer`, `accelerate`, a plain
+`torch.utils.data.DataLoader`.
+
+The collator only pads. Masking, the generator's samples and the discriminator's labels are made inside
+`ElectraPretrainer`'s step, on the device, with static shapes and no host sync; so a batch carries the original
+ids and no `labels`.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Dict, List, Optional
+
+import torch
+
+_FIELDS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _positive_int(value, name: str) -> Optional[int]:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    return value
+
+
+class ElectraDataCollator:
+    """Pads tokenized rows into `input_ids`, `attention_mask` and `token_type_ids`, int64 `[B, L]` tensors.
+
+    Unlike transformers' `DataCollatorForLanguageModeling`, it does not mask tokens and makes no `labels`:
+    `ElectraPretrainer` masks inside its step (fresh masks every step, static shapes, no host sync), so the
+    collator hands it the original ids.
+
+    Args:
+        tokenizer: where the [PAD] id comes from: a `tokenizers.Tokenizer`, a transformers tokenizer, or a
+            tokenizer.json / vocab.txt / directory (see `electra_fast.pretrainer.tokenizer_ids`). Only the id is
+            kept.
+        pad_token_id: the id padding gets; wins over the tokenizer's. One of the two is needed: there is no default.
+        pad_to_multiple_of: L is the longest row rounded up to a multiple of this (8 suits tensor cores and bounds
+            how many shapes `torch.compile` sees); None: the longest row.
+        max_length: pad every batch to exactly this L (one shape for the whole run: one compiled graph, CUDA-graph
+            capture); longer rows are an error (truncate while tokenizing). Overrides `pad_to_multiple_of`.
+
+    Each example is a mapping with `input_ids` (a list, 1-D tensor or array of ids) and optionally
+    `attention_mask` (else all 1) and `token_type_ids` (else all 0) of the same length; other keys are ignored.
+    """
+
+    def __init__(self, tokenizer=None, *, pad_token_id: Optional[int] = None, pad_to_multiple_of: Optional[int] = 8,
+                 max_length: Optional[int] = None):
+        if pad_token_id is None:
+            if tokenizer is None:
+                raise ValueError("ElectraDataCollator needs tokenizer= or pad_token_id= (the id of [PAD]), got "
+                                 "neither")
+            from electra_fast.pretrainer import tokenizer_ids
+
+            pad_token_id = tokenizer_ids(tokenizer)["pad_token_id"]
+        if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or pad_token_id < 0:
+            raise ValueError(f"pad_token_id must be an int >= 0, got {pad_token_id!r}")
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = _positive_int(pad_to_multiple_of, "pad_to_multiple_of")
+        self.max_length = _positive_int(max_length, "max_length")
+
+    def _length(self, longest: int) -> int:
+        if self.max_length is not None:
+            return self.max_length
+        m = self.pad_to_multiple_of or 1
+        return max(-(-longest // m) * m, m)
+
+    def __call__(self, examples: List[Mapping]) -> Dict[str, torch.Tensor]:
+        if len(examples) == 0:
+            raise ValueError("ElectraDataCollator got an empty list of examples: a batch needs at least one row")
+        rows = []
+        for i, ex in enumerate(examples):
+            if not isinstance(ex, Mapping) or "input_ids" not in ex:
+                what = f"keys {sorted(ex)}" if isinstance(ex, Mapping) else type(ex).__name__
+                raise ValueError(f"example {i} must be a mapping with 'input_ids' (and optionally 'attention_mask', "
+                                 f"'token_type_ids'), got {what}")
+            row = {k: torch.as_tensor(ex[k], dtype=torch.long) for k in _FIELDS if ex.get(k) is not None}
+            n = row["input_ids"].numel()
+            for k, t in row.items():
+                if t.dim() != 1 or t.numel() != n:
+                    raise ValueError(f"example {i}: {k} must be 1-D with as many entries as input_ids ({n}), got "
+                                     f"shape {tuple(t.shape)}")
+            if self.max_length is not None and n > self.max_length:
+                raise ValueError(f"example {i} has {n} tokens, more than max_length={self.max_length}: truncate "
+                                 "while tokenizing (truncation=True, max_length=...) or raise max_length")
+            rows.append(row)
+        b, length = len(rows), self._length(max(r["input_ids"].numel() for r in rows))
+        batch = {"input_ids": torch.full((b, length), self.pad_token_id, dtype=torch.long),
+                 "attention_mask": torch.zeros(b, length, dtype=torch.long),
+                 "token_type_ids": torch.zeros(b, length, dtype=torch.long)}
+        for i, row in enumerate(rows):
+            n = row["input_ids"].numel()
+            batch["attention_mask"][i, :n] = 1  # replaced by the example's own mask where it has one
+            for k, t in row.items():
+                batch[k][i, :n] = t
+        return batch
+
+
+__all__ = ["ElectraDataCollator"]

@@ -1,0 +1,130 @@
+"""Trainer options around the step: the reference optimizer (and its resume), skipped non-finite steps in the
+metrics, fp16 with a loss scale, --cuda-graph on a CPU, and the Ctrl-C hint."""
+import dataclasses
+import json
+import os
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("tokenizers")
+
+import electra_fast.train as train_mod  # noqa: E402
+from electra_fast.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
+from electra_fast.cli import main  # noqa: E402
+from electra_fast.pretrainer import ElectraPretrainer  # noqa: E402
+from electra_fast.train import TrainConfig, train  # noqa: E402
+
+VOLATILE = ("tokens_per_s",)
+
+
+def config(dataset, out, **kw):
+    base = dict(preset="tiny", data=[dataset], output_dir=str(out), steps=4, batch_size=8, seq_len=32,
+                log_interval=1, save_interval=2, seed=random.randrange(1 << 20), threads=1, progress=False,
+                export=False, device="cpu")
+    return TrainConfig(**{**base, **kw})
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(l).items() if k not in VOLATILE} for l in f]
+
+
+def checkpoint(out, step):
+    return load_checkpoint(os.path.join(out, "checkpoints", f"checkpoint-{step:08d}.pt"))
+
+
+class Killed(Exception):
+    pass
+
+
+def test_reference_optimizer_trains_and_resumes_exactly(dataset, tmp_path, monkeypatch):
+    cfg = config(dataset, tmp_path / "straight", optimizer="reference", warmup_steps=1)
+    train(cfg)
+    want = read_metrics(cfg.output_dir)
+    assert len({r["loss"] for r in want}) == 4
+    state = checkpoint(cfg.output_dir, 4)["optimizer"]["state"]
+    # AdamWeightDecay keeps no step counter (no bias correction); torch's AdamW would add "step".
+    assert {k for s in state.values() for k in s} == {"exp_avg", "exp_avg_sq"}
+
+    cfg2 = dataclasses.replace(cfg, output_dir=str(tmp_path / "resumed"))
+    real_seed = train_mod.chunk_seed
+
+    def dying(seed, step, chunk):
+        if step == 2:
+            raise Killed
+        return real_seed(seed, step, chunk)
+
+    monkeypatch.setattr(train_mod, "chunk_seed", dying)
+    with pytest.raises(Killed):
+        train(cfg2)
+    monkeypatch.setattr(train_mod, "chunk_seed", real_seed)
+    train(cfg2, resume=checkpoint(cfg2.output_dir, 2))
+    assert read_metrics(cfg2.output_dir) == want
+    a, b = checkpoint(cfg.output_dir, 4), checkpoint(cfg2.output_dir, 4)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    with pytest.raises(train_mod.InputError, match="--optimizer adamw differs from the checkpoint's reference"):
+        train(dataclasses.replace(cfg2, optimizer="adamw", steps=6), resume=b)
+
+
+def test_non_finite_step_is_skipped_and_counted(dataset, tmp_path, monkeypatch):
+    calls, forward = [], ElectraPretrainer.forward
+
+    def nan_on_second_call(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        calls.append(1)
+        return dataclasses.replace(out, loss=out.loss * float("nan")) if len(calls) == 2 else out
+
+    monkeypatch.setattr(ElectraPretrainer, "forward", nan_on_second_call)
+    cfg = config(dataset, tmp_path / "run", save_interval=1, keep_checkpoints=0)
+    train(cfg)
+    records = read_metrics(cfg.output_dir)
+    assert [r["skipped_steps"] for r in records] == [0, 1, 1, 1]
+    assert records[1]["loss"] != records[1]["loss"]  # NaN: no applied step in that log window
+    assert all(r["loss"] == r["loss"] and r["grad_norm"] > 0 for r in records[2:])
+    before, after = checkpoint(cfg.output_dir, 1), checkpoint(cfg.output_dir, 2)
+    assert after["step_state"] == {"step": 2, "skipped": 1}  # the schedule moves on, the weights do not
+    for k, v in before["model"].items():
+        assert torch.equal(v, after["model"][k]), k
+    for p, s in before["optimizer"]["state"].items():
+        for k, v in s.items():
+            assert torch.equal(v, after["optimizer"]["state"][p][k]), (p, k)
+    later = checkpoint(cfg.output_dir, 3)["model"]
+    assert sum(not torch.equal(v, later[k]) for k, v in after["model"].items()) > len(later) // 2  # step 3 applied
+
+
+def test_fp16_keeps_a_loss_scale(dataset, tmp_path):
+    cfg = config(dataset, tmp_path / "run", fp16=True, steps=8, save_interval=8)
+    train(cfg)
+    state = checkpoint(cfg.output_dir, 8)["step_state"]
+    # Overflowing scaled gradients skip a step and halve the scale (GradScaler's rule); then steps apply.
+    assert 0 < state["good_steps"] <= 8 - state["skipped"] and state["loss_scale"] == 2.0 ** (16 - state["skipped"])
+    records = read_metrics(cfg.output_dir)
+    assert [r["loss_scale"] for r in records] == [2.0 ** (16 - r["skipped_steps"]) for r in records]
+    assert records[-1]["loss"] == records[-1]["loss"]
+    with pytest.raises(train_mod.InputError, match="--fp16 and --bf16"):
+        train(dataclasses.replace(cfg, bf16=True))
+
+
+def test_cuda_graph_flags_on_cpu(dataset, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    args = ["pretrain", "--data", dataset, "-o", out, "--steps", "1", "--batch-size", "8", "--seq-len", "32",
+            "--threads", "1", "--no-progress", "--no-export", "--device", "cpu"]
+    assert main(args + ["--cuda-graph"]) == 2
+    assert capsys.readouterr().err == ("electra-fast: error: --cuda-graph needs one process on a CUDA device, got 1 "
+                                       "process(es) on cpu: leave --cuda-graph out\n")
+    assert main(args + ["--no-cuda-graph"]) == 0
+    assert load_checkpoint(latest_checkpoint(os.path.join(out, "checkpoints")))["config"]["cuda_graph"] is False
+
+
+def test_ctrl_c_names_the_command_that_resumes(tmp_path, monkeypatch, capsys):
+    def interrupted(cfg, resume=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "train", interrupted)
+    out = str(tmp_path / "my run")
+    assert main(["pretrain", "-o", out, "--steps", "5"]) == 130
+    assert capsys.readouterr().err == (f"electra-fast: interrupted; `electra-fast pretrain --resume -o '{out}'` "
+                                       "continues from the last checkpoint\n")

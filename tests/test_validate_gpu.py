@@ -1,0 +1,55 @@
+"""CI runs the GPU validation script in its CPU smoke mode (issue 9.3), so the GPU run cannot die on a typo:
+every part runs as a subprocess, and the merged results (JSON, markdown, CSV) must exist and parse."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "validate_gpu.py")
+
+
+def _finite_numbers(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _finite_numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _finite_numbers(v)
+    elif isinstance(obj, float):
+        yield obj
+
+
+def test_smoke_run_writes_every_section(tmp_path):
+    out = tmp_path / "gpu"
+    done = subprocess.run([sys.executable, SCRIPT, "--smoke", "--out", str(out), "--budget-s", "300"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    assert set(res) >= {"env", "parts", "tests", "ops", "e2e", "targets"}
+    assert set(res["parts"]) == {"tests", "ops", "e2e-small", "e2e-base"}
+    assert all(p["status"] != "timeout" for p in res["parts"].values())
+    for key in ("torch", "cuda", "triton", "transformers", "driver", "device", "date"):
+        assert key in res["env"]
+    assert res["tests"]["passed"] + res["tests"]["skipped"] > 0  # junit read back
+    ops = res["ops"]["rows"]
+    assert {r["op"] for r in ops} >= {"mlm_loss_and_sample", "masked_gather", "rtd_bce_loss"}
+    assert all(r["ms"] > 0 and r["GB/s"] >= 0 for r in ops)
+    rows = [r for part in res["e2e"].values() for r in part["rows"]]
+    assert {r["impl"] for r in rows} == {"transformers", "hf-dropin", "ours"}
+    assert all("error" not in r and r["ms_per_step"] > 0 and math.isfinite(r["first_loss"]) for r in rows)
+    assert set(res["targets"]) == {"small_vs_hf_eager", "small_vs_hf_compiled", "base_vs_hf_eager", "base_mfu",
+                                   "mlm_frac_copy_bw"}
+    assert all(math.isfinite(x) for x in _finite_numbers(res))
+    md = (out / "validation.md").read_text()
+    for section in ("## GPU validation", "### Parts", "### GPU tests", "### Op microbenchmarks", "### End to end",
+                    "### Targets"):
+        assert section in md
+    assert (out / "ops" / "ops.csv").read_text().startswith("op,shape,pass,impl,ms")
+    assert (out / "e2e-small" / "e2e.csv").exists()
+    # a second call with one part merges into the same folder and keeps the others
+    again = subprocess.run([sys.executable, SCRIPT, "--smoke", "--out", str(out), "--part", "tests"],
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    res2 = json.loads((out / "results.json").read_text())
+    assert set(res2["parts"]) == {"tests", "ops", "e2e-small", "e2e-base"} and res2["ops"]["rows"] == res["ops"]["rows"]
