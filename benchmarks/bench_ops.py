@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -28,6 +29,8 @@ from common import bar_plot, copy_bandwidth_gbs, cycle, device, do_bench, enviro
     write_csv  # noqa: E402
 
 from electra_fast import ops  # noqa: E402
+from electra_fast.ops.layer_norm import dropout_add_layer_norm_reference  # noqa: E402
+from electra_fast.ops.mask_tokens import MASK_REPLACE_PROB, mask_tokens_reference  # noqa: E402
 from electra_fast.ops.masked_gather import masked_gather_reference  # noqa: E402
 from electra_fast.ops.mlm_loss import mlm_loss_and_sample_reference  # noqa: E402
 from electra_fast.ops.gumbel_sample import gumbel_sample_reference  # noqa: E402
@@ -37,7 +40,9 @@ from electra_fast.ops.rtd_head import rtd_head_reference  # noqa: E402
 
 VOCAB = 30522
 SHAPES = {"small": (128, 128, 256), "base": (64, 512, 768), "tiny": (2, 32, 16)}  # B, L, H (SPEC 5); tiny: --smoke
-VOCABS = {"tiny": 512}  # vocabulary per shape, VOCAB unless named
+VOCABS = {"tiny": 500}  # vocabulary per shape, VOCAB unless named
+EMBED = {"small": 128, "base": 768, "tiny": 16}  # the LM head's width E (embedding size)
+PAD_VOCAB = 128  # the models pad the vocabulary to a multiple of 128 (logit rows 16-byte aligned): so do the cases
 
 
 @dataclass
@@ -51,6 +56,7 @@ class Case:
     reference: Callable  # plain-torch function of the inputs, for torch.compile
     loss: Callable = lambda out: out  # output -> scalar to differentiate
     grad_inputs: tuple = (0,)  # which inputs the fwd+bwd pass differentiates
+    unfused: Optional[Callable] = None  # (backend, *inputs) -> outputs: what the fused op replaces, timed beside it
 
 
 def _positions(b, seq_len, n, device):
@@ -60,22 +66,65 @@ def _positions(b, seq_len, n, device):
 def cases(shape: str, device="cuda"):
     b, seq_len, h = SHAPES[shape]
     vocab = VOCABS.get(shape, VOCAB)
+    width = -(-vocab // PAD_VOCAB) * PAD_VOCAB  # the logits' row width inside the models
     n = ops.num_slots(seq_len, 0.15)
     m = b * n
+    e = EMBED[shape]
     bf16 = dict(device=device, dtype=torch.bfloat16)
 
+    def targets_weights():
+        return torch.randint(0, vocab, (m,), device=device), (torch.rand(m, device=device) > 0.05).float()
+
     def logits():
-        return torch.randn(m, vocab, **bf16) * 2, torch.randint(0, vocab, (m,), device=device), \
-            (torch.rand(m, device=device) > 0.05).float()
+        return (torch.randn(m, width, **bf16) * 2, *targets_weights())
+
+    def mlm_reference(x, t, w):
+        return mlm_loss_and_sample_reference(x, t, w, torch.rand(m, vocab, device=x.device), 1.0, False, vocab)[:3]
 
     yield Case("mlm_loss_and_sample", logits, m * vocab * 2 + m * 12, 2 * m * vocab * 2,
-               lambda be, x, t, w: ops.mlm_loss_and_sample(x, t, w, backend=be),
-               lambda x, t, w: mlm_loss_and_sample_reference(x, t, w, torch.rand(x.shape, device=x.device), 1.0,
-                                                             False)[:3],
+               lambda be, x, t, w: ops.mlm_loss_and_sample(x, t, w, vocab_size=vocab, backend=be), mlm_reference,
                loss=lambda out: out[0])
-    yield Case("gumbel_sample", lambda: (torch.randn(m, vocab, **bf16) * 2,), m * vocab * 2 + m * 8, None,
-               lambda be, x: ops.gumbel_sample(x, backend=be),
-               lambda x: gumbel_sample_reference(x, torch.rand(x.shape, device=x.device), 1.0))
+    yield Case("gumbel_sample", lambda: (torch.randn(m, width, **bf16) * 2,), m * vocab * 2 + m * 8, None,
+               lambda be, x: ops.gumbel_sample(x, vocab_size=vocab, backend=be),
+               lambda x: gumbel_sample_reference(x[:, :vocab], torch.rand(m, vocab, device=x.device), 1.0))
+
+    def head():  # the generator's LM head input, the tied (padded) word table and its bias
+        return (torch.randn(m, e, **bf16), torch.randn(width, e, **bf16) * 0.02, torch.zeros(width, **bf16),
+                *targets_weights())
+
+    # Least bytes: the fused op reads hidden and the table once and never writes the logits; the backward writes the
+    # gradients of hidden and of the table. "unfused" (F.linear + our MLM op) and torch.compile write [M, V] logits.
+    yield Case("lm_head_loss_and_sample", head, (m * e + width * e + width) * 2 + m * 12, (m * e + width * e) * 2,
+               lambda be, h, wt, bias, t, w: ops.lm_head_loss_and_sample(h, wt, bias, t, w, vocab_size=vocab,
+                                                                          backend=be),
+               lambda h, wt, bias, t, w: mlm_reference(F.linear(h, wt, bias), t, w),
+               loss=lambda out: out[0], grad_inputs=(0, 1, 2),
+               unfused=lambda be, h, wt, bias, t, w: ops.mlm_loss_and_sample(F.linear(h, wt, bias), t, w,
+                                                                             vocab_size=vocab, backend=be))
+
+    def mask_inputs():
+        ids = torch.randint(5, vocab, (b, seq_len), device=device)
+        ids[:, 0], ids[:, -1] = 1, 2
+        return ids, torch.ones_like(ids), torch.tensor([0, 1, 2, 3], device=device)
+
+    def mask_reference(ids, mask, special):
+        scores = torch.rand(ids.shape, device=ids.device)
+        keep = torch.rand(b, n, device=ids.device)
+        return mask_tokens_reference(ids, mask, special, scores, keep, 0.15, 3)
+
+    yield Case("mask_tokens", mask_inputs, b * seq_len * (8 + 8 + 8) + m * (8 + 4), None,
+               lambda be, ids, mask, special: ops.mask_tokens(ids, mask, mask_prob=0.15, mask_token_id=3,
+                                                              special_token_ids=special, backend=be),
+               mask_reference)
+
+    def norm_inputs():  # one residual + dropout + LayerNorm site of the encoder, [B * L, H]
+        return (torch.randn(b * seq_len, h, **bf16), torch.randn(b * seq_len, h, **bf16), torch.ones(h, **bf16),
+                torch.zeros(h, **bf16))
+
+    yield Case("dropout_add_layer_norm", norm_inputs, 3 * b * seq_len * h * 2, 4 * b * seq_len * h * 2,
+               lambda be, x, r, w, bias: ops.dropout_add_layer_norm(x, r, w, bias, p=0.1, eps=1e-12, backend=be),
+               lambda x, r, w, bias: dropout_add_layer_norm_reference(x, r, w, bias, 0.1, 1e-12),
+               loss=lambda out: out.float().square().sum(), grad_inputs=(0, 1, 2, 3))
     yield Case("masked_gather", lambda: (torch.randn(b, seq_len, h, **bf16), _positions(b, seq_len, n, device)),
                2 * m * h * 2 + m * 8, m * h * 2 + b * seq_len * h * 2,
                lambda be, x, p: ops.masked_gather(x, p, backend=be), masked_gather_reference,
@@ -107,21 +156,28 @@ def cases(shape: str, device="cuda"):
 SAMPLING_OPS = ("mlm_loss_and_sample", "gumbel_sample")
 
 
-def implementations(op: str, smoke: bool = False) -> list:
-    """Every backend available for `op`, the Triton samplers side by side for the sampling ops, torch.compile.
-    `smoke` (a CPU check of this script): the torch reference only."""
+def implementations(case: Case, smoke: bool = False) -> list:
+    """Every backend available for the op, the Triton samplers side by side for the sampling ops, the unfused
+    chain a fused op replaces ("unfused:<backend>"), torch.compile of the reference. `smoke` (a CPU check of this
+    script): the torch reference, and its unfused chain."""
+    unfused = ["unfused:torch"] if case.unfused is not None else []
     if smoke:
-        return ["torch"]
-    impls = ops.available_backends("cuda", op)
-    if op in SAMPLING_OPS and "triton" in impls:
+        return ["torch"] + unfused
+    impls = ops.available_backends("cuda", case.op)
+    if case.op in SAMPLING_OPS and "triton" in impls:
         impls.insert(impls.index("triton") + 1, "triton:gumbel")  # "triton" runs the default "cdf" sampler
-    return impls + ["torch.compile"]
+    if case.unfused is not None:
+        unfused = [f"unfused:{b}" for b in ops.available_backends("cuda", "mlm_loss_and_sample")]
+    return impls + unfused + ["torch.compile"]
 
 
 def _timed(case: Case, impl: str, grad: bool, sets):
     """The callable to time for one implementation ('torch.compile', a backend name, or 'triton:<sampler>')."""
     if impl == "torch.compile":
         fn = torch.compile(case.reference)
+    elif impl.startswith("unfused:"):
+        def fn(*a):
+            return case.unfused(impl.split(":", 1)[1], *a)
     else:
         backend, _, sampler = impl.partition(":")
 
@@ -151,6 +207,18 @@ def _timed(case: Case, impl: str, grad: bool, sets):
     return call, time.perf_counter() - t0
 
 
+def peak_memory_mb(call) -> Optional[float]:
+    """Peak device memory of one call above what was allocated before it (inputs excluded); None on a CPU."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    call()
+    torch.cuda.synchronize()
+    return round((torch.cuda.max_memory_allocated() - before) / 2**20, 1)
+
+
 def run(op_names, shape_names, out_dir, smoke: bool = False):
     """Measure, writing ops.csv / env.json / PNGs under `out_dir` after every op and shape (a run stopped by a
     time limit keeps what it measured)."""
@@ -162,7 +230,7 @@ def run(op_names, shape_names, out_dir, smoke: bool = False):
         for case in cases(shape, device=dev):
             if case.op not in op_names:
                 continue
-            impls = implementations(case.op, smoke)
+            impls = implementations(case, smoke)
             passes = ["fwd"] + (["fwd+bwd"] if case.bwd_bytes is not None else [])
             sets = rotation(case.make, case.fwd_bytes)
             for p in passes:
@@ -171,13 +239,14 @@ def run(op_names, shape_names, out_dir, smoke: bool = False):
                     try:
                         call, first_s = _timed(case, impl, p == "fwd+bwd", sets)
                         ms = do_bench(call)
+                        peak_mb = peak_memory_mb(call)
                     except Exception as exc:  # one failing implementation must not lose the others' figures
                         print(f"{case.op} {shape} {p} {impl}: FAILED {type(exc).__name__}: {exc}", file=sys.stderr)
                         continue
                     gbs = nbytes / (ms * 1e-3) / 1e9
                     rows.append({"op": case.op, "shape": shape, "pass": p, "impl": impl, "ms": round(ms, 5),
                                  "GB/s": round(gbs, 1), "frac_copy_bw": round(gbs / copy_gbs, 3),
-                                 "bytes": nbytes, "first_call_s": round(first_s, 2)})
+                                 "bytes": nbytes, "first_call_s": round(first_s, 2), "peak_MB": peak_mb})
                     print(f"{case.op:22s} {shape:6s} {p:8s} {impl:14s} {ms:9.4f} ms {gbs:8.1f} GB/s "
                           f"{gbs / copy_gbs:6.1%} of copy", flush=True)
             if dev == "cuda":

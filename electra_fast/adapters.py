@@ -568,7 +568,8 @@ def _check_all_shareable(g: Adapter, d: Adapter) -> None:
     for key in gm:
         if _shapes(gm[key]) != _shapes(dm[key]):
             raise ValueError(f"cannot share the embeddings: the generator's {key} embedding parameters have shapes "
-                             f"{_shapes(gm[key])}, the discriminator's {_shapes(dm[key])} (or pass share_embeddings=False)")
+                             f"{_shapes(gm[key])}, the discriminator's {_shapes(dm[key])} "
+                             "(or pass share_embeddings=False)")
 
 
 def tie_gdes(generator, discriminator) -> list:
@@ -591,6 +592,54 @@ def tie_gdes(generator, discriminator) -> list:
         shared = getattr(*gs[k])
         setattr(*ds[k], GDESLayerNorm(shared) if isinstance(shared, nn.LayerNorm) else GDESEmbedding(shared))
     return keys
+
+
+# ------------------------------------------------------------------------------------------------ reload
+def is_adapter_export(directory: str) -> bool:
+    """Whether `directory/discriminator` holds a transformers model that is not ELECTRA's (the slim models load
+    ELECTRA checkpoints; `load_pair` loads the others)."""
+    import json
+
+    path = os.path.join(directory, "discriminator", "config.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return json.load(f).get("model_type") != "electra"
+
+
+def load_pair(directory: str, *, gdes: bool = False, **kwargs) -> tuple:
+    """`(generator, discriminator)` from `ElectraPretrainer.save_pretrained(directory)` of transformers models other
+    than ELECTRA: each in the class its `config.json` names (an `RTDDiscriminator` where `rtd_head.safetensors` is
+    beside the encoder). `gdes=True` wires GDES again with each delta = the discriminator's saved embedding minus
+    the generator's, so the pair reads exactly what was saved; otherwise `ElectraPretrainer` shares the
+    embeddings (the two checkpoints hold equal copies). `kwargs` go to `from_pretrained`."""
+    from electra_fast.hf import require_transformers
+
+    tf = require_transformers()
+
+    def load(sub):
+        path = os.path.join(directory, sub)
+        if os.path.isfile(os.path.join(path, HEAD_FILE)):
+            return RTDDiscriminator.from_pretrained(path, **kwargs)
+        config = tf.AutoConfig.from_pretrained(path)
+        names = getattr(config, "architectures", None) or []
+        if not names or not hasattr(tf, names[0]):
+            raise ValueError(f"{path}/config.json names no transformers class in `architectures`, got {names}")
+        return getattr(tf, names[0]).from_pretrained(path, **kwargs)
+
+    generator, discriminator = load("generator"), load("discriminator")
+    if gdes:
+        saved = _slots(adapt(discriminator, "discriminator"))
+        now = adapt(discriminator, "discriminator")
+        with torch.no_grad():
+            for k in tie_gdes(generator, discriminator):
+                m, old = _slots(now)[k], saved[k]
+                if isinstance(m, GDESEmbedding):
+                    m.delta.copy_(old.weight - m.shared.weight)
+                else:
+                    m.delta_weight.copy_(old.weight - m.shared.weight)
+                    m.delta_bias.copy_(old.bias - m.shared.bias)
+    return generator, discriminator
 
 
 # ----------------------------------------------------------------------------------------- DeBERTa-v3 recipe
@@ -659,4 +708,4 @@ def deberta_v3_pretrainer(preset: str, *, tokenizer=None, vocab_size: Optional[i
 __all__ = ["adapt", "Adapter", "RTDDiscriminator", "RTDHead", "GDESEmbedding", "GDESLayerNorm", "as_discriminator",
            "has_gdes", "plain_embeddings", "tie_embeddings", "tie_gdes", "embeddings_shared", "shared_keys",
            "pair_dims", "check_pair", "DEBERTA_V3_PRESETS", "DEBERTA_V3_CONFIG", "deberta_v3_models",
-           "deberta_v3_pretrainer"]
+           "deberta_v3_pretrainer", "load_pair", "is_adapter_export"]

@@ -5,6 +5,7 @@
     electra-fast pretrain --preset small --data data/ --bf16 --compile
     torchrun --nproc-per-node 8 -m electra_fast pretrain --preset base --data data/
     electra-fast export runs/small -o electra-small/   # discriminator/ + generator/ for transformers
+    electra-fast pretrain --arch deberta-v3 --preset xsmall --data corpus/   # RTD + GDES on DeBERTa-v2
 
 Bad input ends with one line, `electra-fast: error: ...` saying what to do, and exit code 2.
 """
@@ -38,18 +39,26 @@ def _add_pretrain(sub) -> None:
                                    "built-in corpus (Python's documentation), a minute or two on a CPU.")
     # Every default is None: what is not given comes from --config, then the checkpoint (--resume), then the preset.
     a = p.add_argument
-    a("--preset", choices=["tiny", "small", "base", "large"], help="model size and its defaults (default: tiny)")
+    a("--arch", choices=["electra", "deberta-v3"], help="electra (default): the slim ELECTRA models, WordPiece; "
+      "deberta-v3: DebertaV2ForMaskedLM generator of half the depth + DebertaV2Model discriminator with an RTD "
+      "head, GDES, RTD weight 50, a Unigram tokenizer trained on the text")
+    a("--preset", help="model size and its defaults (default: tiny): tiny, small, base or large; for --arch "
+      "deberta-v3: tiny, xsmall, small or base")
     a("--config", metavar="FILE", help="JSON file with any of these options (underscores), e.g. "
       '{"preset": "small", "model": {"num_hidden_layers": 6}}; command-line options win')
     a("--model", metavar="KEY=VALUE", type=_key_value, action="append",
       help="model config override, e.g. num_hidden_layers=6 or generator_hidden_size=128 (repeatable)")
-    a("--gdes", action="store_true", default=None, help="gradient-disentangled embedding sharing (DeBERTa-v3)")
+    a("--gdes", action=argparse.BooleanOptionalAction,
+      help="gradient-disentangled embedding sharing (default: on for --arch deberta-v3, off for electra)")
     a("--mask-prob", type=float, help="fraction of tokens masked (default: the preset's, 0.15 or 0.25)")
     a("--data", nargs="+", metavar="PATH", help="a prepared dataset directory, or text files/directories "
       "(one sentence per line, blank line between documents); default: the built-in corpus")
     a("--tokenizer", metavar="PATH", help="tokenizer.json, vocab.txt or a directory with one; default: the "
       "prepared dataset's, or one trained on the text")
     a("--vocab-size", type=int, help="vocabulary size of a tokenizer trained on the text (default 30522)")
+    a("--init-from", metavar="DIR", help="continue pretraining from transformers checkpoints: DIR/generator + "
+      "DIR/discriminator (a run's output or `export -o`), or a discriminator alone (fresh generator sized by the "
+      "preset's ratio); their tokenizer, if saved beside them, is used. Weights only: the schedule starts afresh")
     a("-o", "--output-dir", help="checkpoints, metrics and the exported model go here (default runs/<preset>)")
     a("--steps", type=int, help="optimizer steps (default: the preset's; 1M for small as the reference)")
     a("--batch-size", type=int, help="global batch per optimizer step (default: the preset's)")
@@ -112,7 +121,7 @@ def _read_config_file(path: str) -> dict:
 
 def _pretrain(args) -> int:
     from electra_fast.checkpoint import load_checkpoint
-    from electra_fast.train import TrainConfig, find_resume_checkpoint, train
+    from electra_fast.train import TrainConfig, default_output_dir, find_resume_checkpoint, train
 
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command", "config", "resume")}
     if "model" in given:
@@ -123,12 +132,13 @@ def _pretrain(args) -> int:
         raise InputError("model settings must be a JSON object of ElectraModelConfig fields")
     resume = None
     if args.resume:
-        output_dir = values.get("output_dir") or os.path.join("runs", values.get("preset", "tiny"))
+        output_dir = values.get("output_dir") or default_output_dir(values.get("arch", "electra"),
+                                                                    values.get("preset", "tiny"))
         resume = load_checkpoint(find_resume_checkpoint(args.resume, output_dir))
         values = {**resume["config"], **values}
     cfg = TrainConfig(**values)
     # Told on Ctrl-C (see main): the command that continues this run; the checkpoint holds every other setting.
-    output_dir = cfg.output_dir or os.path.join("runs", cfg.preset)
+    output_dir = cfg.output_dir or default_output_dir(cfg.arch, cfg.preset)
     args.resume_hint = f"electra-fast pretrain --resume -o {shlex.quote(output_dir)}"
     summary = train(cfg, resume=resume)
     if summary["eval"] is not None:
@@ -175,12 +185,22 @@ def _add_prepare(sub) -> None:
     p.set_defaults(func=_prepare)
 
 
+def _check_output(path: str) -> None:
+    """Fail at once (before torch is imported or a tokenizer trained), creating nothing, if `path` cannot become a
+    directory to write in: its nearest existing ancestor must be a writable directory."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        ensure_writable(path, "--output")  # fails, with the operating system's reason
+
+
 def _prepare(args) -> int:
     if args.seq_len is not None and args.seq_len < 5:
         raise InputError(f"--seq-len must be at least 5, got {args.seq_len}")
     if args.shard_size is not None and args.shard_size < 1:
         raise InputError(f"--shard-size must be a positive integer, got {args.shard_size}")
-    ensure_writable(args.output, "--output")  # at once: before torch is imported and the tokenizer trained
+    _check_output(args.output)
     from electra_fast.data import prepare_text
 
     if args.seq_len is None:
@@ -209,7 +229,7 @@ def _add_train_tokenizer(sub) -> None:
 
 
 def _train_tokenizer(args) -> int:
-    ensure_writable(args.output, "--output")  # at once: before torch is imported and the tokenizer trained
+    _check_output(args.output)
     from electra_fast.data.sources import TextSource, vocab_shortfall
     from electra_fast.data.tokenizer import save_tokenizer, train_tokenizer
 
@@ -240,8 +260,8 @@ def _export(args) -> int:
         output = args.checkpoint if os.path.isdir(args.checkpoint) else \
             os.path.dirname(os.path.dirname(os.path.abspath(args.checkpoint)))
     export(args.checkpoint, output)
-    print(f"wrote {os.path.join(output, 'discriminator')} (ElectraForPreTraining) and "
-          f"{os.path.join(output, 'generator')} (ElectraForMaskedLM)")
+    print(f"wrote {os.path.join(output, 'discriminator')} and {os.path.join(output, 'generator')} "
+          "(transformers format)")
     return 0
 
 

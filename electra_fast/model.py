@@ -103,7 +103,10 @@ PRESETS: dict[str, dict] = {
         discriminator=dict(embedding_size=32, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                            intermediate_size=128),
         generator=dict(hidden_size=32, num_attention_heads=1, intermediate_size=64),
-        mask_prob=0.15, lr=1e-3, batch_size=16, seq_len=64),
+        # lr: tuned for the demo (1000 steps of `electra-fast pretrain`, measured on held-out rows): at 1e-3 and 5e-4
+        # the generator outpaces a discriminator this small (ROC-AUC ~0.65 and 0.74, +0.000 and +0.005 accuracy over
+        # labelling every token original); at 3e-4, 0.88 and +0.032.
+        mask_prob=0.15, lr=3e-4, batch_size=16, seq_len=64),
     "small": dict(
         discriminator=dict(embedding_size=128, hidden_size=256, num_hidden_layers=12, num_attention_heads=4,
                            intermediate_size=1024),

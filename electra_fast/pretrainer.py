@@ -166,7 +166,8 @@ def _check_token_id(value, name: str, vocab_size: int) -> int:
 def _generate(generator, discriminator, input_ids, attention_mask, token_type_ids, *, mask_token_id,
               special_token_ids, mask_prob, temperature, disallow_correct, validate, rng, fused_lm_head):
     """The step up to the discriminator (checks, masking, generator loss and samples, replacement), shared by
-    `rtd_step` and `ElectraPretrainer.scores`: `(gen, disc, mlm_loss, correct [N], weights [N], disc_ids, is_replaced)`."""
+    `rtd_step` and `ElectraPretrainer.scores`:
+    `(gen, disc, mlm_loss, correct [N], weights [N], disc_ids, is_replaced)`."""
     gen, disc = check_pair(generator, discriminator)
     dims = adapters.pair_dims(gen, disc)
     check_inputs(input_ids, attention_mask, token_type_ids, vocab_size=dims["vocab_size"],
@@ -506,9 +507,10 @@ class ElectraPretrainer(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str, *, tokenizer=None, **kwargs) -> "ElectraPretrainer":
         """Load `directory/{discriminator,generator}/` (ours, or two checkpoints written by transformers'
-        `save_pretrained`) as slim models sharing one set of embeddings (the discriminator's; with GDES the
-        generator's, and the discriminator's `embeddings_delta` = its checkpoint's embeddings minus them; none with
-        `share_embeddings=False` in the settings).
+        `save_pretrained`). ELECTRA checkpoints become slim models sharing one set of embeddings (the
+        discriminator's; with GDES the generator's, and the discriminator's `embeddings_delta` = its checkpoint's embeddings minus them; none with
+        `share_embeddings=False` in the settings); other architectures (BERT, RoBERTa, DeBERTa-v2: see
+        `adapters.is_adapter_export`) load in their own transformers classes through `adapters.load_pair`.
 
         Settings, later ones winning: the saved `electra_fast.json` (ours), else a tokenizer saved beside the
         checkpoints (`directory`, `directory/generator` or `directory/discriminator`) for the ids; then
@@ -536,6 +538,10 @@ class ElectraPretrainer(nn.Module):
         pad = settings.pop("pad_token_id", None)
         overrides = {} if pad is None else {"pad_token_id": pad}
         gdes, share = settings.pop("gdes"), settings["share_embeddings"]
+        if adapters.is_adapter_export(directory):  # BERT, RoBERTa, DeBERTa-v2...: each in its own class
+            model = cls(*adapters.load_pair(directory, gdes=gdes, **overrides), gdes=gdes, **settings)
+            _check_tokenizer_fits(tokenizer_vocab, model.vocab_size)
+            return model
         disc_dir, gen_dir = os.path.join(directory, "discriminator"), os.path.join(directory, "generator")
         if gdes:
             generator = Generator.from_pretrained(gen_dir, **overrides)

@@ -19,7 +19,6 @@ saved in checkpoints, for anything else that draws from them.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import os
@@ -28,7 +27,7 @@ import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -39,18 +38,28 @@ from electra_fast.checkpoint import (latest_checkpoint, list_checkpoints, load_c
 from electra_fast.data import BUILTIN, BatchPlan, open_training_data, save_tokenizer, vocab_fingerprint
 from electra_fast.data.prefetch import Prefetcher
 from electra_fast.data.tokenizer import tokenizer_from_str
+from electra_fast.distributed import Dist, apply_fsdp, full_state_dicts, grad_sync, init_distributed, load_state_dicts
 from electra_fast.errors import InputError, ensure_writable, lock_directory
 from electra_fast.evaluate import evaluate, heldout
 from electra_fast.metrics_log import MetricsLog, _summary_writer_class
-from electra_fast.model import PRESETS, ElectraModelConfig
+from electra_fast.adapters import DEBERTA_V3_PRESETS, RTDDiscriminator
+from electra_fast.model import PRESETS, Discriminator, ElectraModelConfig
 from electra_fast.optim import AdamWeightDecay
 from electra_fast.pretrainer import ElectraPretrainer, param_groups
-from electra_fast.step import METRICS, DynamicLossScale, TrainStep, warmup_linear_decay
+from electra_fast.step import DynamicLossScale, TrainStep, warmup_linear_decay
+from electra_fast.warm_start import init_model, init_tokenizer
 
-# Reference training lengths (`configure_pretraining.py`); `tiny` is a demo that finishes in about a minute on a CPU.
+# Reference training lengths (`configure_pretraining.py`); `tiny` is a demo that finishes in a minute or two on a CPU.
 DEFAULT_STEPS = {"tiny": 1000, "small": 1_000_000, "base": 766_000, "large": 400_000}
 DEFAULT_WARMUP = 10_000
 OPTIMIZERS = ("adamw", "reference")
+ARCHS = ("electra", "deberta-v3")
+# The ELECTRA preset whose schedule (steps, batch, sequence length, LR) a DeBERTa-v3 size trains with by default.
+DEBERTA_V3_SCHEDULE = {"tiny": "tiny", "xsmall": "small", "small": "small", "base": "base"}
+
+
+def default_output_dir(arch: str, preset: str) -> str:
+    return os.path.join("runs", preset if arch == "electra" else f"{arch}-{preset}")
 
 
 @dataclass
@@ -61,15 +70,19 @@ class TrainConfig:
     `model`: `ElectraModelConfig` overrides for the discriminator (shared fields reach the generator) and
     `generator_hidden_size` / `generator_num_attention_heads` / `generator_intermediate_size`.
     `batch_size` is the global batch per optimizer step (all processes and accumulation steps together).
+    `arch="deberta-v3"`: `ElectraPretrainer.from_deberta_v3(preset)` (`model`: `DebertaV2Config` fields), GDES on by
+    default, mask_prob 0.15, a Unigram tokenizer trained on text; the schedule of `DEBERTA_V3_SCHEDULE[preset]`.
     """
     preset: str = "tiny"
+    arch: str = "electra"
     model: dict = field(default_factory=dict)
-    gdes: bool = False
+    gdes: Optional[bool] = None  # default: on for deberta-v3, off for electra
     mask_prob: Optional[float] = None
     data: Optional[List[str]] = None  # None: the built-in corpus
     tokenizer: Optional[str] = None
+    init_from: Optional[str] = None  # transformers checkpoints to continue from (electra_fast.warm_start)
     vocab_size: int = 30522  # for a tokenizer trained on the data
-    output_dir: Optional[str] = None  # default runs/<preset>
+    output_dir: Optional[str] = None  # default runs/<preset> (deberta-v3: runs/deberta-v3-<preset>)
     steps: Optional[int] = None
     batch_size: Optional[int] = None
     seq_len: Optional[int] = None
@@ -101,20 +114,35 @@ class TrainConfig:
 
     def resolved(self) -> "TrainConfig":
         """A copy with the preset's defaults filled in and every value checked."""
-        if self.preset not in PRESETS:
-            raise InputError(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        if self.arch not in ARCHS:
+            raise InputError(f"--arch must be one of {list(ARCHS)}, got {self.arch!r}")
+        presets = PRESETS if self.arch == "electra" else DEBERTA_V3_PRESETS
+        if self.preset not in presets:
+            raise InputError(f"--preset for --arch {self.arch} must be one of {sorted(presets)}, got {self.preset!r}")
         c = dataclasses.replace(self)
-        c.output_dir = c.output_dir or os.path.join("runs", c.preset)
-        c.steps = c.steps if c.steps is not None else DEFAULT_STEPS.get(c.preset, 100_000)
+        c.output_dir = c.output_dir or default_output_dir(c.arch, c.preset)
+        schedule = c.preset if c.arch == "electra" else DEBERTA_V3_SCHEDULE[c.preset]
+        c.steps = c.steps if c.steps is not None else DEFAULT_STEPS.get(schedule, 100_000)
+        if c.mask_prob is None and c.arch == "deberta-v3":
+            c.mask_prob = 0.15
         for name in ("batch_size", "seq_len", "lr", "mask_prob"):
             if getattr(c, name) is None:
-                setattr(c, name, PRESETS[c.preset][name])
+                setattr(c, name, PRESETS[schedule][name])
+        if c.gdes is None:
+            c.gdes = c.arch == "deberta-v3"
         if c.warmup_steps is None:
             c.warmup_steps = min(DEFAULT_WARMUP, c.steps // 10)
         c.adam_betas = tuple(c.adam_betas)
         for name in ("data", "eval_data"):  # absolute, so a resumed run finds the data from any working directory
             if getattr(c, name) is not None:
                 setattr(c, name, [p if p == BUILTIN else os.path.abspath(p) for p in getattr(c, name)])
+        c.init_from = c.init_from and os.path.abspath(c.init_from)
+        if c.init_from and c.arch != "electra":
+            raise InputError(f"--init-from works with --arch electra only, got --arch {c.arch}: for a saved "
+                             "DeBERTa-v3 pair use ElectraPretrainer.from_pretrained, or --resume a run")
+        if c.init_from and c.model:
+            raise InputError("--model changes the model's shape, which --init-from takes from its checkpoints: "
+                             "leave one of them out")
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_interval", "save_interval"):
             value = getattr(c, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -151,37 +179,6 @@ def chunk_seed(seed: int, step: int, chunk: int) -> int:
     return int(np.random.SeedSequence([seed, step, chunk]).generate_state(1, np.uint64)[0])
 
 
-# --------------------------------------------------------------------------------------------- distributed
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-
-def init_distributed(device: Optional[str]) -> tuple:
-    """`(Dist, torch.device)`: from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), else one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return Dist(), dev
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
-    if use_cuda:
-        torch.cuda.set_device(local)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return Dist(rank, world, local), torch.device(f"cuda:{local}" if use_cuda else "cpu")
-
-
 # ------------------------------------------------------------------------------------------------- the model
 def build_model(cfg: TrainConfig, tok) -> ElectraPretrainer:
     """A fresh model from the preset, sized to the tokenizer and masking with its ids; `cfg.model` overrides the
@@ -194,21 +191,47 @@ def build_model(cfg: TrainConfig, tok) -> ElectraPretrainer:
     try:
         # The tokenizer's ids: never masked are [PAD] [CLS] [SEP] [MASK] ([UNK] stays a candidate, as in the
         # reference), [MASK] replaces, [PAD] is the embedding's padding row.
+        if cfg.arch == "deberta-v3":
+            return ElectraPretrainer.from_deberta_v3(cfg.preset, tokenizer=tok, gdes=cfg.gdes,
+                                                     mask_prob=cfg.mask_prob, **overrides)
         return ElectraPretrainer.from_preset(cfg.preset, tokenizer=tok, gdes=cfg.gdes, mask_prob=cfg.mask_prob,
                                              **overrides)
     except (TypeError, ValueError) as e:
         raise InputError(f"invalid model settings: {e}") from None
 
 
+def _transformers_spec(module) -> dict:
+    """A transformers model's class and config (an `RTDDiscriminator`: its encoder's, `"rtd_head": True`)."""
+    model = module.encoder if isinstance(module, RTDDiscriminator) else module
+    return {"class": type(model).__name__, "config_class": type(model.config).__name__,
+            "config": model.config.to_dict(), "rtd_head": isinstance(module, RTDDiscriminator)}
+
+
+def _transformers_model(spec: dict):
+    from electra_fast.hf import require_transformers
+
+    tf = require_transformers()
+    model = getattr(tf, spec["class"])(getattr(tf, spec["config_class"]).from_dict(spec["config"]))
+    return RTDDiscriminator(model) if spec["rtd_head"] else model
+
+
 def model_spec(model) -> dict:
-    """What rebuilds the model's structure (configs + pretrainer settings), stored in checkpoints."""
-    return {"generator": dataclasses.asdict(model.generator.config),
-            "discriminator": dataclasses.asdict(model.discriminator.config), "settings": model.settings()}
+    """What rebuilds the model's structure (configs + pretrainer settings), stored in checkpoints: the slim
+    models' `ElectraModelConfig`s, or (`"arch": "transformers"`: DeBERTa-v3, BERT, ...) each model's transformers
+    class and config."""
+    if isinstance(model.discriminator, Discriminator):
+        return {"generator": dataclasses.asdict(model.generator.config),
+                "discriminator": dataclasses.asdict(model.discriminator.config), "settings": model.settings()}
+    return {"arch": "transformers", "generator": _transformers_spec(model.generator),
+            "discriminator": _transformers_spec(model.discriminator), "settings": model.settings()}
 
 
 def model_from_spec(spec: dict) -> ElectraPretrainer:
     """The (freshly initialised) model a `model_spec` describes; load the checkpoint's weights into it."""
     settings = dict(spec["settings"])
+    if spec.get("arch") == "transformers":
+        return ElectraPretrainer(_transformers_model(spec["generator"]), _transformers_model(spec["discriminator"]),
+                                 **settings)
     gdes = settings.pop("gdes", False)
     unpadded = {"pad_vocab_multiple": 1}  # checkpoints written before the vocabulary was padded lack the field
     return ElectraPretrainer.from_configs(ElectraModelConfig(**{**unpadded, **spec["generator"]}),
@@ -216,45 +239,27 @@ def model_from_spec(spec: dict) -> ElectraPretrainer:
                                           **settings)
 
 
-def _apply_fsdp(model) -> None:
-    try:
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-    except ImportError:  # torch < 2.6
-        raise InputError("--fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard): upgrade torch or "
-                         "leave --fsdp out to use DDP") from None
-    for encoder in (model.generator, model.discriminator):
-        for layer in encoder.layers:
-            fully_shard(layer)
-    fully_shard(model)
-    register_fsdp_forward_method(model, "scores")  # evaluation's entry point gathers the parameters as forward does
+class _WithoutSegments:
+    """A dataset whose batches carry token type 0 everywhere, for models without token-type embeddings
+    (DeBERTa-v3: `type_vocab_size=0`), which the step's input check would refuse segment B's ids for."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getattr__(self, name):
+        return getattr(self.dataset, name)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def gather(self, indices, **kwargs) -> dict:
+        batch = self.dataset.gather(indices, **kwargs)
+        batch["token_type_ids"] = torch.zeros_like(batch["token_type_ids"])
+        return batch
 
 
-def _state_dicts(model, optimizer, fsdp: bool) -> tuple:
-    """Full (unsharded) CPU model and optimizer state dicts; a collective under FSDP (every rank calls it)."""
-    if not fsdp:
-        return model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def _load_state_dicts(model, optimizer, model_state, optim_state, fsdp: bool) -> None:
-    if not fsdp:
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(optim_state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    # The model by hand: `set_model_state_dict` leaves the second name of a shared parameter (the generator's
-    # and discriminator's common embeddings) a plain tensor and then fails to copy it into the DTensor.
-    sharded = {}
-    for name, current in model.state_dict().items():
-        full = model_state[name].to(current.device, current.dtype)
-        sharded[name] = (distribute_tensor(full, current.device_mesh, current.placements)
-                         if isinstance(current, DTensor) else full)
-    model.load_state_dict(sharded)
-    set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
+def _has_token_types(model) -> bool:
+    return getattr(model.discriminator.config, "type_vocab_size", 1) > 0
 
 
 # ---------------------------------------------------------------------------------------------------- export
@@ -331,7 +336,9 @@ def _check_run_dir(cfg: TrainConfig, resume: Optional[dict], env: Dist) -> None:
     """A fresh run never mixes its checkpoints with an older run's; seq_len fits."""
     if cfg.fsdp and env.world_size == 1:
         raise InputError("--fsdp needs several processes: launch with torchrun --nproc-per-node N")
-    max_positions = (resume["model_spec"]["discriminator"] if resume is not None else cfg.model).get(
+    saved = resume["model_spec"] if resume is not None else None
+    max_positions = (cfg.model if saved is None else saved["discriminator"]["config"]
+                     if saved.get("arch") == "transformers" else saved["discriminator"]).get(
         "max_position_embeddings", 512)
     if cfg.seq_len > max_positions:
         raise InputError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings {max_positions}: "
@@ -364,7 +371,8 @@ def _build(cfg: TrainConfig, resume: Optional[dict], tok, device: torch.device, 
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     torch.manual_seed(cfg.seed)  # same seed on every rank: the same initial weights
     if resume is None:
-        model = build_model(cfg, tok)
+        model = init_model(cfg.init_from, cfg.preset, tok, mask_prob=cfg.mask_prob, gdes=cfg.gdes) \
+            if cfg.init_from else build_model(cfg, tok)
     else:
         model = model_from_spec(resume["model_spec"])
         if vocab_fingerprint(tok) != vocab_fingerprint(tokenizer_from_str(resume["tokenizer"])):
@@ -372,7 +380,7 @@ def _build(cfg: TrainConfig, resume: Optional[dict], tok, device: torch.device, 
                              f"trained with ({model.vocab_size} tokens): resume with the run's own --data")
     model.to(device)
     if cfg.fsdp:
-        _apply_fsdp(model)
+        apply_fsdp(model)
     optimizer = _optimizer(cfg, model, device, capturable)
     if resume is not None:
         if resume["data"]["batch_size"] != cfg.batch_size:
@@ -383,25 +391,11 @@ def _build(cfg: TrainConfig, resume: Optional[dict], tok, device: torch.device, 
             raise InputError(f"--optimizer {cfg.optimizer} differs from the checkpoint's {saved}: resume with "
                              f"--optimizer {saved}")
         settings = [{k: g[k] for k in ("lr", "capturable", "fused") if k in g} for g in optimizer.param_groups]
-        _load_state_dicts(model, optimizer, resume["model"], resume["optimizer"], cfg.fsdp)
+        load_state_dicts(model, optimizer, resume["model"], resume["optimizer"], cfg.fsdp)
         for group, own in zip(optimizer.param_groups, settings):
             group.update(own)  # load_state_dict puts the saved values (a copy of the LR tensor) in their place
         set_rng_state(resume["rng"])
     return model, optimizer
-
-
-def _grad_sync(model, ddp, fsdp: bool) -> Optional[Callable]:
-    """`TrainStep`'s `grad_sync(last)`: gradients are reduced across processes once, after the last micro-batch."""
-    if ddp is not None:
-        return lambda last: contextlib.nullcontext() if last else ddp.no_sync()
-    if not fsdp:
-        return None
-
-    def sync(last: bool):
-        model.set_requires_gradient_sync(last)
-        return contextlib.nullcontext()
-
-    return sync
 
 
 def _train(cfg: TrainConfig, resume: Optional[dict], env: Dist, device: torch.device) -> dict:
@@ -414,14 +408,19 @@ def _train(cfg: TrainConfig, resume: Optional[dict], env: Dist, device: torch.de
     if use_graph and (device.type != "cuda" or env.world_size > 1):
         raise InputError(f"--cuda-graph needs one process on a CUDA device, got {env.world_size} process(es) on "
                          f"{device}: leave --cuda-graph out")
-    dataset, tok = open_training_data(cfg.data, os.path.join(out_dir, "data"), tokenizer=cfg.tokenizer,
+    # A warm start tokenizes with the checkpoints' own tokenizer, when they come with one.
+    tokenizer = cfg.tokenizer or (init_tokenizer(cfg.init_from) if cfg.init_from else None)
+    dataset, tok = open_training_data(cfg.data, os.path.join(out_dir, "data"), tokenizer=tokenizer,
                                       seq_len=cfg.seq_len, vocab_size=cfg.vocab_size, seed=cfg.seed,
-                                      is_main=env.is_main, barrier=env.barrier, progress=cfg.progress and env.is_main)
+                                      is_main=env.is_main, barrier=env.barrier, progress=cfg.progress and env.is_main,
+                                      trainer="unigram" if cfg.arch == "deberta-v3" else "wordpiece")
     skipped = dataset.index.get("skipped_lines", 0)
     if skipped and env.is_main:  # told before the run, not after: the data is what it is for all its steps
         print(f"electra-fast: warning: skipped {skipped} lines of the text that were not UTF-8: convert the files to "
               "UTF-8 (e.g. iconv -f latin1 -t utf-8) to train on them", file=sys.stderr, flush=True)
     model, optimizer = _build(cfg, resume, tok, device, capturable=use_graph)
+    if not _has_token_types(model):
+        dataset = _WithoutSegments(dataset)
     start = int(resume["data"]["batch"]) if resume is not None else 0  # one global batch per optimizer step
     ddp = None
     if env.world_size > 1 and not cfg.fsdp:
@@ -433,13 +432,15 @@ def _train(cfg: TrainConfig, resume: Optional[dict], env: Dist, device: torch.de
     micro = max(1, cfg.batch_size // (env.world_size * cfg.grad_accum))
     eval_set, eval_rows, train_rows = heldout(cfg, dataset, os.path.join(out_dir, "eval-data"), micro,
                                               is_main=env.is_main, barrier=env.barrier, progress=False)
+    if eval_set is not None and not _has_token_types(model):
+        eval_set = _WithoutSegments(eval_set)
     plan = BatchPlan(train_rows, cfg.batch_size, world_size=env.world_size, rank=env.rank,
                      accum_steps=cfg.grad_accum, seed=cfg.seed)
     amp_dtype = torch.bfloat16 if bf16 else torch.float16 if cfg.fp16 else None
     ts = TrainStep(model, optimizer, accum=plan.accum_steps, max_grad_norm=cfg.max_grad_norm,
                    lr_schedule=warmup_linear_decay(cfg.steps, cfg.warmup_steps), amp_dtype=amp_dtype,
                    loss_scale=DynamicLossScale(device) if cfg.fp16 else None, forward=ddp or model,
-                   compile=use_compile, grad_sync=_grad_sync(model, ddp, cfg.fsdp))
+                   compile=use_compile, grad_sync=grad_sync(model, ddp, cfg.fsdp))
     ts.load_state_dict(resume.get("step_state", {"step": start, "skipped": 0}) if resume is not None else
                        {"step": start, "skipped": 0})
     runner = None  # the step itself, or its CUDA graphs (captured on the first batch)
@@ -454,7 +455,7 @@ def _train(cfg: TrainConfig, resume: Optional[dict], env: Dist, device: torch.de
                         "world_size": env.world_size}
 
     def checkpoint(step: int) -> Optional[str]:
-        model_state, optim_state = _state_dicts(model, optimizer, cfg.fsdp)  # every rank: a collective under FSDP
+        model_state, optim_state = full_state_dicts(model, optimizer, cfg.fsdp)  # every rank: a collective under FSDP
         step_state = ts.state_dict()
         if not env.is_main:
             return None
@@ -538,4 +539,5 @@ def find_resume_checkpoint(resume: str, output_dir: str) -> str:
     return path
 
 
-__all__ = ["TrainConfig", "train", "export", "lr_factor", "chunk_seed", "find_resume_checkpoint", "DEFAULT_STEPS"]
+__all__ = ["TrainConfig", "train", "export", "lr_factor", "chunk_seed", "find_resume_checkpoint", "DEFAULT_STEPS",
+           "ARCHS", "default_output_dir"]

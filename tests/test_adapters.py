@@ -19,7 +19,6 @@ tf = pytest.importorskip("transformers")
 TINY = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0, max_position_embeddings=64)
 ARCHS = ("bert", "roberta", "deberta")
-BACKEND = __import__("os").environ.get("TEST_BACKEND", "aot_eager")
 
 
 def pair(arch: str, disc_kind: str = "encoder"):
@@ -160,15 +159,25 @@ def test_export_reloads_in_transformers_classes(tmp_path, arch, disc_kind, gdes)
         generator = tf.AutoModelForMaskedLM.from_pretrained(tmp_path / "generator").eval()
         torch.testing.assert_close(generator(ids, attention_mask=mask).logits, gen_logits)
     assert adapters.has_gdes(model.discriminator) == gdes  # the export left the GDES modules in place
+    # The pair reloads for more pretraining: the same step, GDES deltas included.
+    assert adapters.is_adapter_export(str(tmp_path))
+    again = ElectraPretrainer(*adapters.load_pair(str(tmp_path), gdes=gdes), mask_token_id=MASK_ID,
+                              special_token_ids=SPECIAL, gdes=gdes).eval()
+    outs = []
+    for m in (model, again):
+        torch.manual_seed(9)
+        outs.append(m(ids, mask))
+    for name in ("loss", "mlm_loss", "disc_loss", "gen_accuracy", "disc_accuracy"):
+        torch.testing.assert_close(getattr(outs[1], name), getattr(outs[0], name), msg=name)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_step_traces_as_one_graph(arch):
-    """fullgraph=True turns any graph break into an error (dynamo + AOT autograd, forward and backward; the
-    inductor code generation is left out to keep the test fast)."""
+    """fullgraph=True turns any graph break into an error. Dynamo's trace only (backend="eager": the graph runs
+    as traced; inductor's code generation, which the slim step's compile test covers, would cost minutes here)."""
     model = pretrainer(arch, gdes=arch == "deberta")
     ids, mask = batch()
-    compiled = torch.compile(model, fullgraph=True, backend=BACKEND)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
     torch.manual_seed(7)
     out = compiled(ids, mask)
     out.loss.backward()
@@ -213,3 +222,40 @@ def test_models_that_cannot_be_wired_are_refused():
         ElectraPretrainer(gen, wide, mask_token_id=MASK_ID, special_token_ids=SPECIAL)
     model = ElectraPretrainer(gen, wide, mask_token_id=MASK_ID, special_token_ids=SPECIAL, share_embeddings=False)
     assert adapters.shared_keys(model.generator, model.discriminator) == []
+
+
+@pytest.mark.parametrize("arch,gdes", [("deberta", True), ("deberta", False), ("bert", False)])
+def test_from_pretrained_reloads_other_architectures(tmp_path, arch, gdes):
+    """`ElectraPretrainer.from_pretrained` loads an export of a non-ELECTRA pair in its own classes (not as slim
+    ELECTRA): the same losses with the same seed, GDES deltas included."""
+    model = pretrainer(arch, gdes=gdes).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(str(tmp_path))
+    again = ElectraPretrainer.from_pretrained(str(tmp_path)).eval()
+    assert type(again.generator) is type(model.generator) and again.gdes == gdes
+    assert again.settings() == model.settings()
+    ids, mask = batch()
+    outs = []
+    for m in (model, again):
+        torch.manual_seed(5)
+        outs.append(m(ids, mask))
+    for name in ("loss", "mlm_loss", "disc_loss", "gen_accuracy", "disc_accuracy"):
+        torch.testing.assert_close(getattr(outs[1], name), getattr(outs[0], name), msg=name)
+
+
+def test_unigram_tokenizer_saves_for_auto_tokenizer(tmp_path):
+    """A Unigram tokenizer is saved as a `PreTrainedTokenizerFast` (no WordPiece vocab.txt) that AutoTokenizer
+    loads with the same ids and special tokens."""
+    from electra_fast.data import builtin_lines
+    from electra_fast.data.tokenizer import save_tokenizer, train_unigram_tokenizer
+
+    lines = list(builtin_lines())[:300]
+    tok = train_unigram_tokenizer(lines, vocab_size=200)
+    save_tokenizer(tok, str(tmp_path))
+    assert not (tmp_path / "vocab.txt").exists()
+    hf = tf.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert isinstance(hf, tf.PreTrainedTokenizerFast)
+    assert hf(lines[1], lines[2])["input_ids"] == tok.encode(lines[1], lines[2]).ids
+    assert (hf.pad_token_id, hf.mask_token_id, hf.cls_token_id, hf.sep_token_id) == (0, 4, 2, 3)

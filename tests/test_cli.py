@@ -1,5 +1,7 @@
 """The `electra-fast` command end to end on a CPU: pretrain -> checkpoint -> transformers export that detects
 replaced tokens; prepare / train-tokenizer / export; every bad input is one line on stderr and exit code 2."""
+import contextlib
+import io
 import json
 import os
 import random
@@ -18,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 from electra_fast.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
 from electra_fast.cli import main  # noqa: E402
 from electra_fast.data import builtin_lines  # noqa: E402
+from electra_fast.data.tokenizer import tokenizer_from_str  # noqa: E402
 from electra_fast.model import PRESETS  # noqa: E402
 from electra_fast.train import model_from_spec  # noqa: E402
 
@@ -34,13 +37,20 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(corpus, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("run"))
-    rc = main(["pretrain", "--data", corpus, "-o", out, "--steps", "80", "--batch-size", "16", "--seq-len", "32",
-               "--lr", "2e-3", "--vocab-size", "1000", "--log-interval", "5", "--seed", str(random.randrange(1000)),
-               *FAST])
+def trained_run(corpus, tmp_path_factory):
+    """`(output dir, what the command printed)` of a short run with two held-out evaluations."""
+    out, printed = str(tmp_path_factory.mktemp("run")), io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = main(["pretrain", "--data", corpus, "-o", out, "--steps", "80", "--batch-size", "16", "--seq-len", "32",
+                   "--lr", "2e-3", "--vocab-size", "1000", "--log-interval", "5", "--eval-interval", "40",
+                   "--seed", str(random.randrange(1000)), *FAST])
     assert rc == 0
-    return out
+    return out, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def trained(trained_run):
+    return trained_run[0]
 
 
 def run_cli(capsys, *argv):
@@ -57,9 +67,14 @@ def assert_one_line_error(rc, err, pattern):
     assert re.search(pattern, lines[0]), lines[0]
 
 
+def read_records(run, split=None):
+    """Training records of metrics.jsonl, or evaluation records with `split="eval"`."""
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r.get("split") == split]
+
+
 def test_pretrain_losses_fall_and_checkpoint_written(trained):
-    with open(os.path.join(trained, "metrics.jsonl")) as f:
-        records = [json.loads(l) for l in f]
+    records = read_records(trained)
     assert [r["step"] for r in records] == list(range(5, 85, 5))
     first, last = records[:2], records[-2:]
     assert np.mean([r["loss"] for r in last]) < 0.8 * np.mean([r["loss"] for r in first])
@@ -70,6 +85,60 @@ def test_pretrain_losses_fall_and_checkpoint_written(trained):
     assert records[-1]["lr"] == pytest.approx(2e-3 / 80)
     ckpt = load_checkpoint(latest_checkpoint(os.path.join(trained, "checkpoints")))
     assert ckpt["step"] == 80
+
+
+def test_pretrain_evaluates_held_out_rows_and_states_the_lift(trained_run):
+    run, printed = trained_run
+    evals = read_records(run, "eval")
+    assert [r["step"] for r in evals] == [40, 80]
+    last = evals[-1]
+    # 2500 lines -> about 1900 rows of 32 tokens: 1% is one batch of 16 rows... unless 5% allows 4 batches.
+    assert 16 * 20 <= last["eval_tokens"] <= 4 * 16 * 32
+    assert last["baseline_accuracy"] == pytest.approx(1 - last["replaced_frac"])
+    assert last["accuracy_lift"] == pytest.approx(last["disc_accuracy"] - last["baseline_accuracy"])
+    assert last["disc_auc"] > 0.6, last  # chance is 0.5
+    summary = [line for line in printed.splitlines() if line.startswith("held-out evaluation")]
+    assert len(summary) == 1, printed
+    assert (f"({last['eval_tokens']} tokens): discriminator ROC-AUC {last['disc_auc']:.3f}, average precision "
+            f"{last['disc_ap']:.3f}" in summary[0])
+    assert (f"accuracy {last['disc_accuracy']:.4f} vs {last['baseline_accuracy']:.4f} labelling every token original "
+            f"({last['accuracy_lift']:+.4f})" in summary[0])
+    assert f"generator MLM loss {last['mlm_loss']:.3f}, accuracy {last['gen_accuracy']:.3f}" in summary[0]
+
+
+def test_init_from_continues_from_exported_checkpoints(trained, tmp_path, capsys):
+    from electra_fast.pretrainer import ElectraPretrainer
+
+    exported = ElectraPretrainer.from_pretrained(trained).state_dict()
+    # Warm-up over 1 step: the first step runs at LR 0, so its checkpoint holds the initial weights exactly.
+    run = ["--data", os.path.join(trained, "data"), "--seq-len", "32", "--steps", "1", "--warmup-steps", "1",
+           "--log-interval", "1", "--eval-interval", "0", "--no-export", *FAST]
+    rc, _, err = run_cli(capsys, "pretrain", "--init-from", trained, "-o", str(tmp_path / "warm"), *run)
+    assert rc == 0, err
+    warm = load_checkpoint(latest_checkpoint(str(tmp_path / "warm" / "checkpoints")))
+    assert warm["model"].keys() == exported.keys()
+    for k, v in exported.items():
+        assert torch.equal(warm["model"][k], v), k
+    assert warm["tokenizer"] == load_checkpoint(latest_checkpoint(os.path.join(trained, "checkpoints")))["tokenizer"]
+    assert run_cli(capsys, "pretrain", "-o", str(tmp_path / "fresh"), *run)[0] == 0
+    first = {d: read_records(str(tmp_path / d))[0] for d in ("warm", "fresh")}
+    # The first step already scores as the trained model: fresh ~0.69 (ln 2) and ~6.9 (ln 1000), warm ~0.3, ~6.2.
+    assert first["warm"]["disc_loss"] < 0.75 * first["fresh"]["disc_loss"], first
+    assert first["warm"]["mlm_loss"] < first["fresh"]["mlm_loss"] - 0.3, first
+
+    # A discriminator alone (with its tokenizer): the generator is fresh, half the width for the tiny preset.
+    shutil.copytree(os.path.join(trained, "discriminator"), str(tmp_path / "disc"))
+    rc, _, err = run_cli(capsys, "pretrain", "--init-from", str(tmp_path / "disc"), "-o", str(tmp_path / "d"), *run)
+    assert rc == 0, err
+    state = load_checkpoint(latest_checkpoint(str(tmp_path / "d" / "checkpoints")))
+    for k, v in exported.items():
+        if k.startswith("discriminator."):
+            assert torch.equal(state["model"][k], v), k
+    disc_cfg, gen_cfg = state["model_spec"]["discriminator"], state["model_spec"]["generator"]
+    assert (gen_cfg["hidden_size"], gen_cfg["intermediate_size"]) == (disc_cfg["hidden_size"] // 2,
+                                                                       disc_cfg["intermediate_size"] // 2)
+    rc, _, err = run_cli(capsys, "pretrain", "--init-from", str(tmp_path / "nothing"), "-o", str(tmp_path / "n"), *run)
+    assert_one_line_error(rc, err, r"--init-from .* is not a directory")
 
 
 def test_exported_discriminator_loads_in_transformers_and_scores_replaced_tokens(trained):
@@ -189,6 +258,12 @@ def test_bad_inputs_are_one_line_errors(trained, corpus, tmp_path, capsys):
     assert_one_line_error(rc, err, r"no checkpoint in")
     rc, _, err = e("--config", str(tmp_path / "empty.txt"))
     assert_one_line_error(rc, err, r"not valid JSON")
+    rc, _, err = e("--eval-interval", "-1")
+    assert_one_line_error(rc, err, r"--eval-interval must be a non-negative integer \(0: no evaluation\), got -1")
+    (tmp_path / "short.txt").write_text("Only one short line.\n")
+    rc, _, err = e("--data", os.path.join(trained, "data"), "--seq-len", "32", "--eval-data",
+                   str(tmp_path / "short.txt"))
+    assert_one_line_error(rc, err, r"--eval-data has 1 examples, fewer than one batch of 16")
 
 
 def test_corrupt_checkpoint_on_resume(trained, tmp_path, capsys):
@@ -236,3 +311,38 @@ def test_console_exit_code_without_traceback(tmp_path):
         f"electra-fast: error: data path {str(tmp_path / 'nothing.txt')!r} does not exist: pass existing text files "
         "or directories"]
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_pretrain_deberta_v3_exports_for_transformers(tmp_path, capsys):
+    """`--arch deberta-v3`: a Unigram tokenizer trained on the built-in corpus, GDES on, and an export that
+    transformers' AutoModel / AutoModelForSequenceClassification load with the checkpoint's hidden states; the
+    checkpoint rebuilds the model (resume, export)."""
+    out = tmp_path / "run"
+    rc, printed, _ = run_cli(capsys, "pretrain", "--arch", "deberta-v3", "--preset", "tiny", "--steps", "3",
+                             "--batch-size", "4", "--seq-len", "32", "--vocab-size", "500", "-o", str(out), *FAST)
+    assert rc == 0 and "done: 3 steps" in printed
+    state = load_checkpoint(latest_checkpoint(str(out / "checkpoints")))
+    assert state["config"]["arch"] == "deberta-v3" and state["config"]["gdes"] is True
+    model = model_from_spec(state["model_spec"])
+    model.load_state_dict(state["model"])
+    assert model.gdes and isinstance(model.generator, transformers.DebertaV2ForMaskedLM)
+    disc_dir = str(out / "discriminator")
+    tok = transformers.AutoTokenizer.from_pretrained(disc_dir)
+    assert isinstance(tok, transformers.PreTrainedTokenizerFast)
+    assert not os.path.exists(os.path.join(disc_dir, "vocab.txt"))
+    assert tok(LINES[3])["input_ids"] == tokenizer_from_str(state["tokenizer"]).encode(LINES[3]).ids
+    enc = tok([LINES[3], LINES[4]], padding=True, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    with torch.no_grad():
+        want = model.eval().discriminator.encoder(ids, attention_mask=mask).last_hidden_state
+        got = transformers.AutoModel.from_pretrained(disc_dir).eval()(ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(got, want)
+        clf = transformers.AutoModelForSequenceClassification.from_pretrained(disc_dir, num_labels=2).eval()
+        assert isinstance(clf, transformers.DebertaV2ForSequenceClassification)
+        torch.testing.assert_close(clf.base_model(ids, attention_mask=mask)[0], want)
+    # Its own presets only; the choice is checked before any work.
+    capsys.readouterr()  # transformers' loading messages above
+    rc, _, err = run_cli(capsys, "pretrain", "--arch", "deberta-v3", "--preset", "large", "-o",
+                         str(tmp_path / "x"), *FAST)
+    assert_one_line_error(rc, err, r"--preset for --arch deberta-v3 must be one of \['base', 'small', 'tiny', "
+                                   r"'xsmall'\], got 'large'")

@@ -28,7 +28,8 @@ from electra_fast.train import TrainConfig, train
 
 seen, gather = [], loader.PretrainingData.gather
 def recording_gather(self, indices, **kw):
-    seen.append([int(i) for i in indices])
+    if kw:  # training batches (evaluation gathers its held-out rows without options)
+        seen.append([int(i) for i in indices])
     return gather(self, indices, **kw)
 loader.PretrainingData.gather = recording_gather
 
@@ -60,9 +61,10 @@ def torchrun(tmp_path, cfg: dict, *extra):
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-def metrics(out):
+def metrics(out, split=None):
+    """Training records, or evaluation records with `split="eval"`."""
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(l) for l in f]
+        return [r for r in map(json.loads, f) if r.get("split") == split]
 
 
 BASE = dict(preset="tiny", steps=6, batch_size=8, seq_len=32, log_interval=1, save_interval=3, threads=1,
@@ -95,6 +97,9 @@ def test_two_ranks_match_one_process(dataset, tmp_path, fsdp):
     for w, g in zip(want, got):
         for k in ("loss", "mlm_loss", "disc_loss", "disc_accuracy", "gen_accuracy", "grad_norm"):
             assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-5), (g["step"], k)
+    (want_eval,), (got_eval,) = metrics(tmp_path / "single", "eval"), metrics(ddp_dir / "run", "eval")
+    for k in ("disc_auc", "disc_accuracy", "mlm_loss", "gen_accuracy"):  # every rank scores the held-out rows
+        assert got_eval[k] == pytest.approx(want_eval[k], rel=1e-4, abs=1e-5), k
 
     ref = {k: v.detach() for k, v in single["model"].state_dict().items()}
     if not fsdp:

@@ -139,3 +139,28 @@ def test_trainer_never_trains_on_the_held_out_rows(dataset, tmp_path, monkeypatc
     for key in ("disc_auc", "disc_ap", "disc_precision", "disc_recall", "disc_f1", "disc_accuracy",
                 "baseline_accuracy", "accuracy_lift", "mlm_loss", "gen_accuracy", "eval_tokens"):
         assert all(np.isfinite(r[key]) for r in evals), key
+
+
+def test_metrics_log_sends_eval_records_to_their_own_tensorboard_section(tmp_path, monkeypatch):
+    import electra_fast.metrics_log as metrics_log
+
+    scalars = []
+
+    class Writer:  # stands in for torch.utils.tensorboard.SummaryWriter (an optional dependency)
+        def __init__(self, directory):
+            pass
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(metrics_log, "_summary_writer_class", lambda: Writer)
+    log = metrics_log.MetricsLog(str(tmp_path), None, tensorboard=True)
+    log.write({"step": 10, "loss": 2.5})
+    log.write({"step": 10, "split": "eval", "disc_auc": 0.75, "eval_tokens": 96})
+    log.close()
+    assert scalars == [("train/loss", 2.5, 10), ("eval/disc_auc", 0.75, 10), ("eval/eval_tokens", 96, 10)]
+    with open(tmp_path / "metrics.jsonl") as f:
+        assert [json.loads(line).get("split") for line in f] == [None, "eval"]

@@ -228,7 +228,11 @@ class LineReader:
             columns, num_rows = table.schema_arrow.names, table.metadata.num_rows
         else:
             datasets = _import_optional("datasets", path)
-            table = datasets.load_from_disk(path)
+            try:
+                table = datasets.load_from_disk(path)
+            except (OSError, ValueError) as e:  # a damaged folder (FileNotFoundError is an OSError)
+                raise InputError(f"cannot read the datasets folder {path!r} ({e}): pass a save_to_disk folder") \
+                    from None
             if isinstance(table, datasets.DatasetDict):
                 raise InputError(f"{path!r} holds several splits {sorted(table)}: pass one split's folder, e.g. "
                                  f"{os.path.join(path, sorted(table)[0])!r}")

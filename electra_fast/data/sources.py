@@ -2,8 +2,8 @@
 
 `--data` is a prepared dataset directory (used as it is), inputs (text, `.gz`, JSON Lines, parquet, `datasets`
 folders: see `corpus`; prepared once into `<output>/data`, reused while the inputs, the tokenizer and the sequence
-length stay the same), or nothing: the built-in corpus. Without `--tokenizer`, a WordPiece tokenizer is trained on
-the text first (a second pass).
+length stay the same), or nothing: the built-in corpus. Without `--tokenizer`, a tokenizer is trained on the text
+first (a second pass): WordPiece (ELECTRA, BERT), or Unigram with `trainer="unigram"` (DeBERTa-v3).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from electra_fast.data.corpus import (BUILTIN, DEFAULT_TEXT_FIELD, LineReader, b
                                       input_kind, input_size)
 from electra_fast.data.loader import PretrainingData
 from electra_fast.data.prepare import INDEX_FILE, check_output, no_text_message, prepare, unfinished
-from electra_fast.data.tokenizer import load_tokenizer, train_tokenizer, vocab_fingerprint
+from electra_fast.data.tokenizer import load_tokenizer, train_tokenizer, train_unigram_tokenizer, vocab_fingerprint
 from electra_fast.errors import InputError
 
 
@@ -67,14 +67,18 @@ def vocab_shortfall(tok, vocab_size: int) -> Optional[str]:
             f"least twice): the tokenizer has {got}; more text gives more")
 
 
-def tokenizer_for(source: TextSource, tokenizer: Optional[str], vocab_size: int, lowercase: bool = True):
-    """The tokenizer at `tokenizer`, or one trained on `source` (a notice on stderr if it has fewer than
-    `vocab_size` tokens)."""
+TRAINERS = {"wordpiece": train_tokenizer, "unigram": train_unigram_tokenizer}
+
+
+def tokenizer_for(source: TextSource, tokenizer: Optional[str], vocab_size: int, lowercase: bool = True,
+                  trainer: str = "wordpiece"):
+    """The tokenizer at `tokenizer`, or one trained on `source` by `TRAINERS[trainer]` (a notice on stderr if it
+    has fewer than `vocab_size` tokens)."""
     if tokenizer:
         return load_tokenizer(tokenizer, lowercase)
     reader = source.lines()
     try:
-        tok = train_tokenizer(reader, vocab_size, lowercase)
+        tok = TRAINERS[trainer](reader, vocab_size, lowercase)
     except InputError:
         if getattr(reader, "skipped", 0):
             raise InputError(no_text_message(reader.skipped)) from None
@@ -88,14 +92,14 @@ def tokenizer_for(source: TextSource, tokenizer: Optional[str], vocab_size: int,
 def prepare_text(data, output_dir: str, *, tokenizer: Optional[str] = None, seq_len: int = 128,
                  vocab_size: int = 30522, lowercase: bool = True, seed: int = 12345, overwrite: bool = False,
                  shard_size: Optional[int] = None, progress: bool = True, extra_meta: Optional[dict] = None,
-                 text_field: str = DEFAULT_TEXT_FIELD) -> dict:
+                 text_field: str = DEFAULT_TEXT_FIELD, trainer: str = "wordpiece") -> dict:
     """The `prepare` command: inputs (or the built-in corpus) -> a dataset in `output_dir`. Returns its index.
 
     The inputs and `output_dir` are checked before the tokenizer is trained, so a bad path fails at once.
     """
     source = TextSource(data, text_field)
     check_output(output_dir, overwrite)
-    tok = tokenizer_for(source, tokenizer, vocab_size, lowercase)
+    tok = tokenizer_for(source, tokenizer, vocab_size, lowercase, trainer)
     bar = None
     if progress and source.files is not None:
         from tqdm.auto import tqdm
@@ -113,8 +117,9 @@ def prepare_text(data, output_dir: str, *, tokenizer: Optional[str] = None, seq_
 def open_training_data(data: Optional[Sequence[str]], cache_dir: str, *, tokenizer: Optional[str] = None,
                        seq_len: int = 128, vocab_size: int = 30522, seed: int = 12345, is_main: bool = True,
                        barrier: Callable[[], None] = lambda: None, progress: bool = True,
-                       text_field: str = DEFAULT_TEXT_FIELD):
-    """`(PretrainingData, tokenizer)` for training; text is prepared into `cache_dir` by the main process only."""
+                       text_field: str = DEFAULT_TEXT_FIELD, trainer: str = "wordpiece"):
+    """`(PretrainingData, tokenizer)` for training; text is prepared into `cache_dir` by the main process only.
+    `trainer`: the kind of tokenizer trained on text when none is given (`TRAINERS`)."""
     if data and len(data) == 1 and (is_prepared(data[0]) or unfinished(data[0])):
         dataset = PretrainingData(data[0])  # an unfinished one is an error, not text to read
         if tokenizer and vocab_fingerprint(load_tokenizer(tokenizer)) != dataset.index["vocab_hash"]:
@@ -128,7 +133,8 @@ def open_training_data(data: Optional[Sequence[str]], cache_dir: str, *, tokeniz
     source = TextSource(data, text_field)  # checks the paths on every rank before any rank waits
     if is_main:
         wanted = {"sources": source.describe(), "seq_len": seq_len, "seed": seed,
-                  "tokenizer_source": f"trained:{vocab_size}" if not tokenizer else os.path.abspath(tokenizer)}
+                  "tokenizer_source": os.path.abspath(tokenizer) if tokenizer else
+                  f"trained:{vocab_size}" if trainer == "wordpiece" else f"trained-{trainer}:{vocab_size}"}
         if tokenizer:
             wanted["vocab_hash"] = vocab_fingerprint(load_tokenizer(tokenizer))
         try:
@@ -137,7 +143,9 @@ def open_training_data(data: Optional[Sequence[str]], cache_dir: str, *, tokeniz
             cached = None
         if cached is None or any(cached.get(k) != v for k, v in wanted.items()):
             prepare_text(data, cache_dir, tokenizer=tokenizer, seq_len=seq_len, vocab_size=vocab_size, seed=seed,
-                         overwrite=True, progress=progress, text_field=text_field, extra_meta={"tokenizer_source": wanted["tokenizer_source"]})
+                         overwrite=True, progress=progress, text_field=text_field, trainer=trainer,
+                         lowercase=trainer == "wordpiece",  # BERT's WordPiece is uncased, DeBERTa-v3's Unigram cased
+                         extra_meta={"tokenizer_source": wanted["tokenizer_source"]})
     barrier()
     dataset = PretrainingData(cache_dir)
     return dataset, dataset.tokenizer()

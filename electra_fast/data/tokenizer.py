@@ -117,15 +117,23 @@ def _atomic_write(path: str, text: str) -> None:
 
 
 def save_tokenizer(tok, directory: str) -> None:
-    """Write `tokenizer.json`, `vocab.txt` and a `tokenizer_config.json` that transformers' AutoTokenizer reads."""
+    """Write `tokenizer.json` and a `tokenizer_config.json` that transformers' AutoTokenizer reads: a WordPiece
+    tokenizer as an `ElectraTokenizer` with its `vocab.txt`, any other (e.g. Unigram) as a
+    `PreTrainedTokenizerFast` over `tokenizer.json` alone."""
     os.makedirs(directory, exist_ok=True)
-    _atomic_write(os.path.join(directory, TOKENIZER_FILE), tok.to_str())
-    vocab = sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
-    _atomic_write(os.path.join(directory, "vocab.txt"), "".join(t + "\n" for t, _ in vocab))
-    normalizer = json.loads(tok.to_str()).get("normalizer") or {}
-    config = {"tokenizer_class": "ElectraTokenizer", "do_lower_case": bool(normalizer.get("lowercase", True)),
-              "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+    text = tok.to_str()
+    _atomic_write(os.path.join(directory, TOKENIZER_FILE), text)
+    spec = json.loads(text)
+    config = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
               "mask_token": "[MASK]", "model_max_length": 512}
+    if (spec.get("model") or {}).get("type") == "WordPiece":
+        vocab = sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+        _atomic_write(os.path.join(directory, "vocab.txt"), "".join(t + "\n" for t, _ in vocab))
+        normalizer = spec.get("normalizer") or {}
+        config = {"tokenizer_class": "ElectraTokenizer", "do_lower_case": bool(normalizer.get("lowercase", True)),
+                  **config}
+    else:
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **config}
     _atomic_write(os.path.join(directory, "tokenizer_config.json"), json.dumps(config, indent=2) + "\n")
 
 
