@@ -684,14 +684,9 @@ def deberta_v3_pretrainer(preset: str, *, tokenizer=None, vocab_size: Optional[i
     """An `ElectraPretrainer` for the DeBERTa-v3 recipe: `deberta_v3_models(preset)`, GDES on, RTD weight 50,
     mask_prob 0.15. Token ids from `tokenizer` or given (as `ElectraPretrainer.from_preset`); `kwargs`: the
     pretrainer's (`mask_prob`, `disc_weight`, ...) and `DebertaV2Config` fields."""
-    from electra_fast.pretrainer import _PRETRAINER_KWARGS, ElectraPretrainer, _check_tokenizer_fits, \
-        _require_ids, tokenizer_ids
+    from electra_fast.pretrainer import _PRETRAINER_KWARGS, ElectraPretrainer, _check_tokenizer_fits, resolve_ids
 
-    ids = tokenizer_ids(tokenizer) if tokenizer is not None else {}
-    tokenizer_vocab = ids.pop("vocab_size", None)
-    given = {"mask_token_id": mask_token_id, "special_token_ids": special_token_ids, "pad_token_id": pad_token_id}
-    ids.update({k: v for k, v in given.items() if v is not None})
-    _require_ids(ids)
+    ids, tokenizer_vocab = resolve_ids(tokenizer, mask_token_id, special_token_ids, pad_token_id)
     if vocab_size is None:
         if tokenizer_vocab is None:
             raise ValueError("vocab_size must be given when no tokenizer is")

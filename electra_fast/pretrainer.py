@@ -297,6 +297,16 @@ def _require_ids(ids: dict, names=_ID_KWARGS) -> None:
             "(for BERT's uncased vocabulary: mask_token_id=103, special_token_ids=[0, 101, 102, 103], pad_token_id=0)")
 
 
+def resolve_ids(tokenizer, mask_token_id, special_token_ids, pad_token_id) -> tuple:
+    """`(ids, tokenizer_vocab)`: the token ids from `tokenizer` (if any), overridden by those given; all required."""
+    ids = tokenizer_ids(tokenizer) if tokenizer is not None else {}
+    tokenizer_vocab = ids.pop("vocab_size", None)
+    given = {"mask_token_id": mask_token_id, "special_token_ids": special_token_ids, "pad_token_id": pad_token_id}
+    ids.update({k: v for k, v in given.items() if v is not None})
+    _require_ids(ids)
+    return ids, tokenizer_vocab
+
+
 def _check_tokenizer_fits(tokenizer_vocab: Optional[int], vocab_size: int) -> None:
     if tokenizer_vocab is not None and tokenizer_vocab > vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer_vocab} tokens, more than the model's vocab_size={vocab_size}: "
@@ -460,11 +470,7 @@ class ElectraPretrainer(nn.Module):
         """
         if name not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
-        ids = tokenizer_ids(tokenizer) if tokenizer is not None else {}
-        tokenizer_vocab = ids.pop("vocab_size", None)
-        given = {"mask_token_id": mask_token_id, "special_token_ids": special_token_ids, "pad_token_id": pad_token_id}
-        ids.update({k: v for k, v in given.items() if v is not None})
-        _require_ids(ids)
+        ids, tokenizer_vocab = resolve_ids(tokenizer, mask_token_id, special_token_ids, pad_token_id)
         if vocab_size is None:
             vocab_size = 30522 if tokenizer_vocab is None else tokenizer_vocab
         _check_tokenizer_fits(tokenizer_vocab, vocab_size)

@@ -52,3 +52,12 @@ else:
     settings.register_profile("ci", max_examples=20, derandomize=True, **_fuzz)
     settings.register_profile("thorough", max_examples=400, **_fuzz)
     settings.load_profile(os.environ.get("ELECTRA_FAST_FUZZ", "ci"))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny shapes gain nothing from intra-op threads, and on a shared 2-core runner their spinning costs 10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

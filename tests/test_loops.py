@@ -12,13 +12,7 @@ from electra_fast.pretrainer import ElectraPretrainer, PretrainerOutput, param_g
 SEQ_LEN, BATCH = 32, 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny shapes gain nothing from intra-op threads, and on a shared 2-core runner their spinning costs 10x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

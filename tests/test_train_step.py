@@ -13,12 +13,7 @@ from electra_fast.train import chunk_seed, lr_factor
 V, B, L = 60, 4, 12
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(dropout=0.0):
