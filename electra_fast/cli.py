@@ -88,6 +88,8 @@ def _add_pretrain(sub) -> None:
     a("--save-interval", type=int, help="steps between checkpoints (default 1000; one is always written at the end)")
     a("--keep-checkpoints", type=int, help="how many recent checkpoints to keep (default 3; 0 keeps all)")
     a("--tensorboard", action="store_true", default=None, help="also log to TensorBoard (<output>/tensorboard)")
+    a("--wandb", nargs="?", const="electra-fast", metavar="PROJECT",
+      help="also log to Weights & Biases, in PROJECT (default electra-fast; needs pip install wandb)")
     a("--device", help="torch device (default: cuda if available, else cpu)")
     a("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 for the tiny preset on a CPU)")
     a("--resume", nargs="?", const="latest", metavar="CHECKPOINT",

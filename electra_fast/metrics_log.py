@@ -1,5 +1,5 @@
 """The trainer's metrics: one JSON object per log interval (and per evaluation, with "split": "eval") in
-`metrics.jsonl` and, optionally, TensorBoard (train/... and eval/...)."""
+`metrics.jsonl` and, optionally, TensorBoard and Weights & Biases (train/... and eval/...)."""
 from __future__ import annotations
 
 import json
@@ -17,6 +17,28 @@ def _summary_writer_class():
     return SummaryWriter
 
 
+def _wandb_module():
+    try:
+        import wandb
+    except ImportError:
+        raise InputError("--wandb needs the wandb package: pip install wandb") from None
+    return wandb
+
+
+def _wandb_run(output_dir: str, project: str, config: Optional[dict]):
+    """A W&B run that a resumed pretrain continues: its id is kept in the output directory."""
+    wandb = _wandb_module()
+    id_file = os.path.join(output_dir, "wandb_run_id")
+    if os.path.exists(id_file):
+        with open(id_file, encoding="utf-8") as f:
+            run_id = f.read().strip()
+    else:
+        run_id = wandb.util.generate_id()
+        with open(id_file, "w", encoding="utf-8") as f:
+            f.write(run_id)
+    return wandb.init(project=project, id=run_id, resume="allow", dir=output_dir, config=config)
+
+
 def _logged_step(line: str) -> float:
     try:
         return json.loads(line)["step"]
@@ -25,9 +47,10 @@ def _logged_step(line: str) -> float:
 
 
 class MetricsLog:
-    """JSONL metrics (one object per log interval) and, optionally, TensorBoard; rank 0 only."""
+    """JSONL metrics (one object per log interval) and, optionally, TensorBoard and a W&B project; rank 0 only."""
 
-    def __init__(self, output_dir: str, resume_step: Optional[int], tensorboard: bool):
+    def __init__(self, output_dir: str, resume_step: Optional[int], tensorboard: bool,
+                 wandb_project: Optional[str] = None, config: Optional[dict] = None):
         self.path = os.path.join(output_dir, "metrics.jsonl")
         if resume_step is not None and os.path.exists(self.path):
             # Drop what the interrupted run logged after the checkpoint: the resumed run logs those steps again.
@@ -43,20 +66,25 @@ class MetricsLog:
         self.tb = None
         if tensorboard:
             self.tb = _summary_writer_class()(os.path.join(output_dir, "tensorboard"))
+        self.wandb = _wandb_run(output_dir, wandb_project, config) if wandb_project else None
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        split = record.get("split", "train")  # evaluation records: eval/...
+        scalars = {f"{split}/{k}": v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         if self.tb is not None:
-            split = record.get("split", "train")  # evaluation records: eval/...
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"{split}/{k}", v, record["step"])
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
 
     def close(self) -> None:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 __all__ = ["MetricsLog"]

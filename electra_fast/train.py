@@ -41,7 +41,7 @@ from electra_fast.data.tokenizer import tokenizer_from_str
 from electra_fast.distributed import Dist, apply_fsdp, full_state_dicts, grad_sync, init_distributed, load_state_dicts
 from electra_fast.errors import InputError, ensure_writable, lock_directory
 from electra_fast.evaluate import evaluate, heldout
-from electra_fast.metrics_log import MetricsLog, _summary_writer_class
+from electra_fast.metrics_log import MetricsLog, _summary_writer_class, _wandb_module
 from electra_fast.adapters import DEBERTA_V3_PRESETS, RTDDiscriminator
 from electra_fast.model import PRESETS, Discriminator, ElectraModelConfig
 from electra_fast.optim import AdamWeightDecay
@@ -106,6 +106,7 @@ class TrainConfig:
     save_interval: int = 1000
     keep_checkpoints: int = 3
     tensorboard: bool = False
+    wandb: Optional[str] = None  # a Weights & Biases project to log to as well
     progress: bool = True
     device: Optional[str] = None
     threads: Optional[int] = None  # torch intra-op threads; default torch's (1 for the tiny preset on a CPU)
@@ -345,6 +346,8 @@ def _check_run_dir(cfg: TrainConfig, resume: Optional[dict], env: Dist) -> None:
                          "pass a smaller --seq-len")
     if cfg.tensorboard and env.is_main:
         _summary_writer_class()
+    if cfg.wandb and env.is_main:
+        _wandb_module()
     if env.is_main:
         old = list_checkpoints(os.path.join(cfg.output_dir, "checkpoints"))
         if old and resume is None:
@@ -445,7 +448,8 @@ def _train(cfg: TrainConfig, resume: Optional[dict], env: Dist, device: torch.de
                        {"step": start, "skipped": 0})
     runner = None  # the step itself, or its CUDA graphs (captured on the first batch)
 
-    log = MetricsLog(out_dir, start if resume is not None else None, cfg.tensorboard) if env.is_main else None
+    log = MetricsLog(out_dir, start if resume is not None else None, cfg.tensorboard, cfg.wandb,
+                     cfg.to_dict()) if env.is_main else None
     bar = None
     if env.is_main and cfg.progress:
         from tqdm.auto import tqdm

@@ -164,3 +164,38 @@ def test_metrics_log_sends_eval_records_to_their_own_tensorboard_section(tmp_pat
     assert scalars == [("train/loss", 2.5, 10), ("eval/disc_auc", 0.75, 10), ("eval/eval_tokens", 96, 10)]
     with open(tmp_path / "metrics.jsonl") as f:
         assert [json.loads(line).get("split") for line in f] == [None, "eval"]
+
+
+def test_metrics_log_to_weights_and_biases_resumes_the_same_run(tmp_path, monkeypatch):
+    """`--wandb PROJECT`: the same scalars as TensorBoard, under one run id that a resumed pretrain continues."""
+    import sys
+    import types
+
+    import electra_fast.metrics_log as metrics_log
+
+    calls = []
+
+    class Run:
+        def log(self, values, step):
+            calls.append(("log", values, step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    ids = iter(["run-a", "run-b"])
+    fake = types.SimpleNamespace(util=types.SimpleNamespace(generate_id=lambda: next(ids)),
+                                 init=lambda **kw: calls.append(("init", kw)) or Run())
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    for resume_step in (None, 10):
+        log = metrics_log.MetricsLog(str(tmp_path), resume_step, tensorboard=False, wandb_project="proj",
+                                     config={"lr": 1e-3})
+        log.write({"step": 10, "loss": 2.5, "split": "eval"})
+        log.close()
+    inits = [c[1] for c in calls if c[0] == "init"]
+    assert [(i["project"], i["id"], i["resume"], i["config"]) for i in inits] == [("proj", "run-a", "allow",
+                                                                                   {"lr": 1e-3})] * 2
+    assert ("log", {"eval/loss": 2.5}, 10) in calls and calls[-1] == ("finish",)
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed: the error names the package
+    with pytest.raises(metrics_log.InputError, match="pip install wandb"):
+        metrics_log.MetricsLog(str(tmp_path), None, tensorboard=False, wandb_project="proj")
