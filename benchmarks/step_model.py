@@ -45,9 +45,7 @@ import contextlib
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 import weakref
 from dataclasses import dataclass, field
 
@@ -571,15 +569,6 @@ def markdown(rows: list, measured: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def _count_in_subprocess(impl: str, shape: str, vocab: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "row.json")
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--impls", impl, "--shapes", shape,
-                        "--vocab", str(vocab), "--json", out], check=True, stdout=subprocess.DEVNULL)
-        with open(out) as f:
-            return json.load(f)[0]
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="small,base", help=f"comma list of {list(SHAPES)}")
@@ -589,13 +578,7 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args(argv)
     configs = [(impl, shape) for shape in args.shapes.split(",") for impl in args.impls.split(",")]
-    if len(configs) == 1:
-        rows = [summarize(count_step(configs[0][0], configs[0][1], args.vocab))]
-    else:
-        # One process per count: after counting the transformers step, a later custom-op call in the same process
-        # has crashed inside torch's dispatcher (segfault / "vector::reserve"; not understood yet, see the team
-        # notes), and separate processes also keep each count independent of the previous one's state.
-        rows = [_count_in_subprocess(impl, shape, args.vocab) for impl, shape in configs]
+    rows = [summarize(count_step(impl, shape, args.vocab)) for impl, shape in configs]
     print(markdown(rows, measured_ms(args.measured)))
     if args.json:
         with open(args.json, "w") as f:

@@ -131,9 +131,8 @@ def bounds(poison, monkeypatch):
     (its `guarded` places test inputs in guarded buffers) and checks the guards at the end."""
     b = Bounds()
     intercept(b, monkeypatch.setattr)
-    # The launchers' own outputs are not moved into guarded buffers: a custom op must return fresh tensors, not
-    # views of a larger buffer (with the allocators patched to do that, later custom-op calls crashed inside torch's
-    # dispatcher, once in CI). The interception above checks their accesses exactly all the same.
+    # The launchers' own outputs are not moved into guarded buffers (a custom op must return fresh tensors, not
+    # views of a larger buffer); the interception above checks their accesses exactly all the same.
     yield b
     b.kernel = None
     b.assert_guards_intact()

@@ -1,6 +1,7 @@
 """Issue 12.7: every Triton kernel stays inside its buffers. The checks live in tests/bounds_checks.py; they patch
-the Triton interpreter's memory operations and run here in their own process, so that their patching cannot touch
-the state of the rest of the suite (a crash inside torch's dispatcher was seen twice in CI runs right after them)."""
+the Triton interpreter's memory operations and run here in their own process, so the patching stays out of the
+rest of the suite. (The dispatcher crashes once blamed on them were the op registrations freed by a second import
+of the kernels as top-level `kernels`: see tests/test_kernels_triton.py.)"""
 import os
 import subprocess
 import sys

@@ -4,6 +4,8 @@ runs several times and every tail is partial; outputs are allocated poisoned (Na
 kernel forgets to write shows. Sampling is checked by chi-square against softmax(logits / T)."""
 import importlib
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -346,6 +348,27 @@ def test_opcheck_triton_custom_ops():
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
+
+
+def test_kernels_folder_imported_as_top_level_kernels_leaves_the_ops_registered():
+    """From a checkout (`python -m ...` or pytest in the repository root) our `kernels/` folder is importable as
+    `kernels`, the Hugging Face package transformers probes by importing it (`import transformers.activations`).
+    That import must not re-register the ops: torch would free the registrations the first import made while
+    `torch.ops` handles to them live on (use after free: the dispatcher crashes of issue 12.7)."""
+    pytest.importorskip("transformers")
+    code = (
+        "import importlib, torch._library.custom_ops as custom_ops\n"
+        "import electra_fast.kernels\n"
+        "first = {q: d for q, d in custom_ops.OPDEFS.items() if q.startswith('electra_fast::')}\n"
+        "from transformers.utils.import_utils import is_kernels_available\n"
+        "import transformers.activations\n"
+        "print(len(first), is_kernels_available(), importlib.import_module('kernels').__all__)\n"
+        "assert all(custom_ops.OPDEFS[q] is d for q, d in first.items()), 'an op was registered again'\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    count, available, exported = done.stdout.split(maxsplit=2)
+    assert int(count) >= 14 and available == "False" and exported.strip() == "[]", done.stdout
 
 
 def test_kernels_compile_fullgraph_and_match_eager():
