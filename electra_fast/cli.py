@@ -51,6 +51,9 @@ def _add_pretrain(sub) -> None:
     a("--gdes", action=argparse.BooleanOptionalAction,
       help="gradient-disentangled embedding sharing (default: on for --arch deberta-v3, off for electra)")
     a("--mask-prob", type=float, help="fraction of tokens masked (default: the preset's, 0.15 or 0.25)")
+    a("--masking", choices=["distinct", "reference"],
+      help="distinct (default): K_b distinct positions per row; reference: drawn with replacement as the reference "
+      "does (a position drawn twice counts twice and takes the floor of the mean of its samples)")
     a("--data", nargs="+", metavar="PATH", help="a prepared dataset directory, or text files/directories "
       "(one sentence per line, blank line between documents); default: the built-in corpus")
     a("--tokenizer", metavar="PATH", help="tokenizer.json, vocab.txt or a directory with one; default: the "
@@ -255,7 +258,7 @@ def _add_export(sub) -> None:
 
 
 def _export(args) -> int:
-    from electra_fast.train import export
+    from electra_fast.export import export
 
     output = args.output
     if output is None:  # runs/x/checkpoints/checkpoint-N.pt -> runs/x

@@ -35,6 +35,7 @@ from electra_fast.ops import lm_head_loss_and_sample, mask_tokens, masked_gather
 from electra_fast.ops._checks import INT_DTYPES, check_shape, check_tensor
 
 SETTINGS_FILE = "electra_fast.json"  # pretrainer settings beside discriminator/ and generator/
+MASKINGS = ("distinct", "reference")  # positions without replacement (ours), or drawn as the reference draws
 
 
 @dataclass
@@ -156,6 +157,12 @@ def check_inputs(input_ids, attention_mask, token_type_ids, *, vocab_size: int, 
             raise ValueError(f"{name} must lie in [0, {limit}={hi}), got values in [{lo_v}, {hi_v}]")
 
 
+def _check_masking(masking) -> str:
+    if masking not in MASKINGS:
+        raise ValueError(f"masking must be one of {MASKINGS}, got {masking!r}")
+    return masking
+
+
 def _check_token_id(value, name: str, vocab_size: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
         raise ValueError(f"{name} must be an int in [0, vocab_size={vocab_size}), got {value!r}")
@@ -164,7 +171,8 @@ def _check_token_id(value, name: str, vocab_size: int) -> int:
 
 # ---------------------------------------------------------------------------------------------------- the step
 def _generate(generator, discriminator, input_ids, attention_mask, token_type_ids, *, mask_token_id,
-              special_token_ids, mask_prob, temperature, disallow_correct, validate, rng, fused_lm_head):
+              special_token_ids, mask_prob, temperature, disallow_correct, validate, rng, fused_lm_head,
+              masking="distinct"):
     """The step up to the discriminator (checks, masking, generator loss and samples, replacement), shared by
     `rtd_step` and `ElectraPretrainer.scores`:
     `(gen, disc, mlm_loss, correct [N], weights [N], disc_ids, is_replaced)`."""
@@ -174,11 +182,12 @@ def _generate(generator, discriminator, input_ids, attention_mask, token_type_id
                  max_positions=dims["max_position_embeddings"], type_vocab_size=dims["type_vocab_size"],
                  validate=validate)
     _check_token_id(mask_token_id, "mask_token_id", dims["vocab_size"])
+    _check_masking(masking)
     b, _ = input_ids.shape
 
     masked_ids, positions, weights = mask_tokens(input_ids, attention_mask, mask_prob=mask_prob,
                                                  mask_token_id=mask_token_id, special_token_ids=special_token_ids,
-                                                 generator=rng)
+                                                 replacement=masking == "reference", generator=rng)
     # Generator: encoder over all L tokens, LM head at the N slots only.
     slots = masked_gather(gen.encode(masked_ids, attention_mask, token_type_ids), positions)
     targets = input_ids.gather(1, positions).reshape(-1)
@@ -192,7 +201,8 @@ def _generate(generator, discriminator, input_ids, attention_mask, token_type_id
         logits = gen.lm_logits(slots).reshape(b * positions.shape[1], -1)
         mlm_loss, sampled, correct = mlm_loss_and_sample(logits, targets, w, **sample_kw)
     # Discriminator on the original ids with the samples scattered in (integers: no gradient to the generator).
-    disc_ids, is_replaced = replace_tokens(input_ids, positions, weights, sampled)
+    disc_ids, is_replaced = replace_tokens(input_ids, positions, weights, sampled,
+                                           duplicates="mean" if masking == "reference" else "add")
     return gen, disc, mlm_loss, correct, w, disc_ids, is_replaced
 
 
@@ -201,7 +211,7 @@ def rtd_step(generator, discriminator, input_ids: torch.Tensor, attention_mask: 
              special_token_ids: Union[Sequence[int], torch.Tensor], mask_prob: float = 0.15,
              temperature: float = 1.0, disallow_correct: bool = False, mlm_weight: float = 1.0,
              disc_weight: float = 50.0, validate: bool = True, rng: Optional[torch.Generator] = None,
-             fused_lm_head: Optional[bool] = None) -> PretrainerOutput:
+             fused_lm_head: Optional[bool] = None, masking: str = "distinct") -> PretrainerOutput:
     """One replaced-token-detection step for existing training loops; call `.loss.backward()` on the result.
 
     The models are used as they are: tie their embeddings once with `tie_embeddings(generator, discriminator)`
@@ -222,11 +232,15 @@ def rtd_step(generator, discriminator, input_ids: torch.Tensor, attention_mask: 
         rng: torch.Generator for masking and sampling (default: torch's global RNG).
         fused_lm_head: LM head + loss + sample as one chunked op (`ops.lm_head_loss_and_sample`: the `[M, W]`
             logits never exist whole; same loss and samples). None: on, except for transformers' ElectraForMaskedLM.
+        masking: "distinct" (default): K_b distinct positions per row. "reference": the reference's draw, K_b
+            positions with replacement, a position drawn for several slots taking the floor of the mean of their
+            samples (`scatter_update`); its replacement runs the PyTorch reference op.
     """
     gen, disc, mlm_loss, correct, w, disc_ids, is_replaced = _generate(
         generator, discriminator, input_ids, attention_mask, token_type_ids, mask_token_id=mask_token_id,
         special_token_ids=special_token_ids, mask_prob=mask_prob, temperature=temperature,
-        disallow_correct=disallow_correct, validate=validate, rng=rng, fused_lm_head=fused_lm_head)
+        disallow_correct=disallow_correct, validate=validate, rng=rng, fused_lm_head=fused_lm_head,
+        masking=masking)
     features, projection = disc.disc_head(disc.encode(disc_ids, attention_mask, token_type_ids))
     disc_loss, counts = disc_head_loss(features, projection, is_replaced, attention_mask)
 
@@ -245,7 +259,8 @@ def rtd_step(generator, discriminator, input_ids: torch.Tensor, attention_mask: 
 
 
 # ---------------------------------------------------------------------------------------------------- module
-_PRETRAINER_KWARGS = ("mask_prob", "temperature", "disallow_correct", "mlm_weight", "disc_weight", "fused_lm_head",
+_PRETRAINER_KWARGS = ("mask_prob", "masking", "temperature", "disallow_correct", "mlm_weight", "disc_weight",
+                      "fused_lm_head",
                       "validate")
 _ID_KWARGS = ("mask_token_id", "special_token_ids", "pad_token_id")
 
@@ -361,6 +376,7 @@ class ElectraPretrainer(nn.Module):
     the shared word table), as ELECTRA does; build the optimizer afterwards. `share_embeddings=False` keeps them
     apart. `gdes=None` takes GDES from the models (a slim `Discriminator(..., gdes=True)` holds the embedding deltas);
     `gdes=True` checks for it with slim models, and wires it into transformers models (`adapters.tie_gdes`).
+    The other keyword arguments are `rtd_step`'s (`masking="reference"`: the reference's draw with replacement).
 
     Any transformers masked LM (BERT, RoBERTa, DeBERTa-v2, ELECTRA) works as the generator, and as the
     discriminator `ElectraForPreTraining`, a `*ForTokenClassification` with `num_labels=1`, or a bare encoder
@@ -372,7 +388,7 @@ class ElectraPretrainer(nn.Module):
                  special_token_ids: Union[Sequence[int], torch.Tensor], share_embeddings: bool = True,
                  gdes: Optional[bool] = None, mask_prob: float = 0.15, temperature: float = 1.0,
                  disallow_correct: bool = False, mlm_weight: float = 1.0, disc_weight: float = 50.0,
-                 fused_lm_head: Optional[bool] = None, validate: bool = True):
+                 fused_lm_head: Optional[bool] = None, validate: bool = True, masking: str = "distinct"):
         super().__init__()
         discriminator = adapters.as_discriminator(discriminator)  # a bare AutoModel gets ELECTRA's RTD head
         check_models(generator, discriminator)
@@ -404,7 +420,7 @@ class ElectraPretrainer(nn.Module):
             raise ValueError(f"mask_prob must be a number in (0, 1), got {mask_prob!r}")
         self.mask_prob, self.temperature, self.disallow_correct = float(mask_prob), temperature, disallow_correct
         self.mlm_weight, self.disc_weight, self.validate = mlm_weight, disc_weight, validate
-        self.fused_lm_head = fused_lm_head
+        self.fused_lm_head, self.masking = fused_lm_head, _check_masking(masking)
         self._register_state_dict_hook(_drop_shared_names)
         self._register_load_state_dict_pre_hook(_restore_shared_names, with_module=True)
 
@@ -430,7 +446,7 @@ class ElectraPretrainer(nn.Module):
     def _step_kwargs(self) -> dict:
         return dict(mask_token_id=self.mask_token_id, special_token_ids=self.special_token_ids,
                     mask_prob=self.mask_prob, temperature=self.temperature, disallow_correct=self.disallow_correct,
-                    fused_lm_head=self.fused_lm_head, validate=self.validate)
+                    fused_lm_head=self.fused_lm_head, validate=self.validate, masking=self.masking)
 
     def scores(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                token_type_ids: Optional[torch.Tensor] = None, *, rng: Optional[torch.Generator] = None) -> dict:

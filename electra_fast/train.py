@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import shutil
 import sys
 import time
 from collections import OrderedDict
@@ -33,19 +32,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from electra_fast.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
-                                     set_rng_state)
-from electra_fast.data import BUILTIN, BatchPlan, open_training_data, save_tokenizer, vocab_fingerprint
+from electra_fast.checkpoint import latest_checkpoint, list_checkpoints, rng_state, save_checkpoint, set_rng_state
+from electra_fast.data import BUILTIN, BatchPlan, open_training_data, vocab_fingerprint
 from electra_fast.data.prefetch import Prefetcher
 from electra_fast.data.tokenizer import tokenizer_from_str
 from electra_fast.distributed import Dist, apply_fsdp, full_state_dicts, grad_sync, init_distributed, load_state_dicts
-from electra_fast.errors import InputError, ensure_writable, lock_directory
+from electra_fast.errors import InputError, lock_directory
 from electra_fast.evaluate import evaluate, heldout
+from electra_fast.export import export, model_from_spec, model_spec
 from electra_fast.metrics_log import MetricsLog, _summary_writer_class, _wandb_module
-from electra_fast.adapters import DEBERTA_V3_PRESETS, RTDDiscriminator
-from electra_fast.model import PRESETS, Discriminator, ElectraModelConfig
+from electra_fast.adapters import DEBERTA_V3_PRESETS
+from electra_fast.model import PRESETS
 from electra_fast.optim import AdamWeightDecay
-from electra_fast.pretrainer import ElectraPretrainer, param_groups
+from electra_fast.pretrainer import MASKINGS, ElectraPretrainer, param_groups
 from electra_fast.step import DynamicLossScale, TrainStep, warmup_linear_decay
 from electra_fast.warm_start import init_model, init_tokenizer
 
@@ -78,6 +77,7 @@ class TrainConfig:
     model: dict = field(default_factory=dict)
     gdes: Optional[bool] = None  # default: on for deberta-v3, off for electra
     mask_prob: Optional[float] = None
+    masking: str = "distinct"  # or "reference": positions drawn with replacement, as the reference draws them
     data: Optional[List[str]] = None  # None: the built-in corpus
     tokenizer: Optional[str] = None
     init_from: Optional[str] = None  # transformers checkpoints to continue from (electra_fast.warm_start)
@@ -155,6 +155,8 @@ class TrainConfig:
             raise InputError(f"--warmup-steps must be >= 0, got {c.warmup_steps}")
         if not c.lr > 0:
             raise InputError(f"--lr must be positive, got {c.lr}")
+        if c.masking not in MASKINGS:
+            raise InputError(f"--masking must be one of {list(MASKINGS)}, got {c.masking!r}")
         if not 0 < c.mask_prob < 1:
             raise InputError(f"--mask-prob must be in (0, 1), got {c.mask_prob}")
         if c.optimizer not in OPTIMIZERS:
@@ -194,50 +196,11 @@ def build_model(cfg: TrainConfig, tok) -> ElectraPretrainer:
         # reference), [MASK] replaces, [PAD] is the embedding's padding row.
         if cfg.arch == "deberta-v3":
             return ElectraPretrainer.from_deberta_v3(cfg.preset, tokenizer=tok, gdes=cfg.gdes,
-                                                     mask_prob=cfg.mask_prob, **overrides)
+                                                     mask_prob=cfg.mask_prob, masking=cfg.masking, **overrides)
         return ElectraPretrainer.from_preset(cfg.preset, tokenizer=tok, gdes=cfg.gdes, mask_prob=cfg.mask_prob,
-                                             **overrides)
+                                             masking=cfg.masking, **overrides)
     except (TypeError, ValueError) as e:
         raise InputError(f"invalid model settings: {e}") from None
-
-
-def _transformers_spec(module) -> dict:
-    """A transformers model's class and config (an `RTDDiscriminator`: its encoder's, `"rtd_head": True`)."""
-    model = module.encoder if isinstance(module, RTDDiscriminator) else module
-    return {"class": type(model).__name__, "config_class": type(model.config).__name__,
-            "config": model.config.to_dict(), "rtd_head": isinstance(module, RTDDiscriminator)}
-
-
-def _transformers_model(spec: dict):
-    from electra_fast.hf import require_transformers
-
-    tf = require_transformers()
-    model = getattr(tf, spec["class"])(getattr(tf, spec["config_class"]).from_dict(spec["config"]))
-    return RTDDiscriminator(model) if spec["rtd_head"] else model
-
-
-def model_spec(model) -> dict:
-    """What rebuilds the model's structure (configs + pretrainer settings), stored in checkpoints: the slim
-    models' `ElectraModelConfig`s, or (`"arch": "transformers"`: DeBERTa-v3, BERT, ...) each model's transformers
-    class and config."""
-    if isinstance(model.discriminator, Discriminator):
-        return {"generator": dataclasses.asdict(model.generator.config),
-                "discriminator": dataclasses.asdict(model.discriminator.config), "settings": model.settings()}
-    return {"arch": "transformers", "generator": _transformers_spec(model.generator),
-            "discriminator": _transformers_spec(model.discriminator), "settings": model.settings()}
-
-
-def model_from_spec(spec: dict) -> ElectraPretrainer:
-    """The (freshly initialised) model a `model_spec` describes; load the checkpoint's weights into it."""
-    settings = dict(spec["settings"])
-    if spec.get("arch") == "transformers":
-        return ElectraPretrainer(_transformers_model(spec["generator"]), _transformers_model(spec["discriminator"]),
-                                 **settings)
-    gdes = settings.pop("gdes", False)
-    unpadded = {"pad_vocab_multiple": 1}  # checkpoints written before the vocabulary was padded lack the field
-    return ElectraPretrainer.from_configs(ElectraModelConfig(**{**unpadded, **spec["generator"]}),
-                                          ElectraModelConfig(**{**unpadded, **spec["discriminator"]}), gdes=gdes,
-                                          **settings)
 
 
 class _WithoutSegments:
@@ -261,44 +224,6 @@ class _WithoutSegments:
 
 def _has_token_types(model) -> bool:
     return getattr(model.discriminator.config, "type_vocab_size", 1) > 0
-
-
-# ---------------------------------------------------------------------------------------------------- export
-def _replace(src: str, dst: str) -> None:
-    """Move a finished file or directory over `dst`; a directory's old copy is deleted only after the swap."""
-    if not os.path.isdir(src):
-        os.replace(src, dst)
-        return
-    old = f"{dst}.old-{os.getpid()}"
-    if os.path.exists(dst):
-        os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def export(checkpoint: str, output_dir: str) -> str:
-    """Write `output_dir/discriminator/` and `output_dir/generator/` (transformers format, each with the
-    tokenizer) from a training checkpoint file or a run directory (its newest checkpoint). -> output_dir."""
-    if not os.path.exists(checkpoint):
-        raise InputError(f"{checkpoint!r} does not exist: pass a run's output directory or a checkpoint file")
-    if os.path.isdir(checkpoint):
-        found = latest_checkpoint(os.path.join(checkpoint, "checkpoints"))
-        if found is None:
-            raise InputError(f"no checkpoint in {checkpoint!r}: pass a run's output directory or a checkpoint file")
-        checkpoint = found
-    state = load_checkpoint(checkpoint)
-    model = model_from_spec(state["model_spec"])
-    model.load_state_dict(state["model"])
-    ensure_writable(output_dir, "--output")
-    tmp = os.path.join(output_dir, f".export-{os.getpid()}")
-    model.save_pretrained(tmp)
-    tok = tokenizer_from_str(state["tokenizer"]) if state.get("tokenizer") else None
-    for name in os.listdir(tmp):
-        if tok is not None and os.path.isdir(os.path.join(tmp, name)):
-            save_tokenizer(tok, os.path.join(tmp, name))
-        _replace(os.path.join(tmp, name), os.path.join(output_dir, name))
-    os.rmdir(tmp)
-    return output_dir
 
 
 # ---------------------------------------------------------------------------------------------------- train
@@ -374,7 +299,8 @@ def _build(cfg: TrainConfig, resume: Optional[dict], tok, device: torch.device, 
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     torch.manual_seed(cfg.seed)  # same seed on every rank: the same initial weights
     if resume is None:
-        model = init_model(cfg.init_from, cfg.preset, tok, mask_prob=cfg.mask_prob, gdes=cfg.gdes) \
+        model = init_model(cfg.init_from, cfg.preset, tok, mask_prob=cfg.mask_prob, gdes=cfg.gdes,
+                           masking=cfg.masking) \
             if cfg.init_from else build_model(cfg, tok)
     else:
         model = model_from_spec(resume["model_spec"])
@@ -389,10 +315,11 @@ def _build(cfg: TrainConfig, resume: Optional[dict], tok, device: torch.device, 
         if resume["data"]["batch_size"] != cfg.batch_size:
             raise InputError(f"--batch-size {cfg.batch_size} differs from the checkpoint's "
                              f"{resume['data']['batch_size']}: resume with the same batch size")
-        saved = resume["config"].get("optimizer", "adamw")
-        if saved != cfg.optimizer:
-            raise InputError(f"--optimizer {cfg.optimizer} differs from the checkpoint's {saved}: resume with "
-                             f"--optimizer {saved}")
+        for option, default in (("optimizer", "adamw"), ("masking", "distinct")):
+            saved, given = resume["config"].get(option, default), getattr(cfg, option)
+            if saved != given:
+                raise InputError(f"--{option} {given} differs from the checkpoint's {saved}: resume with "
+                                 f"--{option} {saved}")
         settings = [{k: g[k] for k in ("lr", "capturable", "fused") if k in g} for g in optimizer.param_groups]
         load_state_dicts(model, optimizer, resume["model"], resume["optimizer"], cfg.fsdp)
         for group, own in zip(optimizer.param_groups, settings):

@@ -33,7 +33,8 @@ def init_tokenizer(directory: str) -> Optional[str]:
     return _tokenizer_beside(directory)
 
 
-def init_model(directory: str, preset: str, tok, *, mask_prob: float, gdes: bool = False) -> ElectraPretrainer:
+def init_model(directory: str, preset: str, tok, *, mask_prob: float, gdes: bool = False,
+               masking: str = "distinct") -> ElectraPretrainer:
     """The pretrainer to continue from `directory` (see the module docstring), masking with `tok`'s ids."""
     disc_dir = _discriminator_dir(directory)
     if disc_dir is None:
@@ -42,7 +43,7 @@ def init_model(directory: str, preset: str, tok, *, mask_prob: float, gdes: bool
                          "ElectraForPreTraining directory")
     ids = tokenizer_ids(tok)
     vocab_size = ids.pop("vocab_size")
-    settings = dict(mask_prob=mask_prob, **({"gdes": True} if gdes else {}))
+    settings = dict(mask_prob=mask_prob, masking=masking, **({"gdes": True} if gdes else {}))
     try:
         if os.path.isfile(os.path.join(directory, "generator", "config.json")):
             model = ElectraPretrainer.from_pretrained(directory, tokenizer=tok, **settings)

@@ -8,6 +8,26 @@ import torch
 # Run in place from a source checkout as well as installed.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N: the workers share the cores; intra-op threads beyond a worker's share only spin against each other.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
+# `pytest -n 2 --dist loadfile` (the README's line) hands whole files to the workers in collection order: the
+# longest files go first, so that both workers finish together instead of one waiting on a long file taken last.
+LONGEST_FILES = ("test_validate_gpu.py", "test_csrc_compile.py", "test_kernels_triton.py", "test_ddp.py",
+                 "test_lm_head.py", "test_bounds.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False  # xdist would order the files by their number of tests instead
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

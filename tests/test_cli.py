@@ -22,7 +22,7 @@ from electra_fast.cli import main  # noqa: E402
 from electra_fast.data import builtin_lines  # noqa: E402
 from electra_fast.data.tokenizer import tokenizer_from_str  # noqa: E402
 from electra_fast.model import PRESETS  # noqa: E402
-from electra_fast.train import model_from_spec  # noqa: E402
+from electra_fast.export import model_from_spec  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINES = list(builtin_lines())

@@ -36,6 +36,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -586,6 +587,30 @@ def test_replace_tokens_reference_matches_oracle(case):
     assert replaced.dtype == torch.bool and torch.equal(replaced, expect != case.ids)
 
 
+def scatter_update(sequence, updates, positions, weights):
+    """The reference's `pretrain_helpers.scatter_update` for int32 ids, step by step in numpy (its positions of
+    padding slots are 0 and position 0 is never updated; here a padding slot adds nothing wherever it points)."""
+    b, seq_len = sequence.shape
+    real = weights > 0
+    flat = (positions + seq_len * np.arange(b)[:, None]).reshape(-1)[real.reshape(-1)]
+    updated = np.zeros(b * seq_len, dtype=np.int64)
+    np.add.at(updated, flat, updates.reshape(-1)[real.reshape(-1)])    # tf.tensor_scatter_nd_add
+    updates_mask = np.zeros(b * seq_len, dtype=np.int64)
+    np.add.at(updates_mask, flat, 1)                                   # tf.scatter_nd of ones
+    updated = np.floor_divide(updated, np.maximum(1, updates_mask))    # integer ids: floordiv, duplicates averaged
+    updates_mask = np.minimum(updates_mask, 1)
+    return ((1 - updates_mask) * sequence.reshape(-1) + updates_mask * updated).reshape(b, seq_len)
+
+
+@given(case=replace_cases(duplicates=True))
+def test_replace_tokens_mean_is_the_reference_scatter_update(case):
+    disc, replaced = ops.replace_tokens(case.ids, case.positions, case.weights, case.sampled, duplicates="mean")
+    expect = scatter_update(case.ids.long().numpy(), case.sampled.reshape(case.positions.shape).long().numpy(),
+                            case.positions.long().numpy(), case.weights.double().numpy())
+    assert disc.dtype == case.ids.dtype and np.array_equal(disc.long().numpy(), expect)
+    assert replaced.dtype == torch.bool and np.array_equal(replaced.numpy(), expect != case.ids.numpy())
+
+
 @triton_only
 @TRITON_BUDGET
 @given(case=replace_cases(max_b=3, max_l=9, duplicates=True), small=st.booleans())
@@ -933,6 +958,8 @@ BAD_INPUTS = [  # (call, error type, the argument the message must name)
     (lambda: _replace(sampled=torch.ones(2, 2)), TypeError, "sampled"),
     (lambda: _replace(sampled=torch.ones(5, dtype=torch.long)), ValueError, "sampled"),
     (lambda: _replace(sampled=torch.ones(2, 2, dtype=torch.long, **META)), ValueError, "sampled"),
+    (lambda: _replace(duplicates="first"), ValueError, "duplicates must be 'add' or 'mean'"),
+    (lambda: _replace(duplicates="mean", backend="triton"), ValueError, "duplicates='mean'.*backend='triton'"),
     (lambda: _bce(logits=torch.ones(2, 6, dtype=torch.long)), TypeError, "logits"),
     (lambda: _bce(logits=torch.randn(12)), ValueError, "logits"),
     (lambda: _bce(labels=torch.zeros(2, 5)), ValueError, "labels"),

@@ -206,6 +206,27 @@ def test_from_preset_options():
     assert model.vocab_size == V and model.generator.config.hidden_size == 64
     assert model.discriminator.config.num_hidden_layers == model.generator.config.num_hidden_layers == 1
     assert ElectraPretrainer.from_preset("tiny", vocab_size=V, **IDS, gdes=True).gdes
+    with pytest.raises(ValueError, match="masking must be one of .*'distinct', 'reference'.* got 'exact'"):
+        ElectraPretrainer.from_preset("tiny", vocab_size=V, **IDS, masking="exact")
+
+
+def test_reference_masking_step_and_its_setting_saved(tmp_path):
+    """masking="reference": the slots are drawn with replacement (tiny rows: duplicates all but certain), and the
+    discriminator's ids are the reference's scatter_update of the samples (tests/test_fuzz_ops.py checks that op)."""
+    model = ElectraPretrainer.from_preset("tiny", vocab_size=V, **IDS, masking="reference", mask_prob=0.5,
+                                          num_hidden_layers=1)
+    ids = torch.randint(5, V, (16, 8))
+    out = model.scores(ids, rng=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    _, positions, weights = mask_tokens(ids, torch.ones_like(ids), mask_prob=0.5, replacement=True,
+                                        mask_token_id=MASK_ID, special_token_ids=SPECIAL, generator=g)
+    real = weights > 0
+    assert any(len(set(p[r].tolist())) < int(r.sum()) for p, r in zip(positions, real)), "no position drawn twice"
+    hit = torch.zeros_like(ids).scatter_add_(1, positions, real.long()) > 0
+    assert not (out["is_replaced"] & ~hit).any()  # only drawn positions change
+    assert torch.isfinite(model(ids).loss)
+    model.save_pretrained(tmp_path)
+    assert ElectraPretrainer.from_pretrained(str(tmp_path)).masking == "reference"
 
 
 def test_param_groups_split_decay():

@@ -1,5 +1,5 @@
-"""Trainer options around the step: the reference optimizer (and its resume), skipped non-finite steps in the
-metrics, fp16 with a loss scale, --cuda-graph on a CPU, and the Ctrl-C hint."""
+"""Trainer options around the step: the reference optimizer and masking (and their resume), skipped non-finite
+steps in the metrics, fp16 with a loss scale, --cuda-graph on a CPU, and the Ctrl-C hint."""
 import dataclasses
 import json
 import os
@@ -10,6 +10,7 @@ import torch
 
 pytest.importorskip("tokenizers")
 
+import electra_fast.pretrainer as pretrainer_mod  # noqa: E402
 import electra_fast.train as train_mod  # noqa: E402
 from electra_fast.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
 from electra_fast.cli import main  # noqa: E402
@@ -40,9 +41,16 @@ class Killed(Exception):
     pass
 
 
-def test_reference_optimizer_trains_and_resumes_exactly(dataset, tmp_path, monkeypatch):
-    cfg = config(dataset, tmp_path / "straight", optimizer="reference", warmup_steps=1)
+def test_reference_optimizer_and_masking_train_and_resume_exactly(dataset, tmp_path, monkeypatch):
+    drawn = []
+    real_mask, real_replace = pretrainer_mod.mask_tokens, pretrainer_mod.replace_tokens
+    monkeypatch.setattr(pretrainer_mod, "mask_tokens", lambda *a, **k: drawn.append(k["replacement"]) or
+                        real_mask(*a, **k))
+    monkeypatch.setattr(pretrainer_mod, "replace_tokens", lambda *a, **k: drawn.append(k["duplicates"]) or
+                        real_replace(*a, **k))
+    cfg = config(dataset, tmp_path / "straight", optimizer="reference", masking="reference", warmup_steps=1)
     train(cfg)
+    assert set(drawn) == {True, "mean"}  # the step masked with replacement and averaged duplicates' samples
     want = read_metrics(cfg.output_dir)
     assert len({r["loss"] for r in want}) == 4
     state = checkpoint(cfg.output_dir, 4)["optimizer"]["state"]
@@ -68,6 +76,8 @@ def test_reference_optimizer_trains_and_resumes_exactly(dataset, tmp_path, monke
         assert torch.equal(v, b["model"][k]), k
     with pytest.raises(train_mod.InputError, match="--optimizer adamw differs from the checkpoint's reference"):
         train(dataclasses.replace(cfg2, optimizer="adamw", steps=6), resume=b)
+    with pytest.raises(train_mod.InputError, match="--masking distinct differs from the checkpoint's reference"):
+        train(dataclasses.replace(cfg2, masking="distinct", steps=6), resume=b)
 
 
 def test_non_finite_step_is_skipped_and_counted(dataset, tmp_path, monkeypatch):

@@ -48,8 +48,11 @@ def test_smoke_run_writes_every_section(tmp_path):
     assert (out / "ops" / "ops.csv").read_text().startswith("op,shape,pass,impl,ms")
     assert (out / "e2e-small" / "e2e.csv").exists()
     # a second call with one part merges into the same folder and keeps the others
-    again = subprocess.run([sys.executable, SCRIPT, "--smoke", "--out", str(out), "--part", "tests"],
+    (out / "ops" / "ops.csv").unlink()
+    again = subprocess.run([sys.executable, SCRIPT, "--smoke", "--out", str(out), "--part", "ops"],
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     res2 = json.loads((out / "results.json").read_text())
-    assert set(res2["parts"]) == {"tests", "ops", "e2e-small", "e2e-base"} and res2["ops"]["rows"] == res["ops"]["rows"]
+    assert set(res2["parts"]) == {"tests", "ops", "e2e-small", "e2e-base"}
+    assert res2["tests"] == res["tests"] and res2["e2e"] == res["e2e"]
+    assert (out / "ops" / "ops.csv").exists() and {r["op"] for r in res2["ops"]["rows"]} == {r["op"] for r in ops}

@@ -19,6 +19,16 @@ def replace_tokens_reference(input_ids, positions, weights, sampled):
     return disc_ids, disc_ids != input_ids
 
 
+def replace_tokens_mean_reference(input_ids, positions, weights, sampled):
+    """The reference's `scatter_update` for integer ids: a position that several real slots point at (masking with
+    replacement) gets the floor of the mean of their samples; a position one slot points at gets its sample."""
+    real = weights > 0
+    count = torch.zeros_like(input_ids).scatter_add_(1, positions, real.to(input_ids.dtype))
+    total = torch.zeros_like(input_ids).scatter_add_(1, positions, torch.where(real, sampled.to(input_ids.dtype), 0))
+    disc_ids = torch.where(count > 0, torch.div(total, count.clamp(min=1), rounding_mode="floor"), input_ids)
+    return disc_ids, disc_ids != input_ids
+
+
 @torch.library.custom_op("electra_fast::replace_tokens", mutates_args=())
 def _replace_tokens_op(input_ids: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor,
                        sampled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,13 +41,17 @@ def _(input_ids, positions, weights, sampled):
 
 
 def replace_tokens(input_ids: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor, sampled: torch.Tensor,
-                   *, backend: Optional[str] = None):
+                   *, duplicates: str = "add", backend: Optional[str] = None):
     """Build the discriminator's ids and labels in one pass.
 
     Args:
         input_ids: `[B, L]` original (unmasked) ids.
         positions, weights: `[B, N]` from `mask_tokens` (real slots have weight > 0 and distinct positions).
         sampled: `[B, N]` (or `[B * N]`) generator samples.
+        duplicates: what a position that several real slots point at becomes (masking with replacement only).
+            "add" (default; every backend): the original plus each slot's `sample - original`. "mean": the floor of
+            the mean of the samples, as the reference's `scatter_update` does; the PyTorch reference runs it (no
+            kernel has this rule: asking for another backend is an error).
 
     Returns: `(disc_ids [B, L] like input_ids, is_replaced [B, L] bool)`.
     """
@@ -54,7 +68,13 @@ def replace_tokens(input_ids: torch.Tensor, positions: torch.Tensor, weights: to
                          f"{tuple(positions.shape)}), got shape {tuple(sampled.shape)}")
     check_same_device({"input_ids": input_ids, "positions": positions, "weights": weights, "sampled": sampled})
     check_ids(positions, "positions", input_ids.shape[1], "L")
-    _, kernel = resolve("replace_tokens", backend, input_ids.device)
+    if duplicates not in ("add", "mean"):
+        raise ValueError(f"duplicates must be 'add' or 'mean', got {duplicates!r}")
     args = (input_ids.contiguous(), positions.long().contiguous(), weights.float().contiguous(),
             sampled.reshape(positions.shape).long().contiguous())
+    if duplicates == "mean":
+        if backend not in (None, "torch"):
+            raise ValueError(f"duplicates='mean' runs the PyTorch reference only, got backend={backend!r}")
+        return replace_tokens_mean_reference(*args)  # plain torch ops: traced and captured as they are
+    _, kernel = resolve("replace_tokens", backend, input_ids.device)
     return (kernel or _replace_tokens_op)(*args)
