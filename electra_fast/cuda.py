@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from electra_fast import _cuda_build
-from electra_fast.ops._checks import check_vocab_size
+from electra_fast.ops._checks import SAMPLERS, check_sampler, check_vocab_size  # noqa: F401  (SAMPLERS: API)
 from electra_fast.ops.masked_gather import register_gather_autograd
 from electra_fast.ops.mlm_loss import register_mlm_autograd
 
@@ -45,7 +45,6 @@ __all__ = ["is_available", "unavailable_reason", "extension", "gumbel_noise", "m
            "gumbel_sample", "masked_gather", "replace_tokens", "rtd_bce_loss"]
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SAMPLERS = ("cdf", "gumbel")
 SAMPLER = os.environ.get("ELECTRA_FAST_SAMPLER", "cdf")
 
 _lock = threading.Lock()
@@ -286,17 +285,11 @@ def _require_logits(logits: Tensor) -> None:
                         "(use backend='torch' for float64)")
 
 
-def _check_sampler(sampler: str) -> str:
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler (ELECTRA_FAST_SAMPLER) must be one of {SAMPLERS}, got {sampler!r}")
-    return sampler
-
-
 def mlm_loss_and_sample(logits: Tensor, targets: Tensor, weights: Tensor, seed: Tensor, temperature: float,
                         disallow_correct: bool, vocab_size: Optional[int] = None):
     """Fused MLM loss and sample: `(loss, sampled, correct)`, loss differentiable w.r.t. logits. `logits` `[M, W]`
     holds the vocabulary in its first `vocab_size` columns (None: all W)."""
-    sampler = _check_sampler(SAMPLER)
+    sampler = check_sampler(SAMPLER)
     _require_cuda({"logits": logits, "targets": targets, "weights": weights, "seed": seed})
     _require_logits(logits)
     loss, sampled, correct, _, _ = _mlm_op(logits.contiguous(), targets.long().contiguous(),
@@ -310,7 +303,7 @@ def gumbel_sample(logits: Tensor, seed: Tensor, temperature: float, disallow: Op
                   vocab_size: Optional[int] = None) -> Tensor:
     """One draw per row from `softmax(logits[:, :vocab_size] / temperature)`; `disallow[m]` (>= 0) is excluded
     from row m."""
-    sampler = _check_sampler(SAMPLER)
+    sampler = check_sampler(SAMPLER)
     _require_cuda({"logits": logits, "seed": seed, "disallow": disallow})
     _require_logits(logits)
     if disallow is not None:

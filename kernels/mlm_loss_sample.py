@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from electra_fast.ops._checks import SAMPLERS, check_sampler  # noqa: F401  (SAMPLERS: part of this module's API)
 from electra_fast.ops.mlm_loss import register_mlm_autograd
 
 from ._common import pow2
@@ -44,7 +45,6 @@ from ._common import pow2
 WEIGHT_EPS = 1e-6  # as the reference: a batch without real slots gives loss 0, not NaN
 BLOCK_V = 4096     # columns per tile in the forward pass (tests shrink it to cover many tiles at tiny V)
 BLOCK_BWD = 4096   # columns per program in the backward
-SAMPLERS = ("cdf", "gumbel")
 SAMPLER = os.environ.get("ELECTRA_FAST_SAMPLER", "cdf")
 
 
@@ -197,12 +197,6 @@ def _mlm_backward_kernel(grad_ptr, logits_ptr, targets_ptr, w_ptr, lse_ptr, inv_
     g = (p - (cols == tl.load(targets_ptr + row)).to(tl.float32)) * scale
     g = tl.where(cols < V, g, 0.0)  # exactly 0 even when scale is not finite
     tl.store(grad_ptr + row * grad_stride + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < W)
-
-
-def check_sampler(sampler: str) -> str:
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler (ELECTRA_FAST_SAMPLER) must be one of {SAMPLERS}, got {sampler!r}")
-    return sampler
 
 
 def launch_sampler(logits, seed, temperature: float, banned, sampler: str, vocab_size: int, *, targets=None,

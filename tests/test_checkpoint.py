@@ -17,12 +17,12 @@ import torch
 
 pytest.importorskip("tokenizers")
 
-import electra_fast.train as train_mod  # noqa: E402
 from electra_fast.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint,  # noqa: E402
                                      payload_checksum, rng_state, save_checkpoint, set_rng_state)
 from electra_fast.cli import main  # noqa: E402
 from electra_fast.errors import InputError, lock_directory  # noqa: E402
 from electra_fast.train import TrainConfig, train  # noqa: E402
+from helpers import train_killed_at  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOLATILE = ("tokens_per_s",)
@@ -42,11 +42,7 @@ def read_metrics(out):
                 if r.get("split") != "eval"]  # training records (tests/test_evaluate.py checks evaluation's)
 
 
-class Killed(Exception):
-    pass
-
-
-def test_resume_repeats_uninterrupted_losses(dataset, tmp_path, monkeypatch):
+def test_resume_repeats_uninterrupted_losses(dataset, tmp_path):
     cfg = config(dataset, tmp_path / "straight")
     straight = train(cfg)
     want = read_metrics(cfg.output_dir)
@@ -55,17 +51,7 @@ def test_resume_repeats_uninterrupted_losses(dataset, tmp_path, monkeypatch):
 
     # Same run, killed in the middle of step 5 (after the step-3 checkpoint, with steps 4-5 logged), resumed.
     cfg2 = dataclasses.replace(cfg, output_dir=str(tmp_path / "resumed"))
-    real_seed = train_mod.chunk_seed
-
-    def dying(seed, step, chunk):
-        if step == 4 and chunk == 1:
-            raise Killed
-        return real_seed(seed, step, chunk)
-
-    monkeypatch.setattr(train_mod, "chunk_seed", dying)
-    with pytest.raises(Killed):
-        train(cfg2)
-    monkeypatch.setattr(train_mod, "chunk_seed", real_seed)
+    train_killed_at(cfg2, step=4, chunk=1)
     assert [s for s, _ in list_checkpoints(os.path.join(cfg2.output_dir, "checkpoints"))] == [3]
     assert len(read_metrics(cfg2.output_dir)) == 4  # steps 1-4 logged before the kill
     # Python and NumPy RNGs drawn from after the checkpoint must come back too.

@@ -16,6 +16,7 @@ from electra_fast.checkpoint import latest_checkpoint, load_checkpoint  # noqa: 
 from electra_fast.cli import main  # noqa: E402
 from electra_fast.pretrainer import ElectraPretrainer  # noqa: E402
 from electra_fast.train import TrainConfig, train  # noqa: E402
+from helpers import train_killed_at  # noqa: E402
 
 VOLATILE = ("tokens_per_s",)
 
@@ -37,10 +38,6 @@ def checkpoint(out, step):
     return load_checkpoint(os.path.join(out, "checkpoints", f"checkpoint-{step:08d}.pt"))
 
 
-class Killed(Exception):
-    pass
-
-
 def test_reference_optimizer_and_masking_train_and_resume_exactly(dataset, tmp_path, monkeypatch):
     drawn = []
     real_mask, real_replace = pretrainer_mod.mask_tokens, pretrainer_mod.replace_tokens
@@ -58,17 +55,7 @@ def test_reference_optimizer_and_masking_train_and_resume_exactly(dataset, tmp_p
     assert {k for s in state.values() for k in s} == {"exp_avg", "exp_avg_sq"}
 
     cfg2 = dataclasses.replace(cfg, output_dir=str(tmp_path / "resumed"))
-    real_seed = train_mod.chunk_seed
-
-    def dying(seed, step, chunk):
-        if step == 2:
-            raise Killed
-        return real_seed(seed, step, chunk)
-
-    monkeypatch.setattr(train_mod, "chunk_seed", dying)
-    with pytest.raises(Killed):
-        train(cfg2)
-    monkeypatch.setattr(train_mod, "chunk_seed", real_seed)
+    train_killed_at(cfg2, step=2)
     train(cfg2, resume=checkpoint(cfg2.output_dir, 2))
     assert read_metrics(cfg2.output_dir) == want
     a, b = checkpoint(cfg.output_dir, 4), checkpoint(cfg2.output_dir, 4)

@@ -60,6 +60,15 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+SAMPLERS = ("cdf", "gumbel")  # the kernels' samplers: exact inverse CDF (default), Gumbel-max
+
+
+def check_sampler(sampler: str) -> str:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler (ELECTRA_FAST_SAMPLER) must be one of {SAMPLERS}, got {sampler!r}")
+    return sampler
+
+
 def check_vocab_size(vocab_size, width: int) -> int:
     """The logical vocabulary V of `[M, W]` logits whose columns >= V are padding: None means V = W."""
     if vocab_size is None:
