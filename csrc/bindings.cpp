@@ -7,7 +7,12 @@
 // Outputs are allocated here with torch's caching allocator and nothing reads device memory back to the
 // host, so every op is safe inside CUDA-graph capture. The Python side (electra_fast/cuda.py) wraps these
 // functions as torch.library custom ops with fake kernels and autograd.
-#include <torch/extension.h>
+// Only what the bindings use, not <torch/extension.h> (all of libtorch's C++ API): that header alone made this file
+// a 50 s compile, here and in every JIT build.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/csrc/utils/pybind.h>  // pybind11 with torch's at::Tensor casters
 
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
