@@ -53,6 +53,16 @@ def disc_logits(disc):
     return lambda ids, attention_mask: SimpleNamespace(logits=disc(ids, attention_mask=attention_mask).logits[..., 0])
 
 
+def assert_same_step(model, again, ids, mask, seed):
+    """`again` (a reloaded `model`) takes the same step: losses and metrics, masking and sampling seeded alike."""
+    outs = []
+    for m in (model, again):
+        torch.manual_seed(seed)
+        outs.append(m(ids, mask))
+    for name in ("loss", "mlm_loss", "disc_loss", "gen_accuracy", "disc_accuracy"):
+        torch.testing.assert_close(getattr(outs[1], name), getattr(outs[0], name), msg=name)
+
+
 @pytest.mark.parametrize("arch,disc_kind,gdes", [
     ("bert", "encoder", False), ("roberta", "token-classification", True), ("deberta", "encoder", True),
     ("deberta", "token-classification", False)])
@@ -163,12 +173,7 @@ def test_export_reloads_in_transformers_classes(tmp_path, arch, disc_kind, gdes)
     assert adapters.is_adapter_export(str(tmp_path))
     again = ElectraPretrainer(*adapters.load_pair(str(tmp_path), gdes=gdes), mask_token_id=MASK_ID,
                               special_token_ids=SPECIAL, gdes=gdes).eval()
-    outs = []
-    for m in (model, again):
-        torch.manual_seed(9)
-        outs.append(m(ids, mask))
-    for name in ("loss", "mlm_loss", "disc_loss", "gen_accuracy", "disc_accuracy"):
-        torch.testing.assert_close(getattr(outs[1], name), getattr(outs[0], name), msg=name)
+    assert_same_step(model, again, ids, mask, seed=9)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -237,12 +242,7 @@ def test_from_pretrained_reloads_other_architectures(tmp_path, arch, gdes):
     assert type(again.generator) is type(model.generator) and again.gdes == gdes
     assert again.settings() == model.settings()
     ids, mask = batch()
-    outs = []
-    for m in (model, again):
-        torch.manual_seed(5)
-        outs.append(m(ids, mask))
-    for name in ("loss", "mlm_loss", "disc_loss", "gen_accuracy", "disc_accuracy"):
-        torch.testing.assert_close(getattr(outs[1], name), getattr(outs[0], name), msg=name)
+    assert_same_step(model, again, ids, mask, seed=5)
 
 
 def test_unigram_tokenizer_saves_for_auto_tokenizer(tmp_path):
