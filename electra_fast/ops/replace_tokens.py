@@ -46,7 +46,8 @@ def replace_tokens(input_ids: torch.Tensor, positions: torch.Tensor, weights: to
 
     Args:
         input_ids: `[B, L]` original (unmasked) ids.
-        positions, weights: `[B, N]` from `mask_tokens` (real slots have weight > 0 and distinct positions).
+        positions, weights: `[B, N]` from `mask_tokens` (real slots have weight > 0, at distinct positions unless
+            drawn with replacement).
         sampled: `[B, N]` (or `[B * N]`) generator samples.
         duplicates: what a position that several real slots point at becomes (masking with replacement only).
             "add" (default; every backend): the original plus each slot's `sample - original`. "mean": the floor of
