@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from electra_fast import adapters
-from electra_fast.adapters import adapt, check_pair
+from electra_fast.adapters import check_pair
 from electra_fast.model import Discriminator, ElectraModelConfig, Generator, GENERATOR_FIELDS, PRESETS, \
     preset_configs
 from electra_fast.ops import lm_head_loss_and_sample, mask_tokens, masked_gather, mlm_loss_and_sample, \
@@ -530,8 +530,8 @@ class ElectraPretrainer(nn.Module):
     def from_pretrained(cls, directory: str, *, tokenizer=None, **kwargs) -> "ElectraPretrainer":
         """Load `directory/{discriminator,generator}/` (ours, or two checkpoints written by transformers'
         `save_pretrained`). ELECTRA checkpoints become slim models sharing one set of embeddings (the
-        discriminator's; with GDES the generator's, and the discriminator's `embeddings_delta` = its checkpoint's embeddings minus them; none with
-        `share_embeddings=False` in the settings); other architectures (BERT, RoBERTa, DeBERTa-v2: see
+        discriminator's; with GDES the generator's, and the discriminator's `embeddings_delta` = its checkpoint's
+        embeddings minus them; none with `share_embeddings=False` in the settings); other architectures (BERT, RoBERTa, DeBERTa-v2: see
         `adapters.is_adapter_export`) load in their own transformers classes through `adapters.load_pair`.
 
         Settings, later ones winning: the saved `electra_fast.json` (ours), else a tokenizer saved beside the

@@ -141,6 +141,7 @@ class TrainStep:
         # Per step: the metrics over its micro-batches; per window: metrics, grad norm, applied steps.
         self._step_sums = torch.zeros(n, device=device)
         self._window = torch.zeros(n + 2, device=device)
+        self._loss_at, self._one = self.metrics.index("loss"), torch.ones(1, device=device)  # per-step constants
         self._found_inf = torch.zeros((), device=device)  # the optimizer's view of the skip flag (fp32, as fused)
         self.keep_grads = False  # CUDAGraphStep: zero gradients in place (static addresses) instead of freeing them
 
@@ -168,7 +169,7 @@ class TrainStep:
         norm = norm.float()
         if self.loss_scale is not None:
             norm = norm / self.loss_scale.scale
-        found = ~(torch.isfinite(norm) & torch.isfinite(self._step_sums[self.metrics.index("loss")]))
+        found = ~(torch.isfinite(norm) & torch.isfinite(self._step_sums[self._loss_at]))
         self._found_inf.copy_(found)
         coef = None
         if self.max_grad_norm is not None:
@@ -188,7 +189,7 @@ class TrainStep:
             del self.optimizer.found_inf, self.optimizer.grad_scale
         if self.loss_scale is not None:
             self.loss_scale.update(found)
-        applied = torch.cat([self._step_sums, norm.reshape(1), torch.ones(1, device=self.device)])
+        applied = torch.cat([self._step_sums, norm.reshape(1), self._one])
         self._window += torch.where(found, 0.0, applied)  # a select: a NaN step leaves no trace in the sums
         self.skipped += found
         self.step_count += 1

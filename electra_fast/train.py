@@ -19,7 +19,6 @@ saved in checkpoints, for anything else that draws from them.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import sys
@@ -362,7 +361,7 @@ def _train(cfg: TrainConfig, resume: Optional[dict], env: Dist, device: torch.de
     micro = max(1, cfg.batch_size // (env.world_size * cfg.grad_accum))
     eval_set, eval_rows, train_rows = heldout(cfg, dataset, os.path.join(out_dir, "eval-data"), micro,
                                               is_main=env.is_main, barrier=env.barrier, progress=False)
-    if eval_set is not None and not _has_token_types(model):
+    if eval_set is not None and eval_set is not dataset and not _has_token_types(model):  # dataset: wrapped already
         eval_set = _WithoutSegments(eval_set)
     plan = BatchPlan(train_rows, cfg.batch_size, world_size=env.world_size, rank=env.rank,
                      accum_steps=cfg.grad_accum, seed=cfg.seed)
@@ -394,12 +393,11 @@ def _train(cfg: TrainConfig, resume: Optional[dict], env: Dist, device: torch.de
                                 "rng": rng_state(), "data": {"batch": step, "batch_size": cfg.batch_size},
                                 **checkpoint_extra}, ckpt_dir, step, keep=cfg.keep_checkpoints)
 
-    # Micro-batches gathered by a thread and copied ahead of the step (the thread reads its own copy of the plan:
-    # BatchPlan caches one epoch's permutation and is not thread-safe). Full rows need no attention mask, which
+    # Micro-batches gathered by a thread and copied ahead of the step (only that thread draws from the plan's
+    # permutations: BatchPlan caches one epoch's and is not thread-safe). Full rows need no attention mask, which
     # frees attention for its mask-less fast path; but a captured graph has fixed inputs, so with the graph every
     # batch keeps its mask (one graph, not a second capture for mask-less batches).
-    feed = copy.copy(plan)
-    items = ((s, mb) for s in range(start, cfg.steps) for mb in feed.micro_batches(s))
+    items = ((s, mb) for s in range(start, cfg.steps) for mb in plan.micro_batches(s))
     prefetch = Prefetcher(items, lambda item: dataset.gather(item[1].indices, omit_full_mask=not use_graph), device,
                           depth=2 * plan.accum_steps)
     model.train()
@@ -407,8 +405,7 @@ def _train(cfg: TrainConfig, resume: Optional[dict], env: Dist, device: torch.de
     last_ckpt = latest_checkpoint(ckpt_dir) if env.is_main and start >= cfg.steps else None
     with prefetch:
         for step in range(start, cfg.steps):
-            chunks = plan.micro_batches(step)
-            batches = [next(prefetch) for _ in chunks]
+            batches = [next(prefetch) for _ in plan.chunks]  # the thread drew this step's indices
             if runner is None:
                 if use_graph:
                     from electra_fast.cuda_graph import CUDAGraphStep
@@ -416,7 +413,7 @@ def _train(cfg: TrainConfig, resume: Optional[dict], env: Dist, device: torch.de
                     runner = CUDAGraphStep(ts, batches[0])
                 else:
                     runner = ts
-            runner(batches, seeds=[chunk_seed(cfg.seed, step, mb.chunk) for mb in chunks])
+            runner(batches, seeds=[chunk_seed(cfg.seed, step, chunk) for chunk in plan.chunks])
             # Token ids were range-checked on the first batch (one host sync); later batches come from the same
             # data and tokenizer, so checking them again would only cost a sync per step.
             model.validate = False

@@ -38,11 +38,10 @@ import triton
 import triton.language as tl
 
 from electra_fast.ops._checks import SAMPLERS, check_sampler  # noqa: F401  (SAMPLERS: part of this module's API)
-from electra_fast.ops.mlm_loss import register_mlm_autograd
+from electra_fast.ops.mlm_loss import WEIGHT_EPS, register_mlm_autograd
 
 from ._common import pow2
 
-WEIGHT_EPS = 1e-6  # as the reference: a batch without real slots gives loss 0, not NaN
 BLOCK_V = 4096     # columns per tile in the forward pass (tests shrink it to cover many tiles at tiny V)
 BLOCK_BWD = 4096   # columns per program in the backward
 SAMPLER = os.environ.get("ELECTRA_FAST_SAMPLER", "cdf")

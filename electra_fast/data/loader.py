@@ -109,6 +109,8 @@ class BatchPlan:
         self.num_examples, self.global_batch = num_examples, global_batch
         self.world_size, self.rank, self.accum_steps, self.seed = world_size, rank, accum_steps, seed
         self.micro_batch = global_batch // parts
+        # This rank's micro-batches within every global batch (the same numbers each step; they seed its RNG).
+        self.chunks = [a * world_size + rank for a in range(accum_steps)]
         self.batches_per_epoch = num_examples // global_batch
         self._epoch, self._perm = -1, None
 
@@ -125,7 +127,5 @@ class BatchPlan:
 
     def micro_batches(self, batch: int) -> List[MicroBatch]:
         """This rank's `accum_steps` micro-batches of global batch number `batch`."""
-        idx = self.global_indices(batch)
-        b, w = self.micro_batch, self.world_size
-        chunks = [a * w + self.rank for a in range(self.accum_steps)]
-        return [MicroBatch(c, idx[c * b:(c + 1) * b]) for c in chunks]
+        idx, b = self.global_indices(batch), self.micro_batch
+        return [MicroBatch(c, idx[c * b:(c + 1) * b]) for c in self.chunks]
