@@ -1,5 +1,7 @@
 """Small helpers shared by the tests (fixtures live in conftest.py)."""
+import json
 import math
+import os
 from unittest import mock
 
 import pytest
@@ -8,6 +10,31 @@ import pytest
 def chi2_critical(df, z=3.29):
     """Upper chi-square quantile by Wilson-Hilferty; z = 3.29 is p ~ 5e-4 (the draws use fixed seeds)."""
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def naive_auc(scores, labels):
+    """ROC-AUC by its definition: P(a positive outscores a negative), ties counting one half."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    return sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg) / (len(pos) * len(neg))
+
+
+def naive_ap(scores, labels):
+    """Average precision by its definition: precision times the recall gained, at each distinct threshold."""
+    total_pos, ap, prev_recall = sum(labels), 0.0, 0.0
+    for t in sorted(set(scores), reverse=True):
+        chosen = [y for s, y in zip(scores, labels) if s >= t]
+        precision, recall = sum(chosen) / len(chosen), sum(chosen) / total_pos
+        ap += precision * (recall - prev_recall)
+        prev_recall = recall
+    return ap
+
+
+def read_metrics(run, split=None, drop=()):
+    """A run's `metrics.jsonl` records: the training ones, or the evaluation ones with `split="eval"`; without the
+    fields in `drop` (e.g. "tokens_per_s", which differs between two runs of the same steps)."""
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [{k: v for k, v in r.items() if k not in drop} for r in map(json.loads, f) if r.get("split") == split]
 
 
 class Killed(Exception):

@@ -1,7 +1,6 @@
 """Checkpoints: an interrupted and resumed run repeats the uninterrupted one exactly; writes are atomic (also
 under SIGKILL); a corrupt file is a clear error."""
 import dataclasses
-import json
 import os
 import random
 import re
@@ -22,10 +21,11 @@ from electra_fast.checkpoint import (latest_checkpoint, list_checkpoints, load_c
 from electra_fast.cli import main  # noqa: E402
 from electra_fast.errors import InputError, lock_directory  # noqa: E402
 from electra_fast.train import TrainConfig, train  # noqa: E402
+import helpers  # noqa: E402
 from helpers import train_killed_at  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOLATILE = ("tokens_per_s",)
+VOLATILE = ("tokens_per_s",)  # differs between two runs of the same steps
 
 
 def config(dataset, out, **kw):
@@ -37,9 +37,7 @@ def config(dataset, out, **kw):
 
 
 def read_metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [{k: v for k, v in r.items() if k not in VOLATILE} for r in map(json.loads, f)
-                if r.get("split") != "eval"]  # training records (tests/test_evaluate.py checks evaluation's)
+    return helpers.read_metrics(out, drop=VOLATILE)
 
 
 def test_resume_repeats_uninterrupted_losses(dataset, tmp_path):
@@ -228,7 +226,6 @@ def test_sigkill_leaves_loadable_checkpoints_and_resume_finishes(dataset, tmp_pa
     # The command line's --resume: the newest checkpoint in the output dir, the run's own settings.
     assert main(["pretrain", "-o", out, "--resume", "--steps", str(last + 12), "--log-interval", "5"]) == 0
     assert list_checkpoints(ckpts)[-1][0] == last + 12
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        steps = [r["step"] for r in map(json.loads, f) if r.get("split") != "eval"]
+    steps = [r["step"] for r in read_metrics(out)]
     # Steps up to the checkpoint from the killed run (logged every step), then the resumed run's every 5th + last.
     assert steps == list(range(1, last + 1)) + [s for s in range(last + 1, last + 12) if s % 5 == 0] + [last + 12]

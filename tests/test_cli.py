@@ -21,8 +21,9 @@ from electra_fast.checkpoint import latest_checkpoint, load_checkpoint  # noqa: 
 from electra_fast.cli import main  # noqa: E402
 from electra_fast.data import builtin_lines  # noqa: E402
 from electra_fast.data.tokenizer import tokenizer_from_str  # noqa: E402
-from electra_fast.model import PRESETS  # noqa: E402
 from electra_fast.export import model_from_spec  # noqa: E402
+from electra_fast.model import PRESETS  # noqa: E402
+from helpers import read_metrics  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINES = list(builtin_lines())
@@ -67,14 +68,8 @@ def assert_one_line_error(rc, err, pattern):
     assert re.search(pattern, lines[0]), lines[0]
 
 
-def read_records(run, split=None):
-    """Training records of metrics.jsonl, or evaluation records with `split="eval"`."""
-    with open(os.path.join(run, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r.get("split") == split]
-
-
 def test_pretrain_losses_fall_and_checkpoint_written(trained):
-    records = read_records(trained)
+    records = read_metrics(trained)
     assert [r["step"] for r in records] == list(range(5, 85, 5))
     first, last = records[:2], records[-2:]
     assert np.mean([r["loss"] for r in last]) < 0.8 * np.mean([r["loss"] for r in first])
@@ -89,7 +84,7 @@ def test_pretrain_losses_fall_and_checkpoint_written(trained):
 
 def test_pretrain_evaluates_held_out_rows_and_states_the_lift(trained_run):
     run, printed = trained_run
-    evals = read_records(run, "eval")
+    evals = read_metrics(run, "eval")
     assert [r["step"] for r in evals] == [40, 80]
     last = evals[-1]
     # 2500 lines -> about 1900 rows of 32 tokens: 1% is one batch of 16 rows... unless 5% allows 4 batches.
@@ -121,7 +116,7 @@ def test_init_from_continues_from_exported_checkpoints(trained, tmp_path, capsys
         assert torch.equal(warm["model"][k], v), k
     assert warm["tokenizer"] == load_checkpoint(latest_checkpoint(os.path.join(trained, "checkpoints")))["tokenizer"]
     assert run_cli(capsys, "pretrain", "-o", str(tmp_path / "fresh"), *run)[0] == 0
-    first = {d: read_records(str(tmp_path / d))[0] for d in ("warm", "fresh")}
+    first = {d: read_metrics(str(tmp_path / d))[0] for d in ("warm", "fresh")}
     # The first step already scores as the trained model: fresh ~0.69 (ln 2) and ~6.9 (ln 1000), warm ~0.3, ~6.2.
     assert first["warm"]["disc_loss"] < 0.75 * first["fresh"]["disc_loss"], first
     assert first["warm"]["mlm_loss"] < first["fresh"]["mlm_loss"] - 0.3, first

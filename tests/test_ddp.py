@@ -14,6 +14,7 @@ pytest.importorskip("tokenizers")
 
 from electra_fast.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
 from electra_fast.train import TrainConfig, train  # noqa: E402
+from helpers import read_metrics  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
@@ -61,12 +62,6 @@ def torchrun(tmp_path, cfg: dict, *extra):
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-def metrics(out, split=None):
-    """Training records, or evaluation records with `split="eval"`."""
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r.get("split") == split]
-
-
 BASE = dict(preset="tiny", steps=6, batch_size=8, seq_len=32, log_interval=1, save_interval=3, threads=1,
             progress=False, export=False, device="cpu", lr=2e-3)
 
@@ -92,12 +87,12 @@ def test_two_ranks_match_one_process(dataset, tmp_path, fsdp):
     for step, (a, b) in enumerate(zip(*seen)):
         assert len(a) == len(b) == 4 and not set(a) & set(b), f"ranks overlap at step {step}"
 
-    want, got = metrics(tmp_path / "single"), metrics(ddp_dir / "run")
+    want, got = read_metrics(tmp_path / "single"), read_metrics(ddp_dir / "run")
     assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 7))
     for w, g in zip(want, got):
         for k in ("loss", "mlm_loss", "disc_loss", "disc_accuracy", "gen_accuracy", "grad_norm"):
             assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-5), (g["step"], k)
-    (want_eval,), (got_eval,) = metrics(tmp_path / "single", "eval"), metrics(ddp_dir / "run", "eval")
+    (want_eval,), (got_eval,) = read_metrics(tmp_path / "single", "eval"), read_metrics(ddp_dir / "run", "eval")
     for k in ("disc_auc", "disc_accuracy", "mlm_loss", "gen_accuracy"):  # every rank scores the held-out rows
         assert got_eval[k] == pytest.approx(want_eval[k], rel=1e-4, abs=1e-5), k
 
@@ -117,7 +112,7 @@ def test_two_ranks_match_one_process(dataset, tmp_path, fsdp):
         ckpt = str(ddp_dir / "run" / "checkpoints" / "checkpoint-00000003.pt")
         torchrun(resumed, {**BASE, "data": [dataset], "output_dir": str(resumed / "run"), "seed": seed,
                            "fsdp": True}, ckpt)
-        again = metrics(resumed / "run")
+        again = read_metrics(resumed / "run")
         assert [r["step"] for r in again] == [4, 5, 6]
         for w, g in zip(got[3:], again):
             for k in ("loss", "mlm_loss", "disc_loss", "grad_norm"):

@@ -11,6 +11,7 @@ import torch
 
 from electra_fast.evaluate import eval_seed, evaluate, holdout_rows
 from electra_fast.pretrainer import ElectraPretrainer
+from helpers import naive_ap, naive_auc
 
 VOCAB, L = 60, 24
 
@@ -34,22 +35,6 @@ class Rows:
 def tiny_model():
     return ElectraPretrainer.from_preset("tiny", vocab_size=VOCAB, mask_token_id=4, pad_token_id=0,
                                          special_token_ids=[0, 2, 3, 4], mask_prob=0.3)
-
-
-def naive_auc(scores, labels):
-    pos = [s for s, y in zip(scores, labels) if y]
-    neg = [s for s, y in zip(scores, labels) if not y]
-    return sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
-
-
-def naive_ap(scores, labels):
-    total, ap, prev_recall = sum(labels), 0.0, 0.0
-    for t in sorted(set(scores), reverse=True):
-        tp = sum(1 for s, y in zip(scores, labels) if s >= t and y)
-        fp = sum(1 for s, y in zip(scores, labels) if s >= t and not y)
-        ap += tp / (tp + fp) * (tp / total - prev_recall)
-        prev_recall = tp / total
-    return ap
 
 
 def test_evaluation_is_deterministic_and_restores_the_mode():

@@ -6,22 +6,7 @@ import pytest
 import torch
 
 from electra_fast.metrics import average_precision, roc_auc, threshold_metrics
-
-
-def naive_auc(scores, labels):
-    pos = [s for s, y in zip(scores, labels) if y]
-    neg = [s for s, y in zip(scores, labels) if not y]
-    return sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg) / (len(pos) * len(neg))
-
-
-def naive_ap(scores, labels):
-    total_pos, ap, prev_recall = sum(labels), 0.0, 0.0
-    for t in sorted(set(scores), reverse=True):
-        chosen = [y for s, y in zip(scores, labels) if s >= t]
-        precision, recall = sum(chosen) / len(chosen), sum(chosen) / total_pos
-        ap += precision * (recall - prev_recall)
-        prev_recall = recall
-    return ap
+from helpers import naive_ap, naive_auc
 
 
 @pytest.mark.parametrize("n, levels", [(50, None), (200, 7), (3, 2)])

@@ -1,7 +1,6 @@
 """Trainer options around the step: the reference optimizer and masking (and their resume), skipped non-finite
 steps in the metrics, fp16 with a loss scale, --cuda-graph on a CPU, and the Ctrl-C hint."""
 import dataclasses
-import json
 import os
 import random
 
@@ -16,9 +15,10 @@ from electra_fast.checkpoint import latest_checkpoint, load_checkpoint  # noqa: 
 from electra_fast.cli import main  # noqa: E402
 from electra_fast.pretrainer import ElectraPretrainer  # noqa: E402
 from electra_fast.train import TrainConfig, train  # noqa: E402
+import helpers  # noqa: E402
 from helpers import train_killed_at  # noqa: E402
 
-VOLATILE = ("tokens_per_s",)
+VOLATILE = ("tokens_per_s",)  # differs between two runs of the same steps
 
 
 def config(dataset, out, **kw):
@@ -29,9 +29,7 @@ def config(dataset, out, **kw):
 
 
 def read_metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [{k: v for k, v in r.items() if k not in VOLATILE} for r in map(json.loads, f)
-                if r.get("split") != "eval"]  # training records (tests/test_evaluate.py checks evaluation's)
+    return helpers.read_metrics(out, drop=VOLATILE)
 
 
 def checkpoint(out, step):
