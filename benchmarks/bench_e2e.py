@@ -15,6 +15,8 @@ and activations during the timed steps. The id-range check (`validate`, one host
 
     python benchmarks/bench_e2e.py --out benchmarks/results/e2e               # small and base
     python benchmarks/bench_e2e.py --shapes small --impls ours,transformers   # a subset
+    python benchmarks/bench_e2e.py --shapes small,base --impls ours --modes eager,graph --attention auto,sdpa
+        # ours' padded batches through each attention path (electra_fast.attention): varlen flash vs dense bias
 Writes e2e.json, e2e.csv and e2e.md under --out.
 """
 from __future__ import annotations
@@ -132,8 +134,9 @@ def make_optimizer(params, capturable: bool):
         return torch.optim.AdamW(params, foreach=True, capturable=capturable, **kw), "foreach"
 
 
-def build(impl: str, mode: str, preset: str, vocab: int, device: str = "cuda"):
-    """Returns (step function taking (ids, mask) and returning a loss tensor, notes dict)."""
+def build(impl: str, mode: str, preset: str, vocab: int, device: str = "cuda", attention: str = "auto"):
+    """Returns (step function taking (ids, mask) and returning a loss tensor, notes dict). `attention`: the
+    slim encoders' `attention_impl` (ours only)."""
     from electra_fast.cuda_graph import CUDAGraphStep
     from electra_fast.step import TrainStep
     from electra_fast.model import preset_configs
@@ -143,6 +146,8 @@ def build(impl: str, mode: str, preset: str, vocab: int, device: str = "cuda"):
     notes = {}
     if impl == "ours":
         model = ours(preset, vocab).to(device)
+        for encoder in (model.generator, model.discriminator):
+            encoder.attention_impl = attention
     else:
         gen, disc = hf_models(gen_cfg, disc_cfg, device)
         if impl == "transformers":
@@ -274,6 +279,8 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--backend", default=None, help="force an ops backend (torch/triton/cuda); default per op")
+    p.add_argument("--attention", default="auto",
+                   help="comma list of attention paths for ours' padded batches (electra_fast.attention), a row each")
     p.add_argument("--peak-flops", type=float, default=None, help="peak bf16 FLOP/s (default: by GPU name)")
     p.add_argument("--smoke", action="store_true",
                    help="check this script on a CPU: tiny preset, vocabulary 1000, eager steps, torch backend")
@@ -313,11 +320,14 @@ def main(argv=None):
         batches = make_batches(4, batch, seq_len, args.vocab, dev, padded=not full)
         env.setdefault("model_flops_per_step", {})[shape] = flops
         for impl in args.impls.split(","):
-            for mode in [m for m in args.modes.split(",") if m in MODES[impl] and (dev == "cuda" or "graph" not in m)]:
-                row = {"shape": shape, "batch": batch, "seq_len": seq_len, "impl": impl, "mode": mode}
+            modes = [m for m in args.modes.split(",") if m in MODES[impl] and (dev == "cuda" or "graph" not in m)]
+            attentions = args.attention.split(",") if impl == "ours" else ["-"]
+            for mode, attention in [(m, a) for m in modes for a in attentions]:
+                row = {"shape": shape, "batch": batch, "seq_len": seq_len, "impl": impl, "mode": mode,
+                       "attention": attention}
                 try:
                     torch.manual_seed(0)
-                    step, notes = build(impl, mode, preset, args.vocab, dev)
+                    step, notes = build(impl, mode, preset, args.vocab, dev, attention)
                     row.update(notes)
                     run_batches = [(ids, None) for ids, _ in batches] if full and impl == "ours" else batches
                     row.update(measure(step, run_batches, args.warmup, args.iters, args.repeats))
@@ -350,8 +360,8 @@ def write(out: str, env: dict, rows: list) -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "e2e.json"), "w") as f:
         json.dump({"env": env, "rows": rows}, f, indent=2)
-    cols = ["shape", "batch", "seq_len", "impl", "mode", "ms_per_step", "tokens_per_s", "peak_mem_gb", "mfu",
-            "speedup_vs_hf_eager", "mem_vs_hf_eager", "compile_s", "first_loss", "adamw", "error"]
+    cols = ["shape", "batch", "seq_len", "impl", "mode", "attention", "ms_per_step", "tokens_per_s", "peak_mem_gb",
+            "mfu", "speedup_vs_hf_eager", "mem_vs_hf_eager", "compile_s", "first_loss", "adamw", "error"]
     with open(os.path.join(out, "e2e.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -368,7 +378,8 @@ def write(out: str, env: dict, rows: list) -> None:
         if "error" in r:
             lines.append(f"| {r['shape']} | {r['impl']} | {r['mode']} | failed: {r['error'][:80]} | | | | | |")
             continue
-        lines.append(f"| {r['shape']} B={r['batch']} L={r['seq_len']} | {r['impl']} | {r['mode']} | "
+        impl = r["impl"] if r.get("attention", "-") in ("-", "auto") else f"{r['impl']} ({r['attention']})"
+        lines.append(f"| {r['shape']} B={r['batch']} L={r['seq_len']} | {impl} | {r['mode']} | "
                      f"{r['ms_per_step']:.1f} | {r['tokens_per_s'] / 1e3:.0f}k | {fmt(r['peak_mem_gb'], '.1f')} | "
                      f"{fmt(r.get('mfu'), '.1%')} | {fmt(r.get('speedup_vs_hf_eager'), '.2f', 'x')} | "
                      f"{r['compile_s']:.0f} |")

@@ -10,7 +10,9 @@ op stream is emulated on the CPU, each point stated here:
 - autocast: CPU autocast in bf16, plus CUDA autocast's fp32 policy for the ops CPU autocast runs in bf16
   (`CUDA_FP32_OPS`: LayerNorm, softmax, ... run in fp32 on a GPU, which costs a cast before and after);
 - dropout: `native_dropout`, the one fused kernel CUDA uses (the CPU composite would issue bernoulli + mul);
-- attention: `_scaled_dot_product_efficient_attention` with a mask, flash without one (what an H100 picks);
+- attention: what an H100 picks: flash without a mask; with one, ours under autocast takes flash's variable-length
+  kernel (`electra_fast.attention` "auto", whose flash check is forced true here; its FLOPs at the batch's real
+  sequence lengths), an additive mask (transformers) the memory-efficient kernel;
 - our ops: the Triton backend (first in `DEFAULT_ORDER` on CUDA), each custom op's body run on the fake tensors
   with Triton's launch intercepted, so each Triton launch counts once and the body's own ATen ops count too;
 - boolean indexing (the transformers way: `logits[masked]`): a data-dependent size, replaced by its expectation
@@ -55,13 +57,14 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode, flop_registry
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 from torch.utils.module_tracker import ModuleTracker
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_e2e  # noqa: E402
+from electra_fast import attention  # noqa: E402
 from electra_fast.pretrainer import param_groups  # noqa: E402
 
 PEAK_FLOPS = 989e12    # H100 SXM dense bf16 (SPEC 5)
@@ -139,6 +142,7 @@ class StepCounter(TorchDispatchMode):
         super().__init__()
         self.tracker, self.groups, self.vocab_sizes = tracker, groups, set(vocab_sizes)
         self.bool_fraction = bool_fraction
+        self.flop_formulas = flop_registry
         self.records: list[Launch] = []
         self.counting, self.phase, self.syncs = False, "forward", 0
         self.live = self.peak = 0
@@ -183,8 +187,8 @@ class StepCounter(TorchDispatchMode):
             return
         ins, outs = _tensors(args), _tensors(out)
         flops = 0.0
-        if func is not None and func._overloadpacket in flop_registry:
-            flops = float(flop_registry[func._overloadpacket](*args[0], **args[1], out_val=out))
+        if func is not None and func._overloadpacket in self.flop_formulas:
+            flops = float(self.flop_formulas[func._overloadpacket](*args[0], **args[1], out_val=out))
         written = list(outs)
         if func is not None:  # mutated arguments are written as well as read
             for a, v in zip(func._schema.arguments, list(args[0]) + [args[1].get(a.name) for a in
@@ -196,7 +200,8 @@ class StepCounter(TorchDispatchMode):
         dims = {d for t in ins + outs for d in t.shape}
         self.records.append(Launch(op, self.phase, self.group(), launches, flops, nbytes,
                                    vocab=flops > 0 and bool(dims & self.vocab_sizes),
-                                   attention="scaled_dot_product" in op, fusible=fusible,
+                                   attention="scaled_dot_product" in op or "flash_attention" in op,
+                                   fusible=fusible,
                                    reads=[self.storage_id(t) for t in uniq.values()],
                                    writes=[self.storage_id(t) for t in written]))
 
@@ -294,6 +299,24 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
                                                         scale=scale)[0]
 
 
+def varlen_flop_formulas(cu_seqlens: torch.Tensor) -> dict:
+    """flop_counter's attention formulas for flash's variable-length kernels, one sequence at a time at the batch's
+    real lengths (its registry, given a fake `cu_seqlens`, counts every sequence at the maximum length: 2 x the
+    dense FLOPs for ours, 2B sequences of L)."""
+    lengths = [n for n in cu_seqlens.diff().tolist() if n]
+
+    def forward(query, *args, **kwargs):
+        shapes = [(1, query.shape[1], n, query.shape[2]) for n in lengths]
+        return sum(sdpa_flop_count(s, s, s) for s in shapes)
+
+    def backward(grad_out, query, *args, **kwargs):
+        shapes = [(1, query.shape[1], n, query.shape[2]) for n in lengths]
+        return sum(sdpa_backward_flop_count(s, s, s, s) for s in shapes)
+
+    forward._get_raw = backward._get_raw = True
+    return {aten._flash_attention_forward: forward, aten._flash_attention_backward: backward}
+
+
 def _dropout(x, p=0.5, training=True, inplace=False):
     if not training or p == 0:
         return x
@@ -321,8 +344,10 @@ def cuda_like(counter: StepCounter):
     def run(fn, *args, grid=None, warmup=False, **kwargs):
         counter.triton_launch(fn, args)
 
-    saved = (F.dropout, F.scaled_dot_product_attention, get_backend(), os.environ.get("TRITON_INTERPRET"))
+    saved = (F.dropout, F.scaled_dot_product_attention, get_backend(), os.environ.get("TRITON_INTERPRET"),
+             attention.flash_varlen_supported)
     F.dropout, F.scaled_dot_product_attention = _dropout, _sdpa
+    attention.flash_varlen_supported = lambda device, dtype, head_dim: dtype in (torch.float16, torch.bfloat16)
     os.environ["TRITON_INTERPRET"] = "1"  # lets the backend switch pick Triton for CPU tensors; nothing runs
     set_backend("triton")
     for cls in runs:
@@ -333,6 +358,7 @@ def cuda_like(counter: StepCounter):
         for cls, fn in runs.items():
             cls.run = fn
         F.dropout, F.scaled_dot_product_attention = saved[0], saved[1]
+        attention.flash_varlen_supported = saved[4]
         set_backend(saved[2])
         if saved[3] is None:
             os.environ.pop("TRITON_INTERPRET", None)
@@ -400,6 +426,7 @@ def count_step(impl: str, shape: str, vocab: int = 30522, preset: str | None = N
     ids, mask = bench_e2e.make_batches(1, batch, seq_len, vocab, device="cpu")[0]
     candidates = mask.bool() & ~torch.isin(ids, torch.tensor(bench_e2e.SPECIAL))
     fraction = 0.15 * candidates.float().mean().item()
+    formulas = varlen_flop_formulas(attention.varlen_mask(mask, flash=True).cu_seqlens)
 
     fake_mode = FakeTensorMode()
     _to_fake(model, fake_mode)
@@ -409,6 +436,7 @@ def count_step(impl: str, shape: str, vocab: int = 30522, preset: str | None = N
         tracker._known_modules[mod] = fqn or "root"
         tracker._seen_modules.add(mod)
     counter = StepCounter(tracker, GROUPS, vocabs, fraction)
+    counter.flop_formulas = {**flop_registry, **formulas}
     with fake_mode:
         opt, _ = bench_e2e.make_optimizer(param_groups(model), capturable=False)
     with fake_mode, tracker, counter, cuda_like(counter):
@@ -416,7 +444,8 @@ def count_step(impl: str, shape: str, vocab: int = 30522, preset: str | None = N
             counter.storage_id(t)
         for step in range(2):
             counter.counting = step == 1
-            flops = FlopCounterMode(display=False) if counter.counting else contextlib.nullcontext()
+            flops = (FlopCounterMode(display=False, custom_mapping=formulas) if counter.counting
+                     else contextlib.nullcontext())
             if counter.counting:
                 start = counter.live
                 counter.peak = start
@@ -447,7 +476,7 @@ def fused(count: StepCount) -> list:
     def close():
         if not run:
             return
-        start, end = run[0][0], run[-1][0]
+        end = run[-1][0]
         produced, nbytes = set(), 0
         sizes = {}
         for _, r in run:

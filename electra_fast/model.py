@@ -7,7 +7,8 @@ Design (SPEC sections 1-3):
   (DeBERTa-v3): the discriminator reads `stopgrad(E_gen) + E_delta` for every one of those parameters.
 - Attention (`electra_fast.attention`) over one fused QKV projection (a single Linear of width 3H;
   `electra_fast.hf` splits it into transformers' query/key/value): SDPA without any mask when `attention_mask`
-  is None (flash on GPU), else the padding mask built once per forward for all layers (`attention_impl`).
+  is None (flash on GPU), else the padding mask built once per forward for all layers (`attention_impl`; on a
+  GPU under autocast flash's variable-length kernel, each row's real tokens first for the whole layer stack).
 - The generator's LM head runs only at gathered slots (`Generator.forward(..., positions=)` or
   `encode` + `electra_fast.ops.masked_gather` + `lm_logits`), never at all L positions.
 - The vocabulary is padded inside the model to `padded_vocab_size` (a multiple of `pad_vocab_multiple`, 128 by
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from electra_fast.attention import PaddingMask, attend, attention_bias, padding_mask
+from electra_fast.attention import PaddingMask, VarlenMask, attend, attention_bias, padding_mask
 from electra_fast.layers import autocast_parameters, compute_dtype, dropout_seed, residual_layer_norm
 from electra_fast.ops import masked_gather
 
@@ -210,11 +211,10 @@ class EncoderLayer(nn.Module):
         x, eps = x.to(wqkv.dtype), self.attn_norm.eps
         # unbind on dim 2 of [B, L, 3, heads, D]: its backward stacks the three gradients straight into the
         # packed [B, L, 3H] layout (no stack into [3, B, heads, L, D] plus a clone to reshape it back).
-        q, k, v = (t.transpose(1, 2) for t in F.linear(x, wqkv, bqkv).view(b, l, 3, self.num_heads, -1).unbind(2))
+        q, k, v = F.linear(x, wqkv, bqkv).view(b, l, 3, self.num_heads, -1).unbind(2)
         a = attend(q, k, v, mask, self.attn_dropout if self.training else 0.0)
         p, train = self.dropout.p, self.training
-        x = residual_layer_norm(F.linear(a.transpose(1, 2).reshape(b, l, h), wo, bo), x, g1, b1, p, eps, train, seed,
-                                salt)
+        x = residual_layer_norm(F.linear(a.reshape(b, l, h), wo, bo), x, g1, b1, p, eps, train, seed, salt)
         return residual_layer_norm(F.linear(F.gelu(F.linear(x, wi, bi)), wf, bf), x, g2, b2, p, eps, train, seed,
                                    salt + 1)
 
@@ -237,7 +237,7 @@ class _Encoder(nn.Module):
                                    if config.embedding_size != config.hidden_size else None)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.attention_impl = "auto"  # "auto", "sdpa" (dense additive mask) or "flex": see electra_fast.attention
+        self.attention_impl = "auto"  # or "sdpa" (dense additive mask), "varlen", "flex": electra_fast.attention
 
     def embed(self, input_ids, token_type_ids):
         return self.embeddings(input_ids, token_type_ids)
@@ -250,13 +250,18 @@ class _Encoder(nn.Module):
         if self.embeddings_project is not None:
             x = self.embeddings_project(x)
         # The padding mask once for all layers, in the dtype the attention scores have (autocast's, if on).
+        cfg = self.config
         mask = padding_mask(attention_mask, self.attention_impl,
                             dtype=compute_dtype(x.device.type, self.layers[0].qkv.weight.dtype),
-                            dropout=self.training and self.config.attention_probs_dropout_prob > 0)
-        seed = dropout_seed(x, self.config.hidden_dropout_prob, self.training)  # one draw for every layer
+                            dropout=self.training and cfg.attention_probs_dropout_prob > 0,
+                            head_dim=cfg.hidden_size // cfg.num_attention_heads)
+        varlen = isinstance(mask, VarlenMask)
+        if varlen:  # real tokens first in every row, for all layers (electra_fast.attention, "varlen")
+            x = mask.pack(x)
+        seed = dropout_seed(x, cfg.hidden_dropout_prob, self.training)  # one draw for every layer
         for i, layer in enumerate(self.layers):
             x = layer(x, mask, seed, 2 * i)
-        return x
+        return mask.unpack(x) if varlen else x
 
     # initializer="reference": the layers google-research/electra builds with tf.layers.dense's default kernel
     # initializer (Glorot uniform) instead of its truncated normal.

@@ -23,6 +23,8 @@ else:
     from .replace_tokens import replace_tokens
     from .rtd_bce import rtd_bce_loss
     from .rtd_head import rtd_head_loss
+    from .varlen_plan import varlen_plan
 
     __all__ = ["gumbel_sample", "lm_head_loss_and_sample", "mask_tokens", "masked_gather", "mlm_loss_and_sample",
-               "replace_tokens", "rtd_bce_loss", "rtd_head_loss", "dropout_add_layer_norm"]
+               "replace_tokens", "rtd_bce_loss", "rtd_head_loss", "dropout_add_layer_norm",
+               "varlen_plan"]

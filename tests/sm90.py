@@ -118,6 +118,11 @@ def _disc(b, seq_len, h, n, dtype):
     torch.autograd.grad(loss, (hidden, weight, bias))
 
 
+def _varlen_plan(b, seq_len):
+    from electra_fast import ops
+    ops.varlen_plan(torch.ones(b, seq_len, dtype=torch.long), backend="triton")
+
+
 def _residual_layer_norm(rows, h, dtype):
     """The encoder's fused `LN(residual + dropout(x))`, forward and backward (dweight/dbias partial sums)."""
     from electra_fast import ops
@@ -144,6 +149,7 @@ def _scenarios() -> list:
                                 lambda s=s, r=replacement: _mask(s["b"], s["seq_len"], r)))
         out.append(Scenario(f"dropout_add_layer_norm {size} bfloat16",
                             lambda s=s: _residual_layer_norm(s["b"] * s["seq_len"], s["h"], torch.bfloat16)))
+        out.append(Scenario(f"varlen_plan {size}", lambda s=s: _varlen_plan(s["b"], s["seq_len"])))
     m, bf16, fwd = SIZES["base"]["b"] * SIZES["base"]["n"], torch.bfloat16, {"_sample_rows_kernel": (WIDE_LOAD,)}
     out += [  # the other sampling paths, at base in bf16
         Scenario("mlm T=0.7 disallow_correct", lambda: _mlm(m, PADDED_VOCAB, bf16, temperature=0.7,

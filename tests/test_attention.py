@@ -1,7 +1,9 @@
 """Attention paths (electra_fast.attention, issue 11.2) and the encoder layer's launch diet (electra_fast.layers,
 issue 11.3), against independent oracles: a naive masked softmax, the padding invariance of the encoder (a padded
 row gives the outputs of the same row run alone, unpadded, without any mask), FlexAttention's own
-`create_block_mask`, and plain per-tensor casts."""
+`create_block_mask`, numpy's stable sort, a per-sequence loop standing in for flash's variable-length kernel on
+the CPU (its contract: sequences at cu_seqlens), the kernel's own schema and meta functions, and plain per-tensor
+casts."""
 import collections
 
 import numpy as np
@@ -10,8 +12,11 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from electra_fast.attention import attend, attention_bias, padding_block_mask, padding_mask
+import electra_fast.attention as attention
+from electra_fast.attention import (VarlenMask, attend, attention_bias, flash_varlen_supported,
+                                      padding_block_mask, padding_mask, varlen_mask)
 from electra_fast.layers import autocast_parameters
+from electra_fast.ops import varlen_plan
 from electra_fast.model import Discriminator, ElectraModelConfig, EncoderLayer
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -23,10 +28,75 @@ def lengths_mask(lengths, n):
 
 
 def naive_attention(q, k, v, mask):
-    """softmax(q k^T / sqrt(d)) v over the real keys only, in fp64."""
-    s = q.double() @ k.double().transpose(-1, -2) / q.shape[-1] ** 0.5
+    """softmax(q k^T / sqrt(d)) v over the real keys only, in fp64; `[B, L, heads, D]` in and out."""
+    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))
+    s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
     s = s.masked_fill(mask[:, None, None, :] == 0, float("-inf"))
-    return (s.softmax(-1) @ v.double()).to(q.dtype)
+    return (s.softmax(-1) @ v).transpose(1, 2)
+
+
+def segments(cu_seqlens, max_len):
+    """Flash's variable-length contract: `[total, heads, D]` tokens cut into sequences at cu_seqlens."""
+    bounds = cu_seqlens.tolist()
+    assert cu_seqlens.dtype == torch.int32 and cu_seqlens.is_contiguous()
+    assert bounds == sorted(bounds) and max(b - a for a, b in zip(bounds, bounds[1:])) <= max_len
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+FLASH_CALLS = collections.Counter()
+
+
+def flash_forward_cpu(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, return_debug_mask, **kwargs):
+    """A CPU kernel for `aten::_flash_attention_forward`, variable-length form only, without dropout: softmax
+    attention per sequence in fp64, with the outputs the real kernel has (out, logsumexp [heads, total], ...)."""
+    FLASH_CALLS["forward"] += 1
+    assert torch.equal(cu_q, cu_k) and not is_causal and dropout_p == 0 and kwargs.get("scale") is None
+    assert q.dim() == 3 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+    out = torch.zeros(q.shape, dtype=q.dtype)
+    lse = torch.zeros(q.shape[1], q.shape[0])
+    for a, b in segments(cu_q, max_q):
+        qs, ks, vs = (t[a:b].double().transpose(0, 1) for t in (q, k, v))  # [heads, n, D]
+        s = qs @ ks.transpose(1, 2) / q.shape[-1] ** 0.5
+        out[a:b] = (s.softmax(-1) @ vs).transpose(0, 1).to(q.dtype)
+        lse[:, a:b] = s.logsumexp(-1).float()
+    return out, lse, torch.zeros(2, dtype=torch.uint64), torch.zeros((), dtype=torch.uint64), q.new_empty(0)
+
+
+def flash_backward_cpu(grad, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, rng_state, unused,
+                       **kwargs):
+    """Its backward, the textbook formulas per sequence in fp64 (dS = P * (dP - rowsum(dP * P)))."""
+    FLASH_CALLS["backward"] += 1
+    assert lse.shape == (q.shape[1], q.shape[0]) and out.shape == q.shape == grad.shape
+    dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype) for t in (q, k, v))
+    scale = q.shape[-1] ** -0.5
+    for a, b in segments(cu_q, max_q):
+        qs, ks, vs, g = (t[a:b].double().transpose(0, 1) for t in (q, k, v, grad))
+        p = (qs @ ks.transpose(1, 2) * scale).softmax(-1)
+        dp = g @ vs.transpose(1, 2)
+        ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+        dq[a:b] = (ds @ ks * scale).transpose(0, 1).to(q.dtype)
+        dk[a:b] = (ds.transpose(1, 2) @ qs * scale).transpose(0, 1).to(k.dtype)
+        dv[a:b] = (p.transpose(1, 2) @ g).transpose(0, 1).to(v.dtype)
+    return dq, dk, dv
+
+
+@pytest.fixture
+def flash_on_cpu(monkeypatch):
+    """The "varlen" path's flash branch on the CPU: the real `aten::_flash_attention_forward` call, its autograd
+    formula and meta function, with the CPU kernels above registered in place of CUDA's."""
+    monkeypatch.setattr(attention, "flash_varlen_supported", lambda *args: True)
+    lib = torch.library.Library("aten", "IMPL")
+    lib.impl("_flash_attention_forward", flash_forward_cpu, "CPU")
+    lib.impl("_flash_attention_backward", flash_backward_cpu, "CPU")
+    yield
+    lib._destroy()
+
+
+def run_attend(q, k, v, prepared, dropout_p=0.0):
+    """`attend` on q, k, v in their original order (a `VarlenMask` wants them packed, real tokens first)."""
+    if not isinstance(prepared, VarlenMask):
+        return attend(q, k, v, prepared, dropout_p)
+    return prepared.unpack(attend(*(prepared.pack(t) for t in (q, k, v)), prepared, dropout_p))
 
 
 @pytest.fixture
@@ -39,22 +109,76 @@ def flex_cpu_backward(monkeypatch):
     monkeypatch.setattr(fa, "_validate_device", lambda *args: None)
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "flex"])
+@pytest.fixture(params=["sdpa", "flex", "varlen", "varlen-flash"])
+def impl(request, monkeypatch):
+    """Every padded path; "varlen-flash" is "varlen" through its flash branch (`flash_on_cpu`)."""
+    if request.param == "varlen-flash":
+        request.getfixturevalue("flash_on_cpu")
+    if request.param == "flex":
+        request.getfixturevalue("flex_cpu_backward")
+    return request.param.removesuffix("-flash")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_attend_matches_naive_masked_softmax_with_gradients(impl, dtype, flex_cpu_backward):
-    b, h, n, d = 4, 2, 40, 16
+def test_attend_matches_naive_masked_softmax_with_gradients(impl, dtype):
+    b, n, h, d = 4, 40, 2, 16
     mask = lengths_mask([40, 17, 1, 33], n)  # full, padded, a single real token, padded
     mask[3, 5] = 0  # a hole inside a row: the mask need not be a prefix
-    q, k, v = (torch.randn(b, h, n, d, dtype=dtype, requires_grad=True) for _ in range(3))
-    prepared = padding_mask(mask, impl, dtype=dtype, dropout=False)
-    out = attend(q, k, v, prepared)
-    ref = naive_attention(q, k, v, mask)
-    torch.testing.assert_close(out, ref, **TOL[dtype])
-    g = torch.randn_like(out)
+    q, k, v = (torch.randn(b, n, h, d, dtype=dtype, requires_grad=True) for _ in range(3))
+    calls = FLASH_CALLS.copy()
+    prepared = padding_mask(mask, impl, dtype=dtype, dropout=False, head_dim=d)
+    out = run_attend(q, k, v, prepared)
+    real = mask.bool()  # "varlen" gives padding queries other outputs (only padding keys): no loss reads them
+    ref = naive_attention(q, k, v, mask).to(dtype)
+    torch.testing.assert_close(out[real], ref[real], **TOL[dtype])
+    g = torch.randn_like(out) * real[..., None, None]
     grads = torch.autograd.grad(out, (q, k, v), g)
     ref_grads = torch.autograd.grad(ref, (q, k, v), g)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, **TOL[dtype])
+    flash = impl == "varlen" and attention.flash_varlen_supported(mask.device, dtype, d)  # True under flash_on_cpu
+    assert FLASH_CALLS - calls == collections.Counter(forward=1, backward=1) if flash else FLASH_CALLS == calls
+
+
+def test_varlen_plan_orders_real_tokens_first_and_cuts_two_sequences_per_row():
+    """The reference against numpy's stable sort (the Triton kernel is checked against the reference in
+    tests/test_kernels_triton.py)."""
+    b, n = 6, 40
+    mask = torch.rand(b, n) < 0.6
+    mask[0], mask[1] = True, False  # a full row (empty padding sequence), a row of padding only
+    order, inverse, cu_seqlens = varlen_plan(mask, backend="torch")
+    rows = np.arange(b)[:, None] * n
+    want_order = np.argsort(~mask.numpy(), axis=1, kind="stable") + rows  # real first, each kind in its order
+    torch.testing.assert_close(order, torch.from_numpy(want_order), rtol=0, atol=0)
+    want_inverse = np.argsort(want_order - rows, axis=1) + rows
+    torch.testing.assert_close(inverse, torch.from_numpy(want_inverse), rtol=0, atol=0)
+    lengths = mask.sum(1).tolist()
+    want_cu = [x for row, length in enumerate(lengths) for x in (row * n, row * n + length)] + [b * n]
+    assert cu_seqlens.dtype == torch.int32 and cu_seqlens.tolist() == want_cu
+
+
+def test_varlen_mask_packs_and_restores_with_gradients():
+    n = 12
+    mask = torch.rand(4, n) < 0.6
+    prepared = varlen_mask(mask.long(), flash=True)
+    assert prepared.bias is None
+    x = torch.randn(4, n, 3, dtype=torch.float64, requires_grad=True)
+    packed = prepared.pack(x)
+    want = torch.stack([torch.cat([row[m], row[~m]]) for row, m in zip(x, mask)])
+    torch.testing.assert_close(packed, want, rtol=0, atol=0)
+    torch.testing.assert_close(prepared.unpack(packed), x, rtol=0, atol=0)
+    g = torch.randn_like(x)
+    torch.testing.assert_close(torch.autograd.grad(packed, x, g)[0], torch.autograd.grad(want, x, g)[0])
+    lengths = mask.sum(1).tolist()
+    bias = varlen_mask(mask.long(), flash=False, dtype=torch.bfloat16).bias  # SDPA's key bias, packed order
+    torch.testing.assert_close(bias, attention_bias(lengths_mask(lengths, n), torch.bfloat16), rtol=0, atol=0)
+
+
+def test_varlen_plan_rejects_bad_masks():
+    with pytest.raises(ValueError, match=r"attention_mask must have 2 dimensions, got shape \(4,\)"):
+        varlen_plan(torch.ones(4))
+    with pytest.raises(TypeError, match="attention_mask must have dtype int64/int32/bool, got torch.float32"):
+        varlen_plan(torch.ones(2, 4))
 
 
 @pytest.mark.parametrize("block", [8, 16, 128])
@@ -82,24 +206,21 @@ def tiny_discriminator(dropout=0.0):
     return Discriminator(cfg)
 
 
-@pytest.mark.parametrize("impl", ["auto", "sdpa", "flex"])
-def test_padded_rows_give_the_outputs_of_unpadded_rows(impl, flex_cpu_backward):
+def test_padded_rows_give_the_outputs_of_unpadded_rows(impl):
     """fp32, tight: each padded row's hidden states at its real tokens equal that row run alone, cut to its
     length, with attention_mask=None (the no-mask path); gradients of a loss over real tokens agree likewise."""
     model = tiny_discriminator().eval()
     model.attention_impl = impl
-    n, lengths = 24, [24, 9, 1, 20]
-    ids = torch.randint(1, 97, (4, n))
+    n, lengths = 24, [24, 9, 1, 20, 0]  # the last row: padding only (no loss reads it)
+    ids = torch.randint(1, 97, (5, n))
     mask = lengths_mask(lengths, n)
     hidden = model.encode(ids, mask)
-    weights = torch.randn(4, n, 32) * mask[..., None]
+    weights = torch.randn(5, n, 32) * mask[..., None]
     grads = torch.autograd.grad((hidden * weights).sum(), list(model.parameters()), allow_unused=True)
-    for row, length in enumerate(lengths):
+    ref = 0.0
+    for row, length in enumerate(lengths[:-1]):
         alone = model.encode(ids[row:row + 1, :length])
         torch.testing.assert_close(hidden[row, :length], alone[0], **TOL[torch.float32])
-    ref = 0.0
-    for row, length in enumerate(lengths):
-        alone = model.encode(ids[row:row + 1, :length])
         ref = ref + (alone[0] * weights[row, :length]).sum()
     ref_grads = torch.autograd.grad(ref, list(model.parameters()), allow_unused=True)
     for got, want in zip(grads, ref_grads):
@@ -108,31 +229,37 @@ def test_padded_rows_give_the_outputs_of_unpadded_rows(impl, flex_cpu_backward):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
-def test_flex_and_sdpa_agree_under_bf16_autocast(flex_cpu_backward):
+def test_every_path_agrees_with_sdpa_under_bf16_autocast(impl):
     model = tiny_discriminator().eval()
     ids, mask = torch.randint(1, 97, (3, 32)), lengths_mask([32, 5, 1], 32)
     out = {}
-    for impl in ("sdpa", "flex"):
-        model.attention_impl = impl
+    for name in ("sdpa", impl):
+        model.attention_impl = name
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out[impl] = model.encode(ids, mask)
-    assert out["flex"].dtype == out["sdpa"].dtype == torch.bfloat16
+            out[name] = model.encode(ids, mask)
+    assert out[impl].dtype == out["sdpa"].dtype == torch.bfloat16
     real = mask.bool()
-    torch.testing.assert_close(out["flex"][real], out["sdpa"][real], **TOL[torch.bfloat16])
+    torch.testing.assert_close(out[impl][real], out["sdpa"][real], **TOL[torch.bfloat16])
     fp32 = model.encode(ids, mask)  # and both near the fp32 result (sdpa, the reference)
     torch.testing.assert_close(out["sdpa"][real].float(), fp32[real], atol=0.1, rtol=0.05)
 
 
-def test_default_and_refusals():
+def test_default_and_refusals(monkeypatch):
     mask = lengths_mask([3, 4], 4)
-    bias = padding_mask(mask, "auto", dtype=torch.bfloat16, dropout=True)  # CPU, or dropout on: dense reference
+    bias = padding_mask(mask, "auto", dtype=torch.bfloat16, dropout=True, head_dim=16)  # CPU: dense reference
     assert bias.dtype == torch.bfloat16 and bias.shape == (2, 1, 1, 4)
     torch.testing.assert_close(bias, attention_bias(mask).to(torch.bfloat16))
-    assert padding_mask(None, "flex", dtype=torch.float32, dropout=True) is None  # no padding: no mask at all
+    assert padding_mask(None, "flex", dtype=torch.float32, dropout=True, head_dim=16) is None  # no mask at all
     with pytest.raises(ValueError, match="attention_impl='flex' cannot apply attention dropout"):
-        padding_mask(mask, "flex", dtype=torch.float32, dropout=True)
+        padding_mask(mask, "flex", dtype=torch.float32, dropout=True, head_dim=16)
     with pytest.raises(ValueError, match=r"attention_impl must be one of .*got 'dense'"):
-        padding_mask(mask, "dense", dtype=torch.float32, dropout=False)
+        padding_mask(mask, "dense", dtype=torch.float32, dropout=False, head_dim=16)
+    assert not flash_varlen_supported(torch.device("cpu"), torch.bfloat16, 64)
+    seen = []
+    monkeypatch.setattr(attention, "flash_varlen_supported", lambda *args: seen.append(args) or True)
+    picked = padding_mask(mask, "auto", dtype=torch.bfloat16, dropout=True, head_dim=16)  # where flash runs
+    assert isinstance(picked, VarlenMask) and picked.bias is None
+    assert seen == [(mask.device, torch.bfloat16, 16)]
     model = tiny_discriminator(dropout=0.1).train()
     model.attention_impl = "flex"
     with pytest.raises(ValueError, match="attention dropout"):
@@ -168,7 +295,7 @@ def test_layer_under_autocast_has_no_casts_and_one_copy_for_the_qkv_gradient():
     per-op casts (LayerNorm stays bf16), the packed QKV gradient assembled by a single stack and no clone."""
     layer = EncoderLayer(tiny_discriminator().config).train()
     x = torch.randn(2, 8, 32, dtype=torch.bfloat16, requires_grad=True)
-    mask = padding_mask(lengths_mask([8, 3], 8), "sdpa", dtype=torch.bfloat16, dropout=True)
+    mask = padding_mask(lengths_mask([8, 3], 8), "sdpa", dtype=torch.bfloat16, dropout=True, head_dim=16)
     with OpCounter() as counter:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = layer(x, mask)
@@ -180,33 +307,61 @@ def test_layer_under_autocast_has_no_casts_and_one_copy_for_the_qkv_gradient():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters())
 
 
-def test_flex_path_compiles_in_one_graph_and_matches_eager():
+def test_padded_path_compiles_in_one_graph_and_matches_eager(impl):
+    """aot_eager: the whole trace (dynamo, fullgraph, AOT autograd) without Inductor's CPU flex template, which
+    rejects these shapes; the GPU lowering is the cuda tests'. FlexAttention has no CPU backward: forward only."""
     model = tiny_discriminator().eval()
-    model.attention_impl = "flex"
+    model.attention_impl = impl
     ids, mask = torch.randint(1, 97, (2, 16)), lengths_mask([16, 6], 16)
-    # aot_eager: the whole trace (dynamo, fullgraph, AOT) without Inductor's CPU flex template, which rejects these
-    # shapes; the GPU lowering is the cuda test's. No grad: FlexAttention has no CPU backward.
-    with torch.no_grad():
-        eager = model.encode(ids, mask)
-        compiled = torch.compile(model.encode, fullgraph=True, backend="aot_eager")(ids, mask)
+    encode = torch.compile(model.encode, fullgraph=True, backend="aot_eager")
+    with torch.set_grad_enabled(impl != "flex"):
+        eager, compiled = model.encode(ids, mask), encode(ids, mask)
     torch.testing.assert_close(compiled, eager, **TOL[torch.float32])
+    if impl != "flex":
+        params, g = list(model.parameters()), torch.randn_like(eager) * mask[..., None]
+        got = torch.autograd.grad(compiled, params, g, allow_unused=True)
+        for a, b in zip(got, torch.autograd.grad(eager, params, g, allow_unused=True)):
+            if b is not None:
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 @requires_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_flex_matches_naive_masked_softmax_on_cuda(dtype):
-    """The compiled FlexAttention kernels (forward and backward) that "auto" picks on a GPU."""
-    b, h, n, d = 3, 4, 200, 32
+@pytest.mark.parametrize("impl, dtype", [("flex", torch.float32), ("flex", torch.bfloat16),
+                                         ("auto", torch.bfloat16), ("auto", torch.float16)])
+def test_gpu_paths_match_naive_masked_softmax_on_cuda(impl, dtype):
+    """The GPU kernels, forward and backward: compiled FlexAttention and (what "auto" picks under autocast)
+    flash's variable-length kernel, here without dropout."""
+    b, n, h, d = 3, 200, 4, 32
     mask = lengths_mask([200, 130, 1], n).cuda()
-    q, k, v = (torch.randn(b, h, n, d, dtype=dtype, device="cuda", requires_grad=True) for _ in range(3))
-    prepared = padding_mask(mask, "auto", dtype=dtype, dropout=False)
-    assert not isinstance(prepared, torch.Tensor)  # the block mask, not the dense bias
-    out = attend(q, k, v, prepared)
-    ref = naive_attention(q, k, v, mask)
-    torch.testing.assert_close(out, ref, **TOL[dtype])
-    g = torch.randn_like(out)
+    mask[0, 7] = 0
+    q, k, v = (torch.randn(b, n, h, d, dtype=dtype, device="cuda", requires_grad=True) for _ in range(3))
+    prepared = padding_mask(mask, impl, dtype=dtype, dropout=False, head_dim=d)
+    assert not isinstance(prepared, torch.Tensor)  # not the dense bias
+    assert impl == "flex" or (isinstance(prepared, VarlenMask) and prepared.bias is None)
+    out = run_attend(q, k, v, prepared)
+    real = mask.bool()
+    ref = naive_attention(q, k, v, mask).to(dtype)
+    torch.testing.assert_close(out[real], ref[real], **TOL[torch.bfloat16 if dtype == torch.float16 else dtype])
+    g = torch.randn_like(out) * real[..., None, None]
     for got, want in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
-        torch.testing.assert_close(got, want, **TOL[dtype])
+        torch.testing.assert_close(got, want, **TOL[torch.bfloat16 if dtype == torch.float16 else dtype])
+
+
+@requires_cuda
+def test_varlen_flash_dropout_is_unbiased_on_cuda():
+    """Attention dropout inside flash's variable-length kernel: draws differ, their mean is the output without
+    dropout (each probability kept with 1 - p and scaled by 1 / (1 - p)), padding keys stay unseen."""
+    b, n, h, d, p, draws = 2, 64, 2, 32, 0.3, 2000
+    mask = lengths_mask([64, 20], n).cuda()
+    q, k, v = (torch.randn(b, n, h, d, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+    prepared = padding_mask(mask, "varlen", dtype=torch.bfloat16, dropout=True, head_dim=d)
+    v_pad = v.clone()
+    v_pad[~mask.bool()] = 1e4  # a padding key seen even once would show in the mean
+    outs = torch.stack([run_attend(q, k, v_pad, prepared, dropout_p=p).float() for _ in range(draws)])
+    assert not torch.equal(outs[0], outs[1])
+    real = mask.bool()
+    ref = naive_attention(q, k, v, mask).float()
+    torch.testing.assert_close(outs.mean(0)[real], ref[real], atol=0.05, rtol=0.05)
 
 
 def test_loader_omits_the_mask_of_full_batches(dataset):

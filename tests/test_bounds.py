@@ -258,3 +258,12 @@ def test_rtd_head_in_bounds(bounds, weight_shape, with_bias):
     loss, _ = ops.rtd_head_loss(hidden, weight, bias, labels, mask, backend="triton")
     inputs = [t for t in (hidden, weight, bias) if t is not None]
     torch.autograd.grad(loss, inputs, bounds.guarded(torch.tensor(1.7)))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_varlen_plan_in_bounds(bounds, dtype):
+    mask = torch.rand(3, 37) < 0.5  # 37: three chunks of 16, the last partial
+    mask[0] = True
+    got = ops.varlen_plan(bounds.guarded(mask.to(dtype)), backend="triton")
+    want = ops.varlen_plan(mask, backend="torch")
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

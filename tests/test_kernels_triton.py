@@ -21,7 +21,7 @@ from helpers import chi2_critical  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 K = {name: importlib.import_module(f"electra_fast.kernels.{name}") for name in
-     ("mlm_loss_sample", "gumbel_sample", "masked_gather", "replace_tokens", "rtd_bce", "rtd_head")}
+     ("mlm_loss_sample", "gumbel_sample", "masked_gather", "replace_tokens", "rtd_bce", "rtd_head", "varlen_plan")}
 MLS = K["mlm_loss_sample"]
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rtol=2e-3, atol=2e-4)}
 
@@ -47,6 +47,7 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(K["rtd_bce"], "BLOCK", 16)
     monkeypatch.setattr(K["rtd_head"], "TILE_ELEMS", 16)
     monkeypatch.setattr(K["rtd_head"], "BWD_TILE_ELEMS", 32)
+    monkeypatch.setattr(K["varlen_plan"], "BLOCK_L", 16)
 
 
 def rand(*shape, dtype=torch.float32, scale=1.0):
@@ -315,6 +316,22 @@ def test_rtd_head_all_padding_and_no_bias(poison):
     assert loss.item() == 0.0 and acc.item() == 0.0
     grads = torch.autograd.grad(loss, (hidden, weight))
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+# ---------------------------------------------------------------- varlen attention plan
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+@pytest.mark.parametrize("b, n", [(6, 40), (1, 5)])  # rows of 40: three chunks of 16, the count carried across
+def test_varlen_plan_matches_reference(poison, dtype, b, n):
+    mask = torch.rand(b, n, device=DEVICE) < 0.6
+    mask[0] = True  # a full row: an empty padding sequence
+    if b > 1:
+        mask[1] = False  # padding only: an empty real sequence
+    got = ops.varlen_plan(mask.to(dtype), backend="triton")
+    want = ops.varlen_plan(mask.to(dtype), backend="torch")
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- registration and compile

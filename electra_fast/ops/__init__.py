@@ -14,9 +14,11 @@ from electra_fast.ops.mlm_loss import mlm_loss_and_sample
 from electra_fast.ops.replace_tokens import replace_tokens
 from electra_fast.ops.rtd_bce import rtd_bce_loss
 from electra_fast.ops.rtd_head import rtd_head_loss
+from electra_fast.ops.varlen_plan import varlen_plan
 
 __all__ = [
     "BACKENDS", "available_backends", "get_backend", "set_backend",
     "mask_tokens", "num_slots", "masked_gather", "mlm_loss_and_sample", "lm_head_loss_and_sample", "gumbel_sample",
     "replace_tokens", "rtd_bce_loss", "rtd_head_loss", "dropout_add_layer_norm",
+    "varlen_plan",
 ]

@@ -29,6 +29,7 @@ DEFAULT_ORDER = {
     "rtd_head_loss": ("triton", "cuda", "torch"),
     "lm_head_loss_and_sample": ("triton", "torch"),
     "dropout_add_layer_norm": ("triton", "torch"),
+    "varlen_plan": ("triton", "torch"),
 }
 _forced: Optional[str] = None
 
