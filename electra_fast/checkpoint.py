@@ -70,7 +70,8 @@ def save_checkpoint(state: dict, directory: str, step: int, keep: int = 3) -> st
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            payload = {"format": FORMAT, "step": step, **state}
+            # One host copy of every device tensor, hashed and saved (torch.save would copy each one again).
+            payload = _on_cpu({"format": FORMAT, "step": step, **state}, {})
             torch.save({**payload, "checksum": payload_checksum(payload)}, f)
             f.flush()
             os.fsync(f.fileno())
@@ -87,6 +88,20 @@ def save_checkpoint(state: dict, directory: str, step: int, keep: int = 3) -> st
         for _, old in list_checkpoints(directory)[:-keep]:
             os.remove(old)
     return path
+
+
+def _on_cpu(x, memo: dict):
+    """`x` with every tensor on the CPU (a tensor met twice stays one tensor), containers rebuilt as they were."""
+    if isinstance(x, torch.Tensor):
+        if id(x) not in memo:
+            memo[id(x)] = x.detach().cpu()
+        return memo[id(x)]
+    if isinstance(x, dict):
+        return type(x)((k, _on_cpu(v, memo)) for k, v in x.items())
+    if isinstance(x, (list, tuple)):
+        items = [_on_cpu(v, memo) for v in x]
+        return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
+    return x
 
 
 def payload_checksum(payload) -> str:

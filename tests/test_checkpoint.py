@@ -104,6 +104,23 @@ def test_save_is_atomic_and_prunes(tmp_path, monkeypatch):
     assert sorted(os.listdir(d)) == ["checkpoint-00000004.pt", "checkpoint-00000005.pt"]
 
 
+def test_checkpoint_round_trip_keeps_containers_and_shared_tensors(tmp_path):
+    import collections
+
+    shared = torch.randn(4)
+    state = {"model": collections.OrderedDict(w=shared, b=torch.arange(3)), "tied": shared,
+             "opt": {"state": {0: {"step": torch.tensor(7.0)}}, "groups": [{"lr": 0.1, "params": (0, 1)}]},
+             "rng": (1, [2.5, "x"], None)}
+    loaded = load_checkpoint(save_checkpoint(state, str(tmp_path), 3))
+    assert loaded.pop("format") and loaded.pop("step") == 3
+    assert type(loaded["model"]) is collections.OrderedDict and loaded["opt"]["groups"][0]["params"] == (0, 1)
+    assert loaded["rng"] == (1, [2.5, "x"], None)
+    torch.testing.assert_close(loaded["model"]["w"], shared, rtol=0, atol=0)
+    torch.testing.assert_close(loaded["opt"]["state"][0]["step"], torch.tensor(7.0))
+    assert loaded["tied"].untyped_storage().data_ptr() == loaded["model"]["w"].untyped_storage().data_ptr()
+    assert payload_checksum(loaded) == payload_checksum(state)  # what was hashed is what was saved
+
+
 def test_corrupt_checkpoint_error_names_the_way_out(tmp_path):
     d = str(tmp_path)
     save_checkpoint({"x": torch.ones(2)}, d, 10)
