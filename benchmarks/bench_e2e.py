@@ -37,6 +37,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from common import device_name  # noqa: E402
+
 SHAPES = {"small": ("small", 128, 128), "base": ("base", 64, 512),  # name -> (preset, batch, seq_len)
           "tiny": ("tiny", 8, 32)}  # --smoke: checks this script on a CPU
 # "<shape>-full": every row full (packed pretraining data); ours then gets attention_mask=None (no mask at all, so
@@ -217,47 +219,41 @@ def make_batches(n: int, batch: int, seq_len: int, vocab: int, device="cuda", pa
 
 
 def measure(step, batches, warmup: int, iters: int, repeats: int) -> dict:
-    if not torch.cuda.is_available():  # --smoke on a CPU: wall clock, no memory figure
-        return measure_cpu(step, batches, warmup, iters, repeats)
-    torch.cuda.synchronize()
+    """Median ms per step over `repeats` runs of `iters` steps, after `warmup` steps: CUDA events on a GPU, the wall
+    clock on a CPU (--smoke; no memory figure there)."""
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def run(stop: int, start: int = 0) -> None:
+        for i in range(start, stop):
+            step(*batches[i % len(batches)])
+
+    sync()
     t0 = time.perf_counter()
     first_loss = float(step(*batches[0]))  # compile / capture happen here
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for i in range(1, warmup):
-        step(*batches[i % len(batches)])
-    torch.cuda.synchronize()
+    run(warmup, 1)
+    sync()
     warm = (time.perf_counter() - t0) / max(1, warmup - 1)
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for i in range(iters):
-            step(*batches[i % len(batches)])
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    ms = statistics.median(times)
-    return {"ms_per_step": ms, "ms_spread": [min(times), max(times)], "compile_s": max(0.0, first - warm),
-            "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "first_loss": first_loss}
-
-
-def measure_cpu(step, batches, warmup: int, iters: int, repeats: int) -> dict:
-    t0 = time.perf_counter()
-    first_loss = float(step(*batches[0]))
-    first = time.perf_counter() - t0
-    for i in range(1, warmup):
-        step(*batches[i % len(batches)])
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for i in range(iters):
-            float(step(*batches[i % len(batches)]))
-        times.append((time.perf_counter() - t0) * 1e3 / iters)
-    ms = statistics.median(times)
-    return {"ms_per_step": ms, "ms_spread": [min(times), max(times)], "compile_s": max(0.0, first - ms / 1e3),
-            "peak_mem_gb": None, "first_loss": first_loss}
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run(iters)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / iters)
+        else:
+            t0 = time.perf_counter()
+            run(iters)
+            times.append((time.perf_counter() - t0) * 1e3 / iters)
+    return {"ms_per_step": statistics.median(times), "ms_spread": [min(times), max(times)],
+            "compile_s": max(0.0, first - warm), "first_loss": first_loss,
+            "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None}
 
 
 def free():
@@ -304,7 +300,7 @@ def main(argv=None):
         set_backend(args.backend)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    device = torch.cuda.get_device_name() if dev == "cuda" else f"CPU ({platform.processor() or 'host'})"
+    device = device_name()
     peak = peak_flops(device, args.peak_flops)
     env = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
            "electra_fast": electra_fast.__version__, "python": platform.python_version(), "backend": args.backend,

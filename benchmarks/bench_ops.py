@@ -30,7 +30,7 @@ from common import bar_plot, copy_bandwidth_gbs, cycle, device, do_bench, enviro
 
 from electra_fast import ops  # noqa: E402
 from electra_fast.ops.layer_norm import dropout_add_layer_norm_reference  # noqa: E402
-from electra_fast.ops.mask_tokens import MASK_REPLACE_PROB, mask_tokens_reference  # noqa: E402
+from electra_fast.ops.mask_tokens import mask_tokens_reference  # noqa: E402
 from electra_fast.ops.masked_gather import masked_gather_reference  # noqa: E402
 from electra_fast.ops.mlm_loss import mlm_loss_and_sample_reference  # noqa: E402
 from electra_fast.ops.gumbel_sample import gumbel_sample_reference  # noqa: E402
@@ -251,11 +251,12 @@ def run(op_names, shape_names, out_dir, smoke: bool = False):
                           f"{gbs / copy_gbs:6.1%} of copy", flush=True)
             if dev == "cuda":
                 torch.cuda.empty_cache()
-            write(rows, out_dir, copy_gbs)
+            write(rows, out_dir, copy_gbs, plot=case.op)  # after every case: a run cut short keeps its figures
     return rows
 
 
-def write(rows: list, out_dir: str, copy_gbs: float) -> None:
+def write(rows: list, out_dir: str, copy_gbs: float, plot: str) -> None:
+    """ops.csv and env.json from every row so far; the plot of op `plot` (the others are drawn already)."""
     for row in rows:  # speed-up over torch.compile of the reference, same op/shape/pass
         base = next((r["ms"] for r in rows if r["impl"] == "torch.compile" and
                      (r["op"], r["shape"], r["pass"]) == (row["op"], row["shape"], row["pass"])), None)
@@ -265,8 +266,9 @@ def write(rows: list, out_dir: str, copy_gbs: float) -> None:
         write_csv(os.path.join(out_dir, "ops.csv"), rows)
     with open(os.path.join(out_dir, "env.json"), "w") as f:
         json.dump({**environment(), "copy_GB/s": round(copy_gbs, 1)}, f, indent=2)
-    for op in sorted({r["op"] for r in rows}):
-        bar_plot(os.path.join(out_dir, f"{op}.png"), op, [r for r in rows if r["op"] == op], copy_gbs)
+    mine = [r for r in rows if r["op"] == plot]
+    if mine:
+        bar_plot(os.path.join(out_dir, f"{plot}.png"), plot, mine, copy_gbs)
 
 
 def main(argv=None):

@@ -70,11 +70,14 @@ def copy_bandwidth_gbs(nbytes: int = 2**30) -> float:
     return nbytes / (ms * 1e-3) / 1e9
 
 
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'host'})"
+
+
 def environment() -> dict:
     import triton
 
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'host'})"
-    return {"device": name, "date": date.today().isoformat(), "torch": torch.__version__,
+    return {"device": device_name(), "date": date.today().isoformat(), "torch": torch.__version__,
             "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
 
 

@@ -113,7 +113,9 @@ def versions() -> dict:
                                        capture_output=True, text=True, timeout=30).stdout.strip() or None
     except (OSError, subprocess.TimeoutExpired):
         out["driver"] = None
-    out["device"] = out["gpu"] or f"CPU ({platform.processor() or 'host'}), smoke run"
+    from common import device_name
+
+    out["device"] = device_name() + ("" if out["gpu"] else ", smoke run")
     return out
 
 

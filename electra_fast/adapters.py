@@ -251,12 +251,14 @@ class Adapter:
         """`{key: (parent module, attribute)}` for the shareable embedding modules that exist ("word" always)."""
         raise NotImplementedError
 
-    @property
-    def gdes(self) -> bool:
-        return has_gdes(self.model)
-
     def save_pretrained(self, directory: str) -> None:
         self.model.save_pretrained(directory)
+
+
+def _electra_config_dims(c) -> dict:
+    # ELECTRA's config fields, the same names in the slim config and transformers' ElectraConfig
+    return {"vocab_size": c.vocab_size, "embedding_size": c.embedding_size,
+            "max_position_embeddings": c.max_position_embeddings, "type_vocab_size": c.type_vocab_size}
 
 
 class SlimAdapter(Adapter):
@@ -264,19 +266,13 @@ class SlimAdapter(Adapter):
     electra_dims = True
 
     def dims(self) -> dict:
-        c = self.model.config
-        return {"vocab_size": c.vocab_size, "embedding_size": c.embedding_size,
-                "max_position_embeddings": c.max_position_embeddings, "type_vocab_size": c.type_vocab_size}
+        return _electra_config_dims(self.model.config)
 
     def encode(self, input_ids, attention_mask, token_type_ids):
         return self.model.encode(input_ids, attention_mask, token_type_ids)
 
-    def lm_head_parts(self, hidden):
-        head = self.model.head
-        return head.norm(F.gelu(head.dense(hidden))), self.model.embeddings.word.weight, head.bias
-
-    def lm_logits(self, hidden):  # padded columns >= vocab_size: mlm_loss_and_sample(..., vocab_size=) skips them
-        return self.model.lm_logits(hidden)
+    def lm_head_parts(self, hidden):  # padded columns >= vocab_size: the MLM ops' vocab_size= skips them
+        return self.model.lm_head_parts(hidden)
 
     def disc_head(self, hidden):
         return self.model.head_features(hidden), self.model.head.out
@@ -328,9 +324,7 @@ class ElectraHFAdapter(TransformersAdapter):
     fused_lm_head = False
 
     def dims(self) -> dict:
-        c = self.model.config
-        return {"vocab_size": c.vocab_size, "embedding_size": c.embedding_size,
-                "max_position_embeddings": c.max_position_embeddings, "type_vocab_size": c.type_vocab_size}
+        return _electra_config_dims(self.model.config)
 
     def lm_head_parts(self, hidden):
         out = self.model.generator_lm_head
@@ -630,10 +624,11 @@ def load_pair(directory: str, *, gdes: bool = False, **kwargs) -> tuple:
     generator, discriminator = load("generator"), load("discriminator")
     if gdes:
         saved = _slots(adapt(discriminator, "discriminator"))
-        now = adapt(discriminator, "discriminator")
+        keys = tie_gdes(generator, discriminator)
+        now = _slots(adapt(discriminator, "discriminator"))
         with torch.no_grad():
-            for k in tie_gdes(generator, discriminator):
-                m, old = _slots(now)[k], saved[k]
+            for k in keys:
+                m, old = now[k], saved[k]
                 if isinstance(m, GDESEmbedding):
                     m.delta.copy_(old.weight - m.shared.weight)
                 else:

@@ -89,10 +89,11 @@ def attention_bias(attention_mask: Optional[torch.Tensor], dtype: torch.dtype = 
 
 @torch.compiler.assume_constant_result
 def flash_varlen_supported(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether `aten._flash_attention_forward` runs here: a CUDA GPU of sm_80 or later, fp16/bf16, head dim a
-    multiple of 8 up to 256 (host-side facts only; a constant to torch.compile)."""
+    """Whether `aten._flash_attention_forward` runs here: a torch built with flash attention, a CUDA GPU of sm_80 or
+    later, fp16/bf16, head dim a multiple of 8 up to 256 (host-side facts only; a constant to torch.compile)."""
     return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0
-            and head_dim <= 256 and torch.cuda.get_device_capability(device) >= (8, 0))
+            and head_dim <= 256 and torch.backends.cuda.is_flash_attention_available()
+            and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
 def varlen_mask(attention_mask: torch.Tensor, flash: bool, dtype: torch.dtype = torch.float32) -> VarlenMask:

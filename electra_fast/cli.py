@@ -235,14 +235,11 @@ def _add_train_tokenizer(sub) -> None:
 
 def _train_tokenizer(args) -> int:
     _check_output(args.output)
-    from electra_fast.data.sources import TextSource, vocab_shortfall
-    from electra_fast.data.tokenizer import save_tokenizer, train_tokenizer
+    from electra_fast.data.sources import TextSource, train_on
+    from electra_fast.data.tokenizer import save_tokenizer
 
     reader = TextSource(args.inputs, args.text_field).lines()
-    tok = train_tokenizer(reader, args.vocab_size, lowercase=not args.cased)
-    notice = vocab_shortfall(tok, args.vocab_size)
-    if notice:
-        print(notice, file=sys.stderr)
+    tok = train_on(reader, args.vocab_size, lowercase=not args.cased)
     save_tokenizer(tok, args.output)
     skipped = getattr(reader, "skipped", 0)
     print(f"wrote a {tok.get_vocab_size()}-token tokenizer to {args.output}"

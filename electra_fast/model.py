@@ -344,14 +344,18 @@ class Generator(_Encoder):
         self.head = GeneratorHead(config)
         self.init_weights()
 
+    def lm_head_parts(self, hidden: torch.Tensor):
+        """`(features, weight, bias)` with `lm_logits(hidden) = F.linear(features, weight, bias)`: what the fused
+        `ops.lm_head_loss_and_sample` takes (weight: the tied word table)."""
+        return self.head.norm(F.gelu(self.head.dense(hidden))), self.embeddings.word.weight, self.head.bias
+
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head on any `[..., H_g]` hidden states -> `[..., padded_vocab_size]` logits.
 
         Columns >= `config.vocab_size` are padding (no token has those ids): give the logits to
         `ops.mlm_loss_and_sample(..., vocab_size=config.vocab_size)`, or slice `[..., :vocab_size]`.
         """
-        h = self.head.norm(F.gelu(self.head.dense(hidden)))
-        return F.linear(h, self.embeddings.word.weight, self.head.bias)
+        return F.linear(*self.lm_head_parts(hidden))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 token_type_ids: Optional[torch.Tensor] = None,

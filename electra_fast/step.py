@@ -38,7 +38,7 @@ METRICS = tuple(f.name for f in fields(PretrainerOutput))  # loss first
 
 def warmup_linear_decay(steps: int, warmup: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """The LR factor of the reference (linear warm-up over `warmup` steps times linear decay to 0 over `steps`) as
-    a function of a 0-dim device step tensor; float64, so it equals `electra_fast.train.lr_factor` exactly."""
+    a function of a 0-dim device step tensor (float64: the same numbers as the formula in Python floats)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:

@@ -170,12 +170,6 @@ class TrainConfig:
         return d
 
 
-def lr_factor(step: int, steps: int, warmup: int) -> float:
-    """LR multiplier at optimizer step `step` (0-based): linear decay to 0 over `steps`, times linear warm-up."""
-    decay = max(0.0, 1.0 - step / steps)
-    return decay * (min(1.0, step / warmup) if warmup > 0 else 1.0)
-
-
 def chunk_seed(seed: int, step: int, chunk: int) -> int:
     """Independent, well-mixed seed for micro-batch `chunk` of step `step` (SeedSequence hashing)."""
     return int(np.random.SeedSequence([seed, step, chunk]).generate_state(1, np.uint64)[0])
@@ -467,5 +461,5 @@ def find_resume_checkpoint(resume: str, output_dir: str) -> str:
     return path
 
 
-__all__ = ["TrainConfig", "train", "export", "lr_factor", "chunk_seed", "find_resume_checkpoint", "DEFAULT_STEPS",
+__all__ = ["TrainConfig", "train", "export", "chunk_seed", "find_resume_checkpoint", "DEFAULT_STEPS",
            "ARCHS", "default_output_dir"]

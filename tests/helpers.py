@@ -1,10 +1,27 @@
 """Small helpers shared by the tests (fixtures live in conftest.py)."""
+import importlib
 import json
 import math
 import os
 from unittest import mock
 
 import pytest
+
+
+# Kernel tiles small enough that the tests' tiny shapes span several of them, with a partial last one.
+SMALL_TILES = {"mlm_loss_sample": {"BLOCK_V": 8, "BLOCK_BWD": 16},
+               "masked_gather": {"BLOCK_H": 4, "SCATTER_BLOCK_H": 4, "DUP_CHUNK": 2},
+               "replace_tokens": {"BLOCK_L": 4}, "rtd_bce": {"BLOCK": 16},
+               "rtd_head": {"TILE_ELEMS": 16, "BWD_TILE_ELEMS": 32}, "varlen_plan": {"BLOCK_L": 16}}
+
+
+def use_small_tiles(monkeypatch, kernels=tuple(SMALL_TILES)):
+    """Set `SMALL_TILES` on the named `electra_fast.kernels` modules (all by default); returns the last module."""
+    for name in kernels:
+        module = importlib.import_module(f"electra_fast.kernels.{name}")
+        for attr, value in SMALL_TILES[name].items():
+            monkeypatch.setattr(module, attr, value)
+    return module
 
 
 def chi2_critical(df, z=3.29):
@@ -55,3 +72,10 @@ def train_killed_at(cfg, step: int, chunk: int = 0) -> None:
 
     with mock.patch.object(train_mod, "chunk_seed", dying), pytest.raises(Killed):
         train_mod.train(cfg)
+
+
+def lr_factor(step: int, steps: int, warmup: int) -> float:
+    """The reference's LR multiplier at optimizer step `step` (0-based), in Python floats: linear decay to 0 over
+    `steps`, times linear warm-up over `warmup` (the oracle of `electra_fast.step.warmup_linear_decay`)."""
+    decay = max(0.0, 1.0 - step / steps)
+    return decay * (min(1.0, step / warmup) if warmup > 0 else 1.0)

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from electra_fast import ops
+from helpers import use_small_tiles
 from electra_fast.ops.gumbel_sample import _gumbel_sample_op
 from electra_fast.ops.mlm_loss import WEIGHT_EPS, _mlm_op
 
@@ -69,21 +70,13 @@ KDEV = "cpu" if INTERPRET or not HAVE_TRITON else "cuda"
 TRITON_BUDGET = settings(max_examples=max(3, settings.default.max_examples // 4),
                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
-# Tiles small enough that the tiny shapes span several, with a partial last one (as test_kernels_triton.py).
-SMALL_TILES = {"mlm_loss_sample": {"BLOCK_V": 4, "BLOCK_BWD": 16},
-               "masked_gather": {"BLOCK_H": 4, "SCATTER_BLOCK_H": 4, "DUP_CHUNK": 2},
-               "replace_tokens": {"BLOCK_L": 4}, "rtd_bce": {"BLOCK": 16},
-               "rtd_head": {"TILE_ELEMS": 16, "BWD_TILE_ELEMS": 32}}
-
-
 @contextlib.contextmanager
 def kernel_config(small_tiles: bool, sampler: str = "cdf"):
+    """The kernels with their sampler, and with tiles that the tiny shapes span several of (`small_tiles`)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(importlib.import_module("electra_fast.kernels.mlm_loss_sample"), "SAMPLER", sampler)
-        for name, attrs in SMALL_TILES.items() if small_tiles else ():
-            module = importlib.import_module(f"electra_fast.kernels.{name}")
-            for attr, value in attrs.items():
-                mp.setattr(module, attr, value)
+        if small_tiles:
+            use_small_tiles(mp)
         yield
 
 

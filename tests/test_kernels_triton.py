@@ -17,7 +17,7 @@ if not INTERPRET and not torch.cuda.is_available():
                 allow_module_level=True)
 
 from electra_fast import ops  # noqa: E402
-from helpers import chi2_critical  # noqa: E402
+from helpers import chi2_critical, use_small_tiles  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 K = {name: importlib.import_module(f"electra_fast.kernels.{name}") for name in
@@ -38,16 +38,7 @@ def chi2(samples, probs):
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     """Shrink every tile so the tiny test shapes span several tiles with a partial last one."""
-    monkeypatch.setattr(MLS, "BLOCK_V", 8)
-    monkeypatch.setattr(MLS, "BLOCK_BWD", 16)
-    monkeypatch.setattr(K["masked_gather"], "BLOCK_H", 4)
-    monkeypatch.setattr(K["masked_gather"], "SCATTER_BLOCK_H", 4)
-    monkeypatch.setattr(K["masked_gather"], "DUP_CHUNK", 2)
-    monkeypatch.setattr(K["replace_tokens"], "BLOCK_L", 4)
-    monkeypatch.setattr(K["rtd_bce"], "BLOCK", 16)
-    monkeypatch.setattr(K["rtd_head"], "TILE_ELEMS", 16)
-    monkeypatch.setattr(K["rtd_head"], "BWD_TILE_ELEMS", 32)
-    monkeypatch.setattr(K["varlen_plan"], "BLOCK_L", 16)
+    use_small_tiles(monkeypatch)
 
 
 def rand(*shape, dtype=torch.float32, scale=1.0):

@@ -15,6 +15,7 @@ import torch._dynamo
 import torch.nn.functional as F
 
 from electra_fast import ops
+from helpers import use_small_tiles
 from electra_fast.ops.lm_head import _chunk_op, _loss_with_grads
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -205,10 +206,7 @@ def test_peak_memory_at_electra_small_size_stays_well_under_the_logits():
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    mls = importlib.import_module("electra_fast.kernels.mlm_loss_sample")
-    monkeypatch.setattr(mls, "BLOCK_V", 8)  # several tiles per row, a partial last one
-    monkeypatch.setattr(mls, "BLOCK_BWD", 16)
-    return mls
+    return use_small_tiles(monkeypatch, ["mlm_loss_sample"])  # several tiles per row, a partial last one
 
 
 @needs_triton

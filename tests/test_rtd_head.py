@@ -9,6 +9,7 @@ import torch
 import torch._dynamo
 
 from electra_fast import ops
+from helpers import use_small_tiles
 from electra_fast.ops.rtd_head import COUNTS, _rtd_head_op
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -144,8 +145,7 @@ def test_counts_match_naive_loops_and_the_logit_metrics(backend, request):
     if backend == "triton":
         request.getfixturevalue("poison")
         monkeypatch = request.getfixturevalue("monkeypatch")
-        head = importlib.import_module("electra_fast.kernels.rtd_head")
-        monkeypatch.setattr(head, "TILE_ELEMS", 16)  # several tiles and programs at this tiny shape
+        use_small_tiles(monkeypatch, ["rtd_head"])  # several tiles and programs at this tiny shape
     device = TRITON_DEVICE if backend == "triton" else "cpu"
     hidden, weight, bias, labels, mask = (t.detach().to(device) for t in make(b=4, seq_len=9, h=5,
                                                                                dtype=torch.float32))

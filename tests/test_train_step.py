@@ -8,7 +8,8 @@ import torch
 from electra_fast.optim import AdamWeightDecay
 from electra_fast.pretrainer import ElectraPretrainer, param_groups
 from electra_fast.step import METRICS, DynamicLossScale, TrainStep, warmup_linear_decay
-from electra_fast.train import chunk_seed, lr_factor
+from electra_fast.train import chunk_seed
+from helpers import lr_factor
 
 V, B, L = 60, 4, 12
 

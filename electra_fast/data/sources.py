@@ -76,7 +76,12 @@ def tokenizer_for(source: TextSource, tokenizer: Optional[str], vocab_size: int,
     has fewer than `vocab_size` tokens)."""
     if tokenizer:
         return load_tokenizer(tokenizer, lowercase)
-    reader = source.lines()
+    return train_on(source.lines(), vocab_size, lowercase, trainer)
+
+
+def train_on(reader, vocab_size: int, lowercase: bool = True, trainer: str = "wordpiece"):
+    """A `TRAINERS[trainer]` tokenizer trained on a `TextSource.lines()` reader: a notice on stderr if it has
+    fewer than `vocab_size` tokens; an error naming the skipped lines if none held text."""
     try:
         tok = TRAINERS[trainer](reader, vocab_size, lowercase)
     except InputError:

@@ -82,11 +82,20 @@ def tokenizer_from_str(text: str):
 def train_tokenizer(lines: Iterable[str], vocab_size: int = 30522, lowercase: bool = True, min_frequency: int = 2):
     """Train a BERT WordPiece tokenizer on `lines` (streamed). Special tokens get ids 0-4, [PAD] = 0."""
     tk = _tokenizers()
-    if vocab_size < len(SPECIAL_TOKENS) + 1:
-        raise InputError(f"--vocab-size must be larger than {len(SPECIAL_TOKENS)}, got {vocab_size}")
+    _check_vocab_size(vocab_size)
     tok = _bert_tokenizer(tk.models.WordPiece(unk_token="[UNK]"), lowercase)
     trainer = tk.trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                            special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    return _train(tok, trainer, lines)
+
+
+def _check_vocab_size(vocab_size: int) -> None:
+    if vocab_size < len(SPECIAL_TOKENS) + 1:
+        raise InputError(f"--vocab-size must be larger than {len(SPECIAL_TOKENS)}, got {vocab_size}")
+
+
+def _train(tok, trainer, lines: Iterable[str]):
+    """Train `tok` on the non-blank `lines`, then add BERT's [CLS] A [SEP] template."""
     tok.train_from_iterator((l for l in lines if l.strip()), trainer=trainer)
     if tok.get_vocab_size() <= len(SPECIAL_TOKENS):
         raise InputError("the data holds no text to train a tokenizer on: pass non-empty text files")
@@ -143,15 +152,11 @@ def train_unigram_tokenizer(lines: Iterable[str], vocab_size: int = 128000, lowe
     tk = _tokenizers()
     from tokenizers import decoders, normalizers, pre_tokenizers
 
-    if vocab_size < len(SPECIAL_TOKENS) + 1:
-        raise InputError(f"--vocab-size must be larger than {len(SPECIAL_TOKENS)}, got {vocab_size}")
+    _check_vocab_size(vocab_size)
     tok = tk.Tokenizer(tk.models.Unigram())
     tok.normalizer = normalizers.Sequence([normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else []))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     trainer = tk.trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                          unk_token="[UNK]", show_progress=False)
-    tok.train_from_iterator((l for l in lines if l.strip()), trainer=trainer)
-    if tok.get_vocab_size() <= len(SPECIAL_TOKENS):
-        raise InputError("the data holds no text to train a tokenizer on: pass non-empty text files")
-    return _add_bert_post_processor(tok)
+    return _train(tok, trainer, lines)

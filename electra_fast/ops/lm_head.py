@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from electra_fast.ops._backend import draw_seed, resolve
-from electra_fast.ops._checks import FLOAT_DTYPES, INT_DTYPES, acc_dtype, check_same_device, check_shape, \
-    check_ids, check_temperature, check_tensor, check_vocab_size
-from electra_fast.ops.gumbel_sample import disallow_ids, gumbel_scores
-from electra_fast.ops.mlm_loss import WEIGHT_EPS, weighted_mean
+from electra_fast.ops._checks import FLOAT_DTYPES, acc_dtype, check_same_device, check_shape, check_ids, \
+    check_temperature, check_tensor, check_vocab_size
+from electra_fast.ops.mlm_loss import WEIGHT_EPS, check_slot_targets, row_terms, softmax_minus_onehot, \
+    weighted_mean
 
 CHUNK_ELEMS = 2 ** 24  # logits per chunk by default (548 rows at W = 30592: 32 MB in bf16)
 
@@ -42,22 +42,12 @@ def lm_head_chunk_reference(hidden, weight, bias, targets, weights, uniform, inv
     """One chunk of rows. Returns `(ce, sampled, correct, grad_hidden, grad_weight, grad_bias)`: per-row
     cross-entropy, sample and correctness, and this chunk's share of the gradients of
     `sum(w * ce) * inv_norm` (acc dtype: fp32, fp64 for fp64). `uniform`: `[rows, vocab_size]`."""
-    acc = acc_dtype(hidden.dtype)
     logits = F.linear(hidden, weight, bias)[:, :vocab_size]  # the unfused head's values, in the input dtype
-    x = logits.to(acc)
-    lse = torch.logsumexp(x, dim=1)
-    ce = lse - x.gather(1, targets[:, None])[:, 0]
-    correct = x.argmax(dim=1) == targets
-    scores = gumbel_scores(logits, uniform, temperature)
-    if disallow_correct:
-        scores = disallow_ids(scores, targets)
-    g = torch.exp(x - lse[:, None])
-    g.scatter_add_(1, targets[:, None], -torch.ones_like(g[:, :1]))
-    g *= (weights.to(acc) * inv_norm)[:, None]
+    x, lse, ce, sampled, correct = row_terms(logits, targets, uniform, temperature, disallow_correct)
+    g = softmax_minus_onehot(x, lse, targets) * (weights.to(x.dtype) * inv_norm)[:, None]
     pad = weight.shape[0] - vocab_size  # padded vocabulary rows: gradient exactly 0
-    grad_weight = F.pad(g.T @ hidden.to(acc), (0, 0, 0, pad))
-    return (ce, scores.argmax(dim=1), correct, g @ weight[:vocab_size].to(acc), grad_weight,
-            F.pad(g.sum(0), (0, pad)))
+    grad_weight = F.pad(g.T @ hidden.to(x.dtype), (0, 0, 0, pad))
+    return ce, sampled, correct, g @ weight[:vocab_size].to(x.dtype), grad_weight, F.pad(g.sum(0), (0, pad))
 
 
 @torch.library.custom_op("electra_fast::lm_head_chunk", mutates_args=())
@@ -167,10 +157,7 @@ def lm_head_loss_and_sample(hidden: torch.Tensor, weight: torch.Tensor, bias: to
     width = weight.shape[0]
     check_tensor(bias, "bias", ndim=1, dtypes=FLOAT_DTYPES)
     check_shape(bias, "bias", (width,), "one per row of weight")
-    check_tensor(targets, "targets", ndim=1, dtypes=INT_DTYPES)
-    check_shape(targets, "targets", (m,), "one per row of hidden")
-    check_tensor(weights, "weights", ndim=1, dtypes=FLOAT_DTYPES + INT_DTYPES + (torch.bool,))
-    check_shape(weights, "weights", (m,), "one per row of hidden")
+    check_slot_targets(targets, weights, m, "hidden")
     check_same_device({"hidden": hidden, "weight": weight, "bias": bias, "targets": targets, "weights": weights})
     vocab_size = check_vocab_size(vocab_size, width)
     temperature = check_temperature(temperature)

@@ -28,28 +28,46 @@ def weighted_mean(ce: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.where(w != 0, w * ce, 0.0).sum() / (w.sum() + WEIGHT_EPS)
 
 
+def row_terms(logits, targets, uniform, temperature: float, disallow_correct: bool):
+    """The reference's per-row terms from `logits [M, V]` (vocabulary columns only): `(x, lse, ce, sampled,
+    correct)`, x = the logits in the accumulation dtype (fp32, fp64 for fp64) and lse, ce in it too. Shared with
+    the fused LM head's reference (electra_fast.ops.lm_head)."""
+    x = logits.to(acc_dtype(logits.dtype))
+    lse = torch.logsumexp(x, dim=1)
+    ce = lse - x.gather(1, targets[:, None])[:, 0]
+    scores = gumbel_scores(logits, uniform, temperature)
+    if disallow_correct:
+        scores = disallow_ids(scores, targets)
+    return x, lse, ce, scores.argmax(dim=1), x.argmax(dim=1) == targets
+
+
+def softmax_minus_onehot(x, lse, targets):
+    """`softmax(x) - onehot(targets)` from the rows' log-sum-exp: the gradient of each row's cross-entropy."""
+    g = torch.exp(x - lse[:, None])
+    return g.scatter_add_(1, targets[:, None], -torch.ones_like(g[:, :1]))
+
+
+def check_slot_targets(targets, weights, m: int, rows_of: str) -> None:
+    """`targets [M]` int ids and `weights [M]` (float, int or bool), one per row of `rows_of`."""
+    check_tensor(targets, "targets", ndim=1, dtypes=INT_DTYPES)
+    check_shape(targets, "targets", (m,), f"one per row of {rows_of}")
+    check_tensor(weights, "weights", ndim=1, dtypes=FLOAT_DTYPES + INT_DTYPES + (torch.bool,))
+    check_shape(weights, "weights", (m,), f"one per row of {rows_of}")
+
+
 def mlm_loss_and_sample_reference(logits, targets, weights, uniform, temperature: float, disallow_correct: bool,
                                   vocab_size: int):
     """Returns `(loss, sampled, correct, lse)`; lse `[M]` (fp32, fp64 for fp64 logits) is what the backward needs.
     Only `logits[:, :vocab_size]` is read (the same as masking the padding to -inf); `uniform` is `[M, vocab_size]`."""
-    logits = logits[:, :vocab_size]
-    x = logits.to(acc_dtype(logits.dtype))
-    lse = torch.logsumexp(x, dim=1)
-    ce = lse - x.gather(1, targets[:, None])[:, 0]
-    w = weights.to(x.dtype)
-    loss = weighted_mean(ce, w)
-    correct = x.argmax(dim=1) == targets
-    scores = gumbel_scores(logits, uniform, temperature)
-    if disallow_correct:
-        scores = disallow_ids(scores, targets)
-    return loss, scores.argmax(dim=1), correct, lse
+    x, lse, ce, sampled, correct = row_terms(logits[:, :vocab_size], targets, uniform, temperature,
+                                             disallow_correct)
+    return weighted_mean(ce, weights.to(x.dtype)), sampled, correct, lse
 
 
 def mlm_loss_backward_reference(grad_loss, logits, targets, weights, lse, vocab_size: int):
     w = weights.to(lse.dtype)
     scale = (w / (w.sum() + WEIGHT_EPS) * grad_loss)[:, None]
-    grad = torch.exp(logits[:, :vocab_size].to(lse.dtype) - lse[:, None])
-    grad.scatter_add_(1, targets[:, None], -torch.ones_like(grad[:, :1]))
+    grad = softmax_minus_onehot(logits[:, :vocab_size].to(lse.dtype), lse, targets)
     return F.pad((grad * scale).to(logits.dtype), (0, logits.shape[1] - vocab_size))  # padded columns: exactly 0
 
 
@@ -123,10 +141,7 @@ def mlm_loss_and_sample(logits: torch.Tensor, targets: torch.Tensor, weights: to
     check_logits(logits)
     vocab_size = check_vocab_size(vocab_size, logits.shape[1])
     m = logits.shape[0]
-    check_tensor(targets, "targets", ndim=1, dtypes=INT_DTYPES)
-    check_shape(targets, "targets", (m,), "one per row of logits")
-    check_tensor(weights, "weights", ndim=1, dtypes=FLOAT_DTYPES + INT_DTYPES + (torch.bool,))
-    check_shape(weights, "weights", (m,), "one per row of logits")
+    check_slot_targets(targets, weights, m, "logits")
     check_same_device({"logits": logits, "targets": targets, "weights": weights})
     temperature = check_temperature(temperature)
     check_ids(targets, "targets", vocab_size, "vocab_size")
