@@ -14,9 +14,12 @@ The encoder prepares the padding mask once per forward (`padding_mask`), the lay
   2B sequences, each row's real tokens and each row's padding (possibly empty), and the encoder restores the order
   after the last layer (`unpack`). Real tokens see exactly the real keys of their row, as under "sdpa"; padding
   sees only padding (under "sdpa" it sees the real keys): no loss reads a padding position, and nothing flows from
-  one back to a real token. q, k, v are views of the packed QKV projection and the output is already `[B, L, H]`:
-  no transpose copies. Where flash cannot run (CPU, fp32, head dim > 256 or not a multiple of 8, before sm_80)
-  the same reordered layout goes through SDPA with the key bias (same results at the real tokens).
+  one back to a real token. The hidden states at padding positions therefore differ between paths: they are
+  unspecified. q, k, v are views of the packed QKV projection and the output is already `[B, L, H]`: no transpose
+  copies. Where flash cannot run (`flash_varlen_supported`: CPU, fp32, ...) the same reordered layout goes through
+  SDPA with the key bias (padding then sees the real keys, as under "sdpa"). With dropout on, the random draws
+  differ from the other paths' (another kernel, and hidden dropout at the reordered positions): the same
+  distribution, not the same numbers.
 - "flex": FlexAttention with a padding `BlockMask` built from the `[B, L]` mask in O(B x L) (per key block: all
   real = full, none = skipped, else partial and masked elementwise); no `[B, L, L]` mask is ever formed. FlexAttention
   has no attention dropout, so this path refuses to train with `attention_probs_dropout_prob > 0`. Eager on a GPU
@@ -37,6 +40,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from electra_fast.ops import varlen_plan
+from electra_fast.ops.varlen_plan import MASK_DTYPES
 
 ATTENTION_IMPLS = ("auto", "sdpa", "varlen", "flex")
 MASK_FILL = -1e4
@@ -89,16 +93,30 @@ def attention_bias(attention_mask: Optional[torch.Tensor], dtype: torch.dtype = 
 
 @torch.compiler.assume_constant_result
 def flash_varlen_supported(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether `aten._flash_attention_forward` runs here: a torch built with flash attention, a CUDA GPU of sm_80 or
-    later, fp16/bf16, head dim a multiple of 8 up to 256 (host-side facts only; a constant to torch.compile)."""
-    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0
-            and head_dim <= 256 and torch.backends.cuda.is_flash_attention_available()
-            and torch.cuda.get_device_capability(device) >= (8, 0))
+    """Whether `aten._flash_attention_forward` runs here, with a backward: a CUDA (not ROCm) build of torch with
+    flash attention, fp16/bf16, and torch's own SDPA check of flash for this GPU, dtype and head dim (sm_80 or
+    later, head dim a multiple of 8 up to 256, 192 for a backward on sm_86/89, flash not switched off with
+    `torch.backends.cuda.enable_flash_sdp(False)`). Host-side facts only: a constant to torch.compile."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or torch.version.hip:
+        return False
+    return _flash_runs(device.index if device.index is not None else torch.cuda.current_device(), dtype, head_dim)
+
+
+@functools.cache
+def _flash_runs(index: int, dtype: torch.dtype, head_dim: int) -> bool:
+    if head_dim % 8 or not torch.backends.cuda.is_flash_attention_available():
+        return False
+    from torch.backends.cuda import SDPAParams, can_use_flash_attention
+
+    q = torch.empty(1, 1, 8, head_dim, device=torch.device("cuda", index), dtype=dtype, requires_grad=True)
+    return can_use_flash_attention(SDPAParams(q, q, q, None, 0.1, False, False))
 
 
 def varlen_mask(attention_mask: torch.Tensor, flash: bool, dtype: torch.dtype = torch.float32) -> VarlenMask:
     """`[B, L]` 1/0 mask -> `VarlenMask` (one kernel on a GPU). `flash` False adds the SDPA key bias in `dtype`
     for the packed order."""
+    if attention_mask.dtype not in MASK_DTYPES:  # float, uint8, ... masks: what every other path accepts
+        attention_mask = attention_mask != 0
     order, inverse, cu_seqlens = varlen_plan(attention_mask)
     bias = None
     if not flash:

@@ -7,8 +7,8 @@ Design (SPEC sections 1-3):
   (DeBERTa-v3): the discriminator reads `stopgrad(E_gen) + E_delta` for every one of those parameters.
 - Attention (`electra_fast.attention`) over one fused QKV projection (a single Linear of width 3H;
   `electra_fast.hf` splits it into transformers' query/key/value): SDPA without any mask when `attention_mask`
-  is None (flash on GPU), else the padding mask built once per forward for all layers (`attention_impl`; on a
-  GPU under autocast flash's variable-length kernel, each row's real tokens first for the whole layer stack).
+  is None (flash on GPU), else the padding mask built once per forward for all layers (`attention_impl`; where
+  flash runs, its variable-length kernel, each row's real tokens first for the whole layer stack).
 - The generator's LM head runs only at gathered slots (`Generator.forward(..., positions=)` or
   `encode` + `electra_fast.ops.masked_gather` + `lm_logits`), never at all L positions.
 - The vocabulary is padded inside the model to `padded_vocab_size` (a multiple of `pad_vocab_multiple`, 128 by
@@ -244,7 +244,8 @@ class _Encoder(nn.Module):
 
     def encode(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Final hidden states `[B, L, H]`. `attention_mask` None means every token is real (fastest path)."""
+        """Final hidden states `[B, L, H]`. `attention_mask` None means every token is real (fastest path); with
+        one, the states at padding positions are unspecified (they depend on the attention path)."""
         # Dropout on the E-dim embeddings, before the projection, as the reference and transformers do.
         x = self.dropout(self.embed(input_ids, token_type_ids))
         if self.embeddings_project is not None:

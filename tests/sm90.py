@@ -118,9 +118,9 @@ def _disc(b, seq_len, h, n, dtype):
     torch.autograd.grad(loss, (hidden, weight, bias))
 
 
-def _varlen_plan(b, seq_len):
+def _varlen_plan(b, seq_len, dtype=torch.long):
     from electra_fast import ops
-    ops.varlen_plan(torch.ones(b, seq_len, dtype=torch.long), backend="triton")
+    ops.varlen_plan(torch.ones(b, seq_len, dtype=dtype), backend="triton")
 
 
 def _residual_layer_norm(rows, h, dtype):
@@ -161,6 +161,7 @@ def _scenarios() -> list:
         # Its chunks' logits come from real CPU GEMMs here, so few rows (still two chunks) and a narrow E: the
         # kernels' specialisations depend on neither.
         Scenario("lm_head", lambda: _lm_head(600, 8, bf16), streaming),
+        Scenario("varlen_plan bool mask", lambda: _varlen_plan(64, 512, torch.bool)),
     ]
     return out
 

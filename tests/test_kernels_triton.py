@@ -353,6 +353,7 @@ def test_opcheck_triton_custom_ops():
         (K["rtd_head"]._head_op, (rand(b, seq_len, h).requires_grad_(), rand(1, h).requires_grad_(),
                                   rand(1).requires_grad_(), torch.rand(b, seq_len, device=DEVICE),
                                   torch.ones(b, seq_len, device=DEVICE))),
+        (K["varlen_plan"]._varlen_plan_op, (torch.rand(b, seq_len, device=DEVICE) > 0.3,)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)

@@ -23,12 +23,12 @@ def varlen_plan_reference(attention_mask: torch.Tensor):
     real = attention_mask != 0
     b, n = real.shape
     flat = torch.arange(b * n, device=real.device).view(b, n)
+    starts = torch.arange(b, device=real.device)[:, None] * n
     before = real.cumsum(1)  # real tokens up to and including each position
-    lengths = before[:, -1:]
+    lengths = real.sum(1, keepdim=True)
     # A real token goes after the real ones before it; padding after all real ones and the padding before it.
-    inverse = torch.where(real, flat[:, :1] + before - 1, flat + lengths - before)
+    inverse = torch.where(real, starts + before - 1, flat + lengths - before)
     order = torch.empty_like(inverse).view(-1).scatter_(0, inverse.view(-1), flat.view(-1)).view(b, n)
-    starts = flat[:, :1]
     cu_seqlens = torch.cat([starts, starts + lengths], 1).view(-1)
     cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_full((1,), b * n)]).to(torch.int32)
     return order, inverse, cu_seqlens
