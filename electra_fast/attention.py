@@ -109,7 +109,11 @@ def _flash_runs(index: int, dtype: torch.dtype, head_dim: int) -> bool:
     from torch.backends.cuda import SDPAParams, can_use_flash_attention
 
     q = torch.empty(1, 1, 8, head_dim, device=torch.device("cuda", index), dtype=dtype, requires_grad=True)
-    return can_use_flash_attention(SDPAParams(q, q, q, None, 0.1, False, False))
+    try:
+        params = SDPAParams(q, q, q, None, 0.1, False, False)
+    except TypeError:  # a torch whose SDPAParams takes other arguments: the rules that are sure
+        return head_dim <= 256 and torch.cuda.get_device_capability(index) >= (8, 0)
+    return can_use_flash_attention(params)
 
 
 def varlen_mask(attention_mask: torch.Tensor, flash: bool, dtype: torch.dtype = torch.float32) -> VarlenMask:
