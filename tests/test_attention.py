@@ -333,6 +333,35 @@ def test_padded_path_compiles_in_one_graph_and_matches_eager(impl):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_pretrainer_step_through_the_flash_branch_compiles_and_matches_eager(flash_on_cpu):
+    """The whole RTD step (both encoders on one padded batch, each through the plan, the reorders and the flash
+    call) traced in one graph, with the same loss and gradients as eager; and those of the dense-bias reference."""
+    from electra_fast.pretrainer import ElectraPretrainer
+
+    model = ElectraPretrainer.from_preset("tiny", vocab_size=97, mask_token_id=4, special_token_ids=range(5),
+                                          pad_token_id=0, validate=False, hidden_dropout_prob=0.0,
+                                          attention_probs_dropout_prob=0.0)
+    ids = torch.randint(5, 97, (3, 24))
+    mask = lengths_mask([24, 10, 17], 24)
+    ids = ids * mask
+    params = list(model.parameters())
+
+    def run(impl, fn):
+        model.generator.attention_impl = model.discriminator.attention_impl = impl
+        torch.manual_seed(5)
+        loss = fn(ids, mask).loss
+        return loss, torch.autograd.grad(loss, params, allow_unused=True)
+
+    calls = FLASH_CALLS.copy()
+    eager = run("varlen", model)
+    assert FLASH_CALLS - calls == collections.Counter(forward=4, backward=4)  # 2 layers x 2 encoders
+    for other in (run("varlen", torch.compile(model, fullgraph=True, backend="aot_eager")), run("sdpa", model)):
+        torch.testing.assert_close(other[0], eager[0], rtol=1e-5, atol=1e-6)
+        for got, want in zip(other[1], eager[1]):
+            if want is not None:
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
 @requires_cuda
 @pytest.mark.parametrize("impl, dtype", [("flex", torch.float32), ("flex", torch.bfloat16),
                                          ("auto", torch.bfloat16), ("auto", torch.float16)])
