@@ -27,8 +27,8 @@ The encoder prepares the padding mask once per forward (`padding_mask`), the lay
   eager, it is PyTorch's unfused reference (tests). A row without any real key gives zeros here (uniform under
   "sdpa"); no loss reads such a row.
 - "auto" (default): "varlen" where flash can run (CUDA, bf16/fp16 scores: pretraining under autocast, with or
-  without dropout), else "flex" on CUDA without attention dropout, else "sdpa". Which of varlen and flex is the
-  faster at eval is for `benchmarks/bench_e2e.py --attention` on a GPU to say.
+  without dropout), else "flex" on CUDA without attention dropout, else "sdpa". Whether varlen beats the dense
+  bias on a padded training step is for `benchmarks/bench_e2e.py --attention auto,sdpa` on a GPU to say.
 """
 from __future__ import annotations
 
