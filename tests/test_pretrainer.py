@@ -264,6 +264,19 @@ def test_compiled_step_has_no_graph_break_and_matches_eager():
             torch.testing.assert_close(p.grad, grads[n], rtol=1e-3, atol=1e-5, msg=n)
 
 
+def test_compiled_model_takes_a_second_batch_shape():
+    """Called with another batch size, torch.compile retraces with symbolic sizes (automatic dynamic shapes): every
+    op of the step must take them (torch.rand's generator overload did not). aot_eager: the same RNG as eager."""
+    model = make()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    ids, mask = batch()
+    for rows in (4, 3, 2):
+        torch.manual_seed(rows)
+        want = model(ids[:rows], mask[:rows]).loss
+        torch.manual_seed(rows)
+        torch.testing.assert_close(compiled(ids[:rows], mask[:rows]).loss, want, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------- GDES
 @pytest.mark.parametrize("gdes", [False, True])
 def test_gdes_keeps_the_discriminator_loss_away_from_every_generator_parameter(gdes):

@@ -113,6 +113,15 @@ def available_backends(device="cuda", op: str = "mlm_loss_and_sample") -> list:
     return [b for b in BACKENDS if _why_unavailable(b, op, device) is None]
 
 
+def uniform(shape, device: torch.device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """fp32 U[0, 1) draws of `shape` (the references' sampling noise). `generator=` goes to `torch.rand` only when
+    one is given: that overload takes no symbolic sizes, which torch.compile uses once it sees a second batch shape
+    (a compiled model called with another batch size failed to trace)."""
+    if generator is None:
+        return torch.rand(shape, device=device, dtype=torch.float32)
+    return torch.rand(shape, device=device, dtype=torch.float32, generator=generator)
+
+
 def draw_seed(device: torch.device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """A Philox seed as a 1-element int64 device tensor, drawn with torch's RNG.
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from electra_fast.ops._backend import draw_seed, resolve
+from electra_fast.ops._backend import draw_seed, resolve, uniform
 from electra_fast.ops._checks import INT_DTYPES, acc_dtype, check_logits, check_same_device, check_shape, check_tensor, \
     check_temperature, check_vocab_size
 
@@ -73,5 +73,5 @@ def gumbel_sample(logits: torch.Tensor, *, temperature: float = 1.0, disallow: O
     _, kernel = resolve("gumbel_sample", backend, logits.device, logits.dtype)
     if kernel is not None:
         return kernel(logits, draw_seed(logits.device, generator), temperature, disallow, vocab_size)
-    uniform = torch.rand((logits.shape[0], vocab_size), device=logits.device, dtype=torch.float32, generator=generator)
-    return _gumbel_sample_op(logits, uniform, temperature, disallow, vocab_size)
+    noise = uniform((logits.shape[0], vocab_size), logits.device, generator)
+    return _gumbel_sample_op(logits, noise, temperature, disallow, vocab_size)

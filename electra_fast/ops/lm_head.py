@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from electra_fast.ops._backend import draw_seed, resolve
+from electra_fast.ops._backend import draw_seed, resolve, uniform
 from electra_fast.ops._checks import FLOAT_DTYPES, acc_dtype, check_same_device, check_shape, check_ids, \
     check_temperature, check_tensor, check_vocab_size
 from electra_fast.ops.mlm_loss import WEIGHT_EPS, check_slot_targets, row_terms, softmax_minus_onehot, \
@@ -109,9 +109,9 @@ def _reference(hidden, weight, bias, targets, weights, temperature, disallow_cor
     for r0 in range(0, m, rows):
         r1 = min(m, r0 + rows)
         # Chunk by chunk from the generator: on the CPU the same numbers as the unfused op's one [M, V] draw.
-        uniform = torch.rand((r1 - r0, vocab_size), device=hidden.device, dtype=torch.float32, generator=generator)
+        noise = uniform((r1 - r0, vocab_size), hidden.device, generator)
         ce, sampled, correct, gh, gw, gb = _chunk_op(hidden[r0:r1].detach(), *consts, targets[r0:r1],
-                                                     weights[r0:r1], uniform, inv_norm, temperature,
+                                                     weights[r0:r1], noise, inv_norm, temperature,
                                                      disallow_correct, vocab_size)
         outs.append((ce, sampled, correct, gh))
         grad_weight = gw if grad_weight is None else grad_weight + gw

@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from electra_fast.ops._backend import draw_seed, resolve
+from electra_fast.ops._backend import draw_seed, resolve, uniform
 from electra_fast.ops._checks import INT_DTYPES, check_same_device, check_shape, check_tensor
 
 MASK_REPLACE_PROB = 0.85  # a chosen slot becomes [MASK] with this probability, else keeps its token
@@ -136,7 +136,7 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] 
     if kernel is not None:
         return kernel(input_ids.contiguous(), attention_mask.contiguous(), special, draw_seed(device, generator),
                       float(mask_prob), mask_token_id, n, replacement)
-    scores = torch.rand((b, n if replacement else seq_len), device=device, generator=generator)
-    keep_draw = torch.rand((b, n), device=device, generator=generator)
+    scores = uniform((b, n if replacement else seq_len), device, generator)
+    keep_draw = uniform((b, n), device, generator)
     return _mask_tokens_op(input_ids, attention_mask, special, scores, keep_draw, float(mask_prob), mask_token_id,
                            replacement)

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from electra_fast.ops._backend import draw_seed, resolve
+from electra_fast.ops._backend import draw_seed, resolve, uniform
 from electra_fast.ops._checks import FLOAT_DTYPES, INT_DTYPES, acc_dtype, check_logits, check_same_device, check_shape, \
     check_ids, check_tensor, check_temperature, check_vocab_size
 from electra_fast.ops.gumbel_sample import disallow_ids, gumbel_scores
@@ -150,7 +150,7 @@ def mlm_loss_and_sample(logits: torch.Tensor, targets: torch.Tensor, weights: to
     if kernel is not None:
         return kernel(logits, targets, weights, draw_seed(logits.device, generator), temperature,
                       bool(disallow_correct), vocab_size)
-    uniform = torch.rand((m, vocab_size), device=logits.device, dtype=torch.float32, generator=generator)
-    loss, sampled, correct, _ = _mlm_op(logits, targets, weights, uniform, temperature, bool(disallow_correct),
+    noise = uniform((m, vocab_size), logits.device, generator)
+    loss, sampled, correct, _ = _mlm_op(logits, targets, weights, noise, temperature, bool(disallow_correct),
                                         vocab_size)
     return loss, sampled, correct
