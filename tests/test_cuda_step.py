@@ -52,6 +52,24 @@ def graph_step(model, accum=1, dtype=None, **kwargs):
     return step, CUDAGraphStep(step, {"input_ids": ids, "attention_mask": mask})
 
 
+def test_cuda_graph_step_with_dropout_takes_flash_varlen_and_trains():
+    """ELECTRA's dropouts (0.1) on a padded batch under bf16: the captured step runs flash's variable-length
+    attention with its dropout (electra_fast.attention, "varlen"), stays finite and trains."""
+    from electra_fast.attention import VarlenMask, flash_varlen_supported, padding_mask
+
+    if not flash_varlen_supported(torch.device("cuda"), torch.bfloat16, 32):
+        pytest.skip("flash attention needs sm_80 or later (and a torch built with it)")
+    model = ElectraPretrainer.from_preset("tiny", vocab_size=V, mask_token_id=4, special_token_ids=range(5),
+                                          pad_token_id=0).cuda()
+    ids, mask = batch()
+    assert isinstance(padding_mask(mask, "auto", dtype=torch.bfloat16, dropout=True, head_dim=32), VarlenMask)
+    _, step = graph_step(model, dtype=torch.bfloat16)
+    losses = [step([{"input_ids": ids, "attention_mask": mask}]).loss.item() for _ in range(40)]
+    assert all(math.isfinite(x) for x in losses), losses
+    assert sum(losses[-10:]) < sum(losses[:10]), losses
+    assert step.read_metrics()["skipped_steps"] == 0
+
+
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_cuda_graph_step_draws_fresh_samples_and_trains(dtype):
     model = make()
