@@ -173,7 +173,7 @@ def padding_mask(attention_mask: Optional[torch.Tensor], impl: str, *, dtype: to
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     if attention_mask is None:
         return None
-    flash = flash_varlen_supported(attention_mask.device, dtype, head_dim)
+    flash = impl in ("auto", "varlen") and flash_varlen_supported(attention_mask.device, dtype, head_dim)
     if impl == "auto":
         impl = "varlen" if flash else "flex" if attention_mask.is_cuda and not dropout else "sdpa"
     if impl == "sdpa":

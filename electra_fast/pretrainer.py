@@ -260,8 +260,7 @@ def rtd_step(generator, discriminator, input_ids: torch.Tensor, attention_mask: 
 
 # ---------------------------------------------------------------------------------------------------- module
 _PRETRAINER_KWARGS = ("mask_prob", "masking", "temperature", "disallow_correct", "mlm_weight", "disc_weight",
-                      "fused_lm_head",
-                      "validate")
+                      "fused_lm_head", "validate")
 _ID_KWARGS = ("mask_token_id", "special_token_ids", "pad_token_id")
 
 
