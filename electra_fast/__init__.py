@@ -12,10 +12,9 @@ __version__ = "0.1.0"
 # than inside it (setup.py maps them in at install time); let the import system find them there too.
 _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")) and _os.path.isfile(
-    _os.path.join(_root, "kernels", "__init__.py")
+    _os.path.join(_root, "kernels", "_common.py")
 ):
     __path__.append(_root)  # noqa: F821  (module __path__)
-
 
 
 def __getattr__(name):

@@ -1,5 +1,21 @@
-"""Launcher helpers shared by the Triton kernels (block sizes, grid sizes, dtype views)."""
+"""Launcher helpers shared by the Triton kernels (block sizes, grid sizes, dtype views).
+
+This folder is `electra_fast.kernels`, the "triton" backend of `electra_fast.ops`: one module per op, each a backend
+entry with the contract of `electra_fast.ops._backend` (canonical, contiguous inputs) running registered
+`torch.library` custom ops (`electra_fast::*_triton`) with fake kernels and autograd, so `torch.compile(fullgraph=True)`
+traces them and CUDA graphs capture them. On CPU tensors the kernels run only under `TRITON_INTERPRET=1`.
+"""
 from __future__ import annotations
+
+# Why the folder has no `__init__.py` (nor has `csrc/`): with the checkout root on sys.path (pytest, `python -m`,
+# a notebook, PYTHONPATH=.) a top-level folder is importable under its own name, and `kernels` is the name of Hugging
+# Face's package, which transformers imports. A folder without `__init__` is at most a namespace package, and the
+# import system always prefers a regular package of the same name anywhere on sys.path, so the real one wins. Were
+# an op module still run as `kernels.<op>` (no real package installed), it would register every op a second time
+# (torch frees the first registration while handles to it live on); every op module imports this one first, so it
+# refuses here instead.
+if not __name__.startswith("electra_fast."):
+    raise ImportError(f"the Triton kernels import only as electra_fast.kernels, not as {__name__.rpartition('.')[0]!r}")
 
 import functools
 

@@ -15,6 +15,8 @@ from electra_fast.adapters import RTDDiscriminator, adapt, deberta_v3_models
 from electra_fast.pretrainer import ElectraPretrainer, param_groups
 
 tf = pytest.importorskip("transformers")
+pytestmark = pytest.mark.transformers
+
 
 TINY = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0, max_position_embeddings=64)

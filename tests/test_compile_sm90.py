@@ -20,13 +20,15 @@ except ImportError as exc:
     pytest.skip(f"this triton cannot compile for a target without a device: {exc}", allow_module_level=True)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+pytestmark = pytest.mark.sm90
+
 
 if sm90.cuobjdump() is None:
     pytest.skip("cuobjdump not found (neither Triton's bundled one nor on PATH): cannot read the SASS",
                 allow_module_level=True)
 
-# Registers per thread on sm_90, an upper bound per kernel (measured with Triton 3.9 + its ptxas, rounded up with
-# ~10% headroom for compiler versions). A kernel not listed must stay within DEFAULT_REG_BUDGET.
+# Registers per thread on sm_90, an upper bound per kernel: the larger of Triton 3.6 (the GPU machine's) and 3.9 with
+# their own ptxas, rounded up with ~10% headroom. A kernel not listed must stay within DEFAULT_REG_BUDGET.
 REG_BUDGET = {
     "mlm_loss_sample._sample_rows_kernel": 88,
     "mlm_loss_sample._mlm_backward_kernel": 64,
@@ -34,10 +36,10 @@ REG_BUDGET = {
     "masked_gather._gather_kernel": 40,
     "masked_gather._scatter_add_kernel": 64,
     "replace_tokens._replace_tokens_kernel": 56,
-    "rtd_bce._bce_forward_kernel": 88,
+    "rtd_bce._bce_forward_kernel": 104,  # 96 with Triton 3.6, 80 with 3.9
     "rtd_bce._bce_reduce_kernel": 40,
     "rtd_bce._scale_kernel": 32,
-    "rtd_head._head_forward_kernel": 120,
+    "rtd_head._head_forward_kernel": 128,  # 122 with Triton 3.6 (fp32), 108 with 3.9
     "rtd_head._head_reduce_kernel": 56,
     "rtd_head._head_backward_kernel": 48,
 }
@@ -69,11 +71,24 @@ def test_every_specialisation_compiles(report):
     assert not errors, "\n\n".join(errors)
 
 
+# Known spills, each with the Triton release that has it, the kernel, the logits width and the stack bytes: Triton
+# 3.6's ptxas keeps 8 bytes of the fp32 sampler on the stack at BERT's unpadded vocabulary (a public-op call; the
+# models pad the vocabulary, and that specialisation does not spill). Anything else, or more bytes, fails.
+KNOWN_SPILLS = {("3.6", "mlm_loss_sample._sample_rows_kernel", 30522): 8}
+
+
+def _known_spill(report, launch) -> bool:
+    width = launch["scenarios"][0].rpartition("W=")[2]
+    key = (".".join(report["triton"].split(".")[:2]), short(launch["kernel"]), int(width) if width.isdigit() else None)
+    return not launch["local"] and not launch["ptx_local"] and launch["stack"] <= KNOWN_SPILLS.get(key, -1)
+
+
 def test_no_register_spills_or_local_memory(report):
     bad = [f"{describe(x)}: stack {x['stack']} B, local {x['local']} B, .local in PTX {x['ptx_local']}, "
            f"LDL/STL {[op for op in x['mem'] if op.startswith(('LDL', 'STL'))]}"
            for x in report["launches"] if "error" not in x and (
-               x["stack"] or x["local"] or x["ptx_local"] or any(op.startswith(("LDL", "STL")) for op in x["mem"]))]
+               x["stack"] or x["local"] or x["ptx_local"] or any(op.startswith(("LDL", "STL")) for op in x["mem"]))
+           and not _known_spill(report, x)]
     assert not bad, "\n".join(bad)
 
 

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.transformers
+
 from transformers import ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining  # noqa: E402
 
 from electra_fast import hf  # noqa: E402

@@ -17,7 +17,16 @@ from typing import Optional
 import torch
 
 BACKENDS = ("torch", "triton", "cuda")
-_KERNEL_MODULES = {"triton": "electra_fast.kernels", "cuda": "electra_fast.cuda"}
+# The Triton kernels are one module per op: `electra_fast.kernels` itself has no `__init__` (kernels/_common.py says
+# why), so the module that holds an op's entry is named here.
+_TRITON_MODULES = {"mlm_loss_and_sample": "mlm_loss_sample", "lm_head_loss_and_sample": "lm_head",
+                   "rtd_bce_loss": "rtd_bce", "rtd_head_loss": "rtd_head"}
+
+
+def _module_name(backend: str, op: str) -> str:
+    if backend == "triton":
+        return "electra_fast.kernels." + _TRITON_MODULES.get(op, op)
+    return "electra_fast.cuda"
 # Per-op preference on CUDA tensors; benchmarks/RESULTS.md is where a change of order must be justified.
 DEFAULT_ORDER = {
     "mask_tokens": ("triton", "torch"),
@@ -54,10 +63,10 @@ def get_backend() -> Optional[str]:
     return _check_name(env, "ELECTRA_FAST_BACKEND") if env else None
 
 
-def _module(backend: str):
+def _module(backend: str, op: str):
     try:
-        return importlib.import_module(_KERNEL_MODULES[backend])
-    except ImportError:
+        return importlib.import_module(_module_name(backend, op))
+    except ImportError:  # ModuleNotFoundError too: no Triton, or no Triton kernel for this op
         return None
 
 
@@ -69,9 +78,9 @@ def _why_unavailable(backend: str, op: str, device: torch.device) -> Optional[st
         return f"Triton needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU); got device {device}"
     if backend == "cuda" and device.type != "cuda":
         return f"the CUDA backend needs CUDA tensors; got device {device}"
-    mod = _module(backend)
+    mod = _module(backend, op)
     if mod is None:
-        return f"{_KERNEL_MODULES[backend]} could not be imported"
+        return f"{_module_name(backend, op)} could not be imported"
     if backend == "cuda" and not mod.is_available():
         return mod.unavailable_reason()
     if not hasattr(mod, op):
@@ -88,7 +97,7 @@ def _choose(op: str, asked: Optional[str], forced: Optional[str], device: torch.
         why = _why_unavailable(name, op, device)
         if why is None:
             return name
-        mod = _module(name)
+        mod = _module(name, op)
         if asked is None and mod is not None and not hasattr(mod, op):
             return "torch"  # a globally forced backend covers the ops it has; the rest run the reference
         return f"!backend {name!r} cannot run {op}: {why}"
@@ -104,7 +113,7 @@ def resolve(op: str, backend: Optional[str], device: torch.device, dtype: Option
     name = _choose(op, backend, get_backend(), device, dtype == torch.float64)
     if name.startswith("!"):
         raise RuntimeError(name[1:])
-    return name, (None if name == "torch" else getattr(sys.modules[_KERNEL_MODULES[name]], op))
+    return name, (None if name == "torch" else getattr(sys.modules[_module_name(name, op)], op))
 
 
 def available_backends(device="cuda", op: str = "mlm_loss_and_sample") -> list:
