@@ -11,7 +11,14 @@ One step = forward, backward and a fused AdamW step of generator + discriminator
   eager step captured whole with `CUDAGraphStep`) and compiled+graph.
 Timing: CUDA events around `--iters` steps, median of `--repeats`, after `--warmup` steps; compile time (first
 steps' wall time minus their steady-state cost) reported apart. Peak memory covers parameters, optimizer state
-and activations during the timed steps. The id-range check (`validate`, one host sync) is off for `ours`.
+and activations during the timed steps (`peak_mem_gb`); `peak_mem_row_gb` is the whole row's, compile and capture
+and the first-step check included. The id-range check (`validate`, one host sync) is off for `ours`.
+First-step check (ours and hf-dropin; transformers' own step has nothing of ours to check): before its first step,
+each row runs that step's forward on the same weights and first batch with dropout off, keeps the masks and samples
+it drew, and compares its losses with an fp64 torch-backend reference step from those masks and samples
+(`first_step_check`, tolerance `CHECK_RTOL` / `CHECK_ATOL`). A row that differs is still timed but marked failed
+("error"), so no speed-up is reported for it. Every row records what ran: each op's backend (`backends`), the
+attention path each encoder took (`attention_taken`) and the sampler. The CUDA extension is built before any row.
 
     python benchmarks/bench_e2e.py --out benchmarks/results/e2e               # small and base
     python benchmarks/bench_e2e.py --shapes small --impls ours,transformers   # a subset
@@ -22,6 +29,8 @@ Writes e2e.json, e2e.csv and e2e.md under --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import csv
 import gc
 import json
@@ -37,7 +46,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import device_name  # noqa: E402
+from common import backends_text, device_name, prepare_backends, record_backends, sampler_of  # noqa: E402
 
 SHAPES = {"small": ("small", 128, 128), "base": ("base", 64, 512),  # name -> (preset, batch, seq_len)
           "tiny": ("tiny", 8, 32)}  # --smoke: checks this script on a CPU
@@ -137,8 +146,8 @@ def make_optimizer(params, capturable: bool):
 
 
 def build(impl: str, mode: str, preset: str, vocab: int, device: str = "cuda", attention: str = "auto"):
-    """Returns (step function taking (ids, mask) and returning a loss tensor, notes dict). `attention`: the
-    slim encoders' `attention_impl` (ours only)."""
+    """Returns (step function taking (ids, mask) and returning a loss tensor, notes dict, the `ElectraPretrainer`
+    the step trains, None for transformers). `attention`: the slim encoders' `attention_impl` (ours only)."""
     from electra_fast.cuda_graph import CUDAGraphStep
     from electra_fast.step import TrainStep
     from electra_fast.model import preset_configs
@@ -167,7 +176,8 @@ def build(impl: str, mode: str, preset: str, vocab: int, device: str = "cuda", a
                 opt.step()
                 return loss
 
-            return hf_step, notes
+            notes["attention_taken"] = f"transformers:{gen.config._attn_implementation}"
+            return hf_step, notes, None
         model = ElectraPretrainer(gen, disc, mask_token_id=MASK_ID, special_token_ids=SPECIAL, validate=False)
         model = model.to(device)
 
@@ -187,7 +197,7 @@ def build(impl: str, mode: str, preset: str, vocab: int, device: str = "cuda", a
                 holder["step"] = CUDAGraphStep(train_step, batch)
             return holder["step"]([batch]).loss
 
-        return graph_step, notes
+        return graph_step, notes, model
 
     def step(ids, mask):
         opt.zero_grad(set_to_none=True)
@@ -197,7 +207,208 @@ def build(impl: str, mode: str, preset: str, vocab: int, device: str = "cuda", a
         opt.step()
         return out.loss
 
-    return step, notes
+    return step, notes, model
+
+
+# ------------------------------------------------------------------------------------------------ first-step check
+# bf16 tolerance of the first-step check: the step computes in bf16 (unit roundoff 2^-9) and its losses are means
+# over many slots and tokens, so rounding moves them little. Measured on the CPU, bf16 step against the fp64
+# reference: at most 3.5e-4 relative (tiny preset: torch backend, and the Triton kernels in the interpreter; small
+# preset, 12 layers, B=16 L=128: torch backend). 5e-3 leaves over ten times that for base's width and the GPU's
+# kernels, while a wrong step moves a loss by more: 2.5% of slots mis-weighted, a loss term or a head weight off.
+CHECK_RTOL, CHECK_ATOL = 5e-3, 1e-3
+# At initialisation the discriminator's logits are near 0, where the BCE hardly depends on the labels (ln 2 either
+# way): the labels are checked through the step's `replaced_frac`, a ratio of the head's integer counts (fp32).
+COUNT_TOL = 1e-6
+CHECKED = ("mlm_loss", "disc_loss", "loss", "replaced_frac")
+
+
+@contextlib.contextmanager
+def dropout_off(model):
+    """Dropout probabilities 0 within the block, the modules staying in training mode, so that the encoders choose
+    the attention path of the training step (the padding mask depends on `training`). Dropout draws differ between
+    kernels and the reference and cannot be replayed; without them the losses are functions of weights, batch,
+    masks and samples only."""
+    saved = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            saved.append((m, "p", m.p))
+            m.p = 0.0
+        if isinstance(getattr(m, "attn_dropout", None), float):  # the slim encoder layer's attention dropout
+            saved.append((m, "attn_dropout", m.attn_dropout))
+            m.attn_dropout = 0.0
+    try:
+        yield
+    finally:
+        for m, name, value in saved:
+            setattr(m, name, value)
+
+
+@contextlib.contextmanager
+def forced_backend(name):
+    from electra_fast.ops import _backend, set_backend
+
+    before = _backend._forced
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(before)
+
+
+@contextlib.contextmanager
+def _spied(module, name: str, record):
+    """`module.name` (a function) hands its arguments and result to `record(args, kwargs, out)` within the block."""
+    original = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        record(args, kwargs, out)
+        return out
+
+    setattr(module, name, spy)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+def _attention_label(mask) -> str:
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from electra_fast.attention import VarlenMask
+
+    if mask is None:
+        return "sdpa:no-mask"
+    if isinstance(mask, VarlenMask):
+        return "varlen:flash" if mask.bias is None else "varlen:sdpa-bias"
+    return "flex" if isinstance(mask, BlockMask) else "sdpa:bias"
+
+
+def kernel_path(model, ids, mask, device: str) -> dict:
+    """One forward of the step's own path (the ops' backends as the step resolves them, bf16 autocast, dropout
+    off), recording what it took: its losses, the masks (`mask_tokens`' output) and the samples (`replace_tokens`'
+    input), each op's backend, the attention path of each encoder and the sampler."""
+    import electra_fast.model as model_module
+    import electra_fast.pretrainer as pretrainer
+
+    calls: dict = {}
+    attention: list = []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(dropout_off(model))
+        for name in ("mask_tokens", "replace_tokens"):
+            stack.enter_context(_spied(pretrainer, name, lambda a, k, out, name=name: calls.setdefault(name, (a, out))))
+        # the slim encoders build their padding mask here once per forward: its type is the attention path taken
+        stack.enter_context(_spied(model_module, "padding_mask",
+                                   lambda a, k, out: attention.append(_attention_label(out))))
+        backends = stack.enter_context(record_backends())
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = model(ids, mask)
+    if len(calls) < 2:
+        raise RuntimeError("the step did not call mask_tokens and replace_tokens: nothing to check it against")
+    masked_ids, positions, weights = calls["mask_tokens"][1]
+    sampled = calls["replace_tokens"][0][3].reshape(positions.shape)  # the step hands them over flat, [B x N]
+    disc_ids, is_replaced = calls["replace_tokens"][1]
+    mlm_backend = backends.get("lm_head_loss_and_sample", backends.get("mlm_loss_and_sample", "?"))
+    if attention:
+        taken = "|".join(dict.fromkeys(attention))
+    else:  # transformers encoders (hf-dropin): their own attention
+        taken = "transformers:" + getattr(getattr(model.discriminator, "config", None), "_attn_implementation", "?")
+    return {"losses": {k: float(getattr(out, k).detach()) for k in CHECKED},
+            "masked_ids": masked_ids, "positions": positions, "weights": weights, "sampled": sampled,
+            "disc_ids": disc_ids, "is_replaced": is_replaced, "backends": backends,
+            "attention_taken": taken, "sampler": sampler_of(mlm_backend.split("|")[0])}
+
+
+def reference_step(model, ids, mask, masked_ids, positions, weights, sampled) -> dict:
+    """The step's losses in fp64 through the torch backend on a copy of `model` (same weights, dropout off, the
+    dense-bias attention), from the given masks and samples: masked ids -> generator -> gathered slots -> LM head ->
+    weighted cross-entropy; samples written into the original ids -> discriminator -> BCE over real tokens."""
+    from electra_fast import adapters
+    from electra_fast.ops.masked_gather import masked_gather_reference
+    from electra_fast.ops.replace_tokens import replace_tokens_mean_reference, replace_tokens_reference
+
+    ref = copy.deepcopy(model).double().eval()
+    for encoder in (ref.generator, ref.discriminator):
+        if hasattr(encoder, "attention_impl"):
+            encoder.attention_impl = "sdpa"
+    gen, disc = adapters.check_pair(ref.generator, ref.discriminator)
+    vocab = adapters.pair_dims(gen, disc)["vocab_size"]
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with forced_backend("torch"), torch.no_grad():
+            slots = masked_gather_reference(gen.encode(masked_ids, mask, None), positions)
+            logits = gen.lm_logits(slots.flatten(0, 1))[:, :vocab].double()
+            targets = ids.gather(1, positions).reshape(-1)
+            w = weights.reshape(-1).double()
+            ce = torch.logsumexp(logits, dim=1) - logits.gather(1, targets[:, None])[:, 0]
+            mlm = (torch.where(w != 0, w * ce, 0.0)).sum() / (w.sum() + 1e-6)
+            replace = replace_tokens_mean_reference if ref.masking == "reference" else replace_tokens_reference
+            disc_ids, is_replaced = replace(ids, positions, weights, sampled)
+            features, projection = disc.disc_head(disc.encode(disc_ids, mask, None))
+            z = F.linear(features, projection.weight, projection.bias).squeeze(-1).double()
+            real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask != 0
+            bce = F.binary_cross_entropy_with_logits(z, is_replaced.double(), reduction="none")
+            disc_loss = bce[real].mean()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return {"losses": {"mlm_loss": float(mlm), "disc_loss": float(disc_loss),
+                       "loss": float(ref.mlm_weight * mlm + ref.disc_weight * disc_loss),
+                       "replaced_frac": float(is_replaced[real].double().mean())},
+            "disc_ids": disc_ids, "is_replaced": is_replaced}
+
+
+def _mask_problems(model, ids, mask, masked_ids, positions, weights, sampled, vocab: int) -> list:
+    """What the masks and samples break of the step's contract (module docstring of electra_fast.ops.mask_tokens):
+    real slots at distinct real, non-special positions, changed only to [MASK]; samples inside the vocabulary."""
+    problems = []
+    real_slot = weights > 0
+    if not bool(real_slot.any()):
+        problems.append("no real slot")
+    real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask != 0
+    special = torch.isin(ids, model.special_token_ids.to(ids.device))
+    slots_at = torch.zeros_like(ids).scatter_add_(1, positions, real_slot.to(ids.dtype))  # real slots per position
+    chosen = slots_at > 0
+    if not bool(torch.where(real_slot, (real & ~special).gather(1, positions), True).all()):
+        problems.append("a real slot at padding or a special token")
+    if bool((slots_at > 1).any()) and model.masking != "reference":  # only the reference's draw repeats positions
+        problems.append("two real slots at one position")
+    changed = masked_ids != ids
+    if not bool((masked_ids[changed] == model.mask_token_id).all()) or bool((changed & ~chosen).any()):
+        problems.append("masked ids changed beyond [MASK] at the slots")
+    if not bool(((sampled >= 0) & (sampled < vocab))[real_slot].all()):
+        problems.append("a sample outside the vocabulary")
+    return problems
+
+
+def first_step_check(model, ids, mask, device: str, compare: bool = True) -> dict:
+    """The losses of the row's step on its first batch and initial weights against `reference_step` from the
+    masks and samples the step drew itself. Returns the row's fields: `check` ("ok" or "failed: ..."), both sets
+    of losses, and the path that ran (`backends`, `attention_taken`, `sampler`). `compare=False`: the path only
+    (`check` "off")."""
+    from electra_fast import adapters
+
+    got = kernel_path(model, ids, mask, device)
+    ran = {"backends": got["backends"], "attention_taken": got["attention_taken"], "sampler": got["sampler"]}
+    if not compare:
+        return {"check": "off", **ran}
+    ref = reference_step(model, ids, mask, got["masked_ids"], got["positions"], got["weights"], got["sampled"])
+    vocab = adapters.pair_dims(*adapters.check_pair(model.generator, model.discriminator))["vocab_size"]
+    problems = _mask_problems(model, ids, mask, got["masked_ids"], got["positions"], got["weights"], got["sampled"],
+                              vocab)
+    for name, want in ref["losses"].items():
+        have = got["losses"][name]
+        atol, rtol = (COUNT_TOL, 0.0) if name == "replaced_frac" else (CHECK_ATOL, CHECK_RTOL)
+        if not abs(have - want) <= atol + rtol * abs(want):  # NaN fails too
+            problems.append(f"{name} {have:.6g} vs reference {want:.6g}")
+    if not torch.equal(got["disc_ids"], ref["disc_ids"]) or not torch.equal(got["is_replaced"].bool(),
+                                                                           ref["is_replaced"].bool()):
+        problems.append("replaced ids differ from the reference's")
+    return {"check": "ok" if not problems else "failed: " + "; ".join(problems),
+            "check_losses": got["losses"], "reference_losses": ref["losses"],
+            "check_tolerance": f"losses |d| <= {CHECK_ATOL} + {CHECK_RTOL} x |reference| (bf16 step, fp64 "
+                               f"reference), replaced_frac |d| <= {COUNT_TOL}", **ran}
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -230,7 +441,7 @@ def measure(step, batches, warmup: int, iters: int, repeats: int) -> dict:
 
     sync()
     t0 = time.perf_counter()
-    first_loss = float(step(*batches[0]))  # compile / capture happen here
+    first_loss = float(step(*batches[0]).detach())  # compile / capture happen here
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
     run(warmup, 1)
@@ -271,40 +482,51 @@ def main(argv=None):
     p.add_argument("--modes", default="eager,compiled,graph,compiled+graph",
                    help="comma list; each impl runs the modes it has")
     p.add_argument("--vocab", type=int, default=30522)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; --smoke: 1)")
+    p.add_argument("--iters", type=int, default=None, help="timed steps per repeat (default 20; --smoke: 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs, the median reported (default 3; --smoke: 1)")
     p.add_argument("--backend", default=None, help="force an ops backend (torch/triton/cuda); default per op")
     p.add_argument("--attention", default="auto",
                    help="comma list of attention paths for ours' padded batches (electra_fast.attention), a row each")
     p.add_argument("--peak-flops", type=float, default=None, help="peak bf16 FLOP/s (default: by GPU name)")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip the first-step check of ours and hf-dropin against the fp64 torch reference (the "
+                        "path that ran is still recorded)")
     p.add_argument("--smoke", action="store_true",
-                   help="check this script on a CPU: tiny preset, vocabulary 1000, eager steps, torch backend")
+                   help="check this script on a CPU: tiny preset, vocabulary 1000, eager steps, torch backend "
+                        "(or --backend's: triton runs in the interpreter under TRITON_INTERPRET=1)")
     args = p.parse_args(argv)
     if args.smoke:
         # each shape becomes the tiny one, keeping "-full" (no padding) where asked, so both input paths run
         args.shapes = ",".join(dict.fromkeys("tiny-full" if s.endswith("-full") else "tiny"
                                              for s in args.shapes.split(",")))
-        args.vocab, args.modes, args.backend = 1000, "eager", "torch"
-        args.warmup, args.iters, args.repeats = 1, 1, 1
+        args.vocab, args.modes, args.backend = 1000, "eager", args.backend or "torch"
     elif not torch.cuda.is_available():
         sys.exit("bench_e2e.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured.")
+    for name, default, smoke in (("warmup", 5, 1), ("iters", 20, 1), ("repeats", 3, 1)):  # given ones are kept
+        if getattr(args, name) is None:
+            setattr(args, name, smoke if args.smoke else default)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    with forced_backend(args.backend) if args.backend else contextlib.nullcontext():  # undone on return
+        run(args, dev)
+
+
+def run(args, dev: str) -> None:
+    """Every row of `args` (parsed by `main`) on `dev`, written under `args.out` after each one."""
     import transformers
 
     import electra_fast
     from electra_fast.model import preset_configs
-    from electra_fast.ops import set_backend
 
-    if args.backend:
-        set_backend(args.backend)
+    prepared = prepare_backends()  # the CUDA extension built or loaded here, never inside a row's first steps
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     device = device_name()
     peak = peak_flops(device, args.peak_flops)
     env = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
            "electra_fast": electra_fast.__version__, "python": platform.python_version(), "backend": args.backend,
-           "peak_bf16_flops": peak, "warmup": args.warmup, "iters": args.iters, "repeats": args.repeats}
+           "peak_bf16_flops": peak, "warmup": args.warmup, "iters": args.iters, "repeats": args.repeats,
+           "cuda_extension": prepared["cuda_extension"]}
     print(json.dumps(env))
     rows = []
     for shape in args.shapes.split(","):
@@ -321,18 +543,32 @@ def main(argv=None):
             for mode, attention in [(m, a) for m in modes for a in attentions]:
                 row = {"shape": shape, "batch": batch, "seq_len": seq_len, "impl": impl, "mode": mode,
                        "attention": attention}
+                if dev == "cuda":  # the row's own peak: nothing left over from the previous row counts
+                    torch.cuda.reset_peak_memory_stats()
                 try:
                     torch.manual_seed(0)
-                    step, notes = build(impl, mode, preset, args.vocab, dev, attention)
+                    step, notes, model = build(impl, mode, preset, args.vocab, dev, attention)
                     row.update(notes)
                     run_batches = [(ids, None) for ids, _ in batches] if full and impl == "ours" else batches
+                    if model is not None:  # before the first step: its weights, its first batch
+                        try:
+                            row.update(first_step_check(model, *run_batches[0], dev, compare=args.check))
+                        except Exception as e:  # a check that cannot run fails the row, which is still timed
+                            row["check"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+                            traceback.print_exc()
+                    else:
+                        row["check"] = "none (transformers' own step)"
+                    model = None
                     row.update(measure(step, run_batches, args.warmup, args.iters, args.repeats))
                     row["tokens_per_s"] = batch * seq_len / (row["ms_per_step"] / 1e3)
                     row["mfu"] = flops / (row["ms_per_step"] / 1e3) / peak if peak else None
+                    if row["check"].startswith("failed"):  # timed all the same, but never reported as a figure
+                        row["error"] = "first-step check " + row["check"]
                 except Exception as e:  # one failing configuration must not lose the others
                     row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
                     traceback.print_exc()
-                step = None
+                row["peak_mem_row_gb"] = torch.cuda.max_memory_allocated() / 1e9 if dev == "cuda" else None
+                step = model = None
                 free()
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -357,11 +593,12 @@ def write(out: str, env: dict, rows: list) -> None:
     with open(os.path.join(out, "e2e.json"), "w") as f:
         json.dump({"env": env, "rows": rows}, f, indent=2)
     cols = ["shape", "batch", "seq_len", "impl", "mode", "attention", "ms_per_step", "tokens_per_s", "peak_mem_gb",
-            "mfu", "speedup_vs_hf_eager", "mem_vs_hf_eager", "compile_s", "first_loss", "adamw", "error"]
+            "peak_mem_row_gb", "mfu", "speedup_vs_hf_eager", "mem_vs_hf_eager", "compile_s", "first_loss", "adamw",
+            "check", "attention_taken", "sampler", "backends", "error"]
     with open(os.path.join(out, "e2e.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({**r, "backends": backends_text(r.get("backends") or {})} for r in rows)
 
     def fmt(v, spec, suffix=""):
         return "-" if v is None else format(v, spec) + suffix

@@ -4,6 +4,10 @@ eager and `torch.compile`d, at ELECTRA-small and -base shapes, forward and forwa
 Reports the median time, GB/s over the bytes the op must move at the least (each input read once, each output
 written once; written beside each case) and the fraction of the device-to-device copy bandwidth measured in the
 same run. Inputs rotate through more than the L2 cache. Writes ops.csv, env.json and one PNG per op under --out.
+The torch.compile baseline is compiled afresh at each shape with static sizes. Before anything is timed the CUDA
+extension is built (or loaded) and every Triton module imported; each implementation's first call (compile,
+autotune, JIT) is untimed. Each row records the backend every op resolved to (`backends`) and, for the sampling
+ops, the sampler.
 
     python benchmarks/bench_ops.py --out benchmarks/results/ops
     python benchmarks/bench_ops.py --ops mlm_loss_and_sample,rtd_bce_loss --shapes small
@@ -25,8 +29,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import bar_plot, copy_bandwidth_gbs, cycle, device, do_bench, environment, require_cuda, rotation, \
-    write_csv  # noqa: E402
+from common import backends_text, bar_plot, copy_bandwidth_gbs, cycle, device, do_bench, environment, \
+    prepare_backends, record_backends, require_cuda, rotation, sampler_of, write_csv  # noqa: E402
 
 from electra_fast import ops  # noqa: E402
 from electra_fast.ops.layer_norm import dropout_add_layer_norm_reference  # noqa: E402
@@ -172,9 +176,15 @@ def implementations(case: Case, smoke: bool = False) -> list:
 
 
 def _timed(case: Case, impl: str, grad: bool, sets):
-    """The callable to time for one implementation ('torch.compile', a backend name, or 'triton:<sampler>')."""
+    """The callable to time for one implementation ('torch.compile', a backend name, or 'triton:<sampler>'), the
+    seconds of its first call (compile / autotune / JIT, never timed) and what that call ran: `{"backends":
+    {op: backend} as the ops resolved them, "sampler": ...}`."""
     if impl == "torch.compile":
-        fn = torch.compile(case.reference)
+        # One static build per shape: the references share their code objects across shapes, so without a fresh
+        # dynamo cache the second shape would recompile them with dynamic shapes (automatic dynamic), a slower
+        # baseline than the one a user gets at that shape; dynamic=False keeps every size a constant.
+        torch._dynamo.reset()
+        fn = torch.compile(case.reference, dynamic=False)
     elif impl.startswith("unfused:"):
         def fn(*a):
             return case.unfused(impl.split(":", 1)[1], *a)
@@ -201,10 +211,24 @@ def _timed(case: Case, impl: str, grad: bool, sets):
                 for s in sets]
     call = cycle(step, sets)
     t0 = time.perf_counter()
-    call()  # first call: compile / autotune / JIT build
+    with record_backends() as backends:
+        call()  # first call: compile / autotune / JIT build
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return call, time.perf_counter() - t0
+    return call, time.perf_counter() - t0, {"backends": backends, "sampler": _sampler(case, impl, backends)}
+
+
+def _sampler(case: Case, impl: str, backends: dict) -> str:
+    """The sampler a sampling op's implementation ran ("" for the other ops)."""
+    if case.op not in SAMPLING_OPS and case.op != "lm_head_loss_and_sample":
+        return ""
+    backend, _, sampler = impl.partition(":")
+    if impl == "torch.compile":
+        return "torch:gumbel"  # the reference's Gumbel-max, compiled
+    if sampler and backend != "unfused":
+        return f"{backend}:{sampler}"
+    ran = backends.get(case.op) or backends.get("mlm_loss_and_sample", "")
+    return sampler_of(ran.split("|")[0]) if ran else ""
 
 
 def peak_memory_mb(call) -> Optional[float]:
@@ -223,6 +247,8 @@ def run(op_names, shape_names, out_dir, smoke: bool = False):
     """Measure, writing ops.csv / env.json / PNGs under `out_dir` after every op and shape (a run stopped by a
     time limit keeps what it measured)."""
     dev = device()
+    prepared = prepare_backends()  # the CUDA extension is built or loaded here, before anything is timed
+    print(f"CUDA extension: {prepared['cuda_extension']}", flush=True)
     copy_gbs = copy_bandwidth_gbs()
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
     rows = []
@@ -237,7 +263,7 @@ def run(op_names, shape_names, out_dir, smoke: bool = False):
                 nbytes = case.fwd_bytes + (case.bwd_bytes if p == "fwd+bwd" else 0)
                 for impl in impls:
                     try:
-                        call, first_s = _timed(case, impl, p == "fwd+bwd", sets)
+                        call, first_s, ran = _timed(case, impl, p == "fwd+bwd", sets)
                         ms = do_bench(call)
                         peak_mb = peak_memory_mb(call)
                     except Exception as exc:  # one failing implementation must not lose the others' figures
@@ -246,16 +272,17 @@ def run(op_names, shape_names, out_dir, smoke: bool = False):
                     gbs = nbytes / (ms * 1e-3) / 1e9
                     rows.append({"op": case.op, "shape": shape, "pass": p, "impl": impl, "ms": round(ms, 5),
                                  "GB/s": round(gbs, 1), "frac_copy_bw": round(gbs / copy_gbs, 3),
-                                 "bytes": nbytes, "first_call_s": round(first_s, 2), "peak_MB": peak_mb})
+                                 "bytes": nbytes, "first_call_s": round(first_s, 2), "peak_MB": peak_mb,
+                                 "backends": backends_text(ran["backends"]) or impl, "sampler": ran["sampler"]})
                     print(f"{case.op:22s} {shape:6s} {p:8s} {impl:14s} {ms:9.4f} ms {gbs:8.1f} GB/s "
                           f"{gbs / copy_gbs:6.1%} of copy", flush=True)
             if dev == "cuda":
                 torch.cuda.empty_cache()
-            write(rows, out_dir, copy_gbs, plot=case.op)  # after every case: a run cut short keeps its figures
+            write(rows, out_dir, copy_gbs, plot=case.op, extra=prepared)  # a run cut short keeps its figures
     return rows
 
 
-def write(rows: list, out_dir: str, copy_gbs: float, plot: str) -> None:
+def write(rows: list, out_dir: str, copy_gbs: float, plot: str, extra: Optional[dict] = None) -> None:
     """ops.csv and env.json from every row so far; the plot of op `plot` (the others are drawn already)."""
     for row in rows:  # speed-up over torch.compile of the reference, same op/shape/pass
         base = next((r["ms"] for r in rows if r["impl"] == "torch.compile" and
@@ -265,7 +292,7 @@ def write(rows: list, out_dir: str, copy_gbs: float, plot: str) -> None:
     if rows:
         write_csv(os.path.join(out_dir, "ops.csv"), rows)
     with open(os.path.join(out_dir, "env.json"), "w") as f:
-        json.dump({**environment(), "copy_GB/s": round(copy_gbs, 1)}, f, indent=2)
+        json.dump({**environment(), "copy_GB/s": round(copy_gbs, 1), **(extra or {})}, f, indent=2)
     mine = [r for r in rows if r["op"] == plot]
     if mine:
         bar_plot(os.path.join(out_dir, f"{plot}.png"), plot, mine, copy_gbs)

@@ -3,7 +3,9 @@ rotated through more than the L2 cache, the device-to-device copy bandwidth meas
 CSV/PNG output."""
 from __future__ import annotations
 
+import contextlib
 import csv
+import importlib
 import os
 import platform
 import statistics
@@ -54,6 +56,86 @@ def cycle(fn, sets):
         return fn(*args)
 
     return call
+
+
+def prepare_backends() -> dict:
+    """Build (or load) the CUDA extension and import every op's Triton module before anything is timed, so no timed
+    call and no first-call figure pays for nvcc or an import. Returns what happened, for env.json / the e2e env:
+    `{"cuda_extension": "loaded in N s" | "unavailable: why" | "build failed: why", "triton_modules": [...]}`."""
+    from electra_fast.ops import _backend
+
+    info = {}
+    try:
+        from electra_fast import cuda
+    except ImportError as exc:  # a checkout without the extension's sources
+        info["cuda_extension"] = f"unavailable: {exc}"
+    else:
+        if not cuda.is_available():
+            info["cuda_extension"] = f"unavailable: {cuda.unavailable_reason()}"
+        else:
+            clear = getattr(cuda, "clear_stale_build_lock", None)  # a build killed half-way left torch's lock file
+            removed = clear() if clear is not None else None
+            if removed:
+                info["stale_build_lock_removed"] = removed
+            t0 = time.perf_counter()
+            try:
+                cuda.extension()  # the JIT build (or the cached / ahead-of-time module): never inside a timed op
+                info["cuda_extension"] = f"loaded in {time.perf_counter() - t0:.1f} s"
+            except RuntimeError as exc:  # the default order then moves on to the next backend, as in training
+                info["cuda_extension"] = f"build failed: {str(exc)[:300]}"
+    modules = sorted({_backend._module_name("triton", op) for op in _backend.DEFAULT_ORDER})
+    info["triton_modules"] = [m for m in modules if _import_ok(m)]  # compiled kernels come at each first call
+    return info
+
+
+def _import_ok(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+        return True
+    except ImportError:
+        return False
+
+
+@contextlib.contextmanager
+def record_backends():
+    """Within the block, every op's backend choice (`electra_fast.ops._backend.resolve`) as `{op: backend}` in call
+    order (several choices of one op joined with "|"): what really ran, not what was asked for."""
+    from electra_fast.ops import _backend
+
+    seen: dict = {}
+    choose = _backend._choose
+
+    def spy(op, *args, **kwargs):
+        name = choose(op, *args, **kwargs)
+        names = seen.setdefault(op, [])
+        if name not in names:
+            names.append(name)
+        return name
+
+    _backend._choose = spy
+    result: dict = {}
+    try:
+        yield result
+    finally:
+        _backend._choose = choose
+        result.update({op: "|".join(names) for op, names in seen.items()})
+
+
+def sampler_of(backend: str) -> str:
+    """`<backend>:<sampler>` of the MLM / Gumbel sampling ops on `backend`: the kernels' `SAMPLER` ("cdf" exact
+    inverse CDF or "gumbel"), Gumbel-max over torch.rand noise for the torch reference."""
+    if backend == "torch":
+        return "torch:gumbel"
+    if backend == "triton":
+        return "triton:" + importlib.import_module("electra_fast.kernels.mlm_loss_sample").SAMPLER
+    if backend == "cuda":
+        return "cuda:" + importlib.import_module("electra_fast.cuda").SAMPLER
+    return backend
+
+
+def backends_text(backends: dict) -> str:
+    """`op=backend` pairs, one string (a CSV cell)."""
+    return " ".join(f"{op}={name}" for op, name in backends.items())
 
 
 def device() -> str:

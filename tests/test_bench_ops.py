@@ -1,0 +1,125 @@
+"""The op microbenchmarks: their CPU-checkable logic (`pytest tests/test_bench_ops.py`), and on a GPU the ops
+through pytest-benchmark (`pytest tests/test_bench_ops.py --benchmark-only`). `bench_ops.py` is the full report (GB/s,
+copy-bandwidth fraction, torch.compile baseline, plots)."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import bench_ops  # noqa: E402
+from bench_ops import _timed, cases, implementations  # noqa: E402
+from common import rotation  # noqa: E402
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA GPU")
+
+if torch.cuda.is_available():
+    CASES = [(shape, c.op, impl, p) for shape in ("small", "base") for c in cases(shape)
+             for impl in implementations(c)
+             for p in (["fwd"] + (["fwd+bwd"] if c.bwd_bytes is not None else []))]
+else:
+    CASES = []
+
+
+@requires_cuda
+@pytest.mark.parametrize("shape,op,impl,pass_", CASES)
+def test_op(benchmark, shape, op, impl, pass_):
+    case = next(c for c in cases(shape) if c.op == op)
+    call = _timed(case, impl, pass_ == "fwd+bwd", rotation(case.make, case.fwd_bytes))[0]
+
+    def synced():
+        call()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(synced, rounds=50, warmup_rounds=5)
+
+
+def _symbolic(gm) -> bool:
+    """Whether a dynamo graph has a symbolic size: a SymInt input, or an input tensor with a SymInt dimension."""
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        value = node.meta.get("example_value")
+        if isinstance(value, torch.SymInt):
+            return True
+        if isinstance(value, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in value.shape):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("op,grad", [("mlm_loss_and_sample", False), ("dropout_add_layer_norm", True)])
+def test_compiled_baseline_is_a_static_build_at_every_shape(monkeypatch, op, grad):
+    """Each shape's torch.compile baseline is compiled for that shape with constant sizes: the second shape must not
+    reuse the first one's cache entry as a dynamic-shape recompile (dynamo's automatic dynamic)."""
+    monkeypatch.setitem(bench_ops.SHAPES, "tiny2", (3, 48, 24))  # a second shape, every size different
+    monkeypatch.setitem(bench_ops.VOCABS, "tiny2", 700)
+    monkeypatch.setitem(bench_ops.EMBED, "tiny2", 24)
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(_symbolic(gm))
+        return gm.forward  # runs the captured graph eagerly: only what dynamo built is under test
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: compile_(fn, **{**kw, "backend": recording_backend}))
+    torch._dynamo.reset()
+    per_shape = []
+    for shape in ("tiny", "tiny2"):
+        case = next(c for c in cases(shape, device="cpu") if c.op == op)
+        before = len(graphs)
+        call = _timed(case, "torch.compile", grad, [case.make(), case.make()])[0]
+        call()  # the second input set: same shape, no new graph
+        per_shape.append(graphs[before:])
+    torch._dynamo.reset()
+    assert all(per_shape), f"no graph compiled for a shape: {per_shape}"
+    assert per_shape[1] == [False] * len(per_shape[1]), f"the second shape's baseline has symbolic sizes: {per_shape}"
+    assert per_shape[0] == [False] * len(per_shape[0])
+
+
+def test_rows_record_the_backend_and_sampler_that_ran(tmp_path):
+    """Every row says which backend each op resolved to (not only the implementation asked for) and, for the
+    sampling ops, the sampler."""
+    rows = bench_ops.run(["mlm_loss_and_sample", "masked_gather", "lm_head_loss_and_sample"], ["tiny"],
+                         str(tmp_path), smoke=True)
+    assert rows
+    for row in rows:
+        assert row["backends"] == f"{row['op']}=torch" or row["impl"].startswith("unfused:"), row
+        assert (row["sampler"] == "torch:gumbel") == (row["op"] != "masked_gather"), row
+    unfused = [r for r in rows if r["impl"] == "unfused:torch"]
+    assert unfused and all(r["backends"] == "mlm_loss_and_sample=torch" for r in unfused)
+    assert "backends" in (tmp_path / "ops.csv").read_text().splitlines()[0]
+
+
+def test_backends_are_prepared_before_anything_is_timed(monkeypatch, tmp_path):
+    """The CUDA extension is built (and the Triton modules imported) before the first timed call."""
+    events = []
+    monkeypatch.setattr(bench_ops, "prepare_backends", lambda: events.append("prepare") or {"cuda_extension": "-"})
+    do_bench = bench_ops.do_bench
+    monkeypatch.setattr(bench_ops, "do_bench", lambda fn, *a, **k: events.append("time") or do_bench(fn, *a, **k))
+    bench_ops.run(["masked_gather"], ["tiny"], str(tmp_path), smoke=True)
+    assert events[0] == "prepare" and events.count("prepare") == 1 and "time" in events
+
+
+def test_prepare_backends_builds_the_cuda_extension(monkeypatch):
+    """Where the CUDA backend can run, `prepare_backends` calls its loader (the JIT build) and says how long it took;
+    a failed build is recorded, not raised (the default order then skips the backend, as training does)."""
+    import common
+    from electra_fast import cuda
+
+    built = []
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "extension", lambda: built.append("build"))
+    if hasattr(cuda, "clear_stale_build_lock"):  # a killed build's lock is cleared first, or the build would hang
+        monkeypatch.setattr(cuda, "clear_stale_build_lock", lambda: built.append("clear") or "/x/lock")
+    info = common.prepare_backends()
+    assert info["cuda_extension"].startswith("loaded in ") and built[-1] == "build"
+    if hasattr(cuda, "clear_stale_build_lock"):
+        assert built == ["clear", "build"] and info["stale_build_lock_removed"] == "/x/lock"
+
+    def broken():
+        raise RuntimeError("nvcc exploded")
+
+    monkeypatch.setattr(cuda, "extension", broken)
+    assert common.prepare_backends()["cuda_extension"] == "build failed: nvcc exploded"
