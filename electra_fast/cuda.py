@@ -41,8 +41,8 @@ from electra_fast.ops._checks import SAMPLERS, check_sampler, check_vocab_size  
 from electra_fast.ops.masked_gather import register_gather_autograd
 from electra_fast.ops.mlm_loss import register_mlm_autograd
 
-__all__ = ["is_available", "unavailable_reason", "extension", "gumbel_noise", "mlm_loss_and_sample",
-           "gumbel_sample", "masked_gather", "replace_tokens", "rtd_bce_loss"]
+__all__ = ["is_available", "unavailable_reason", "extension", "jit_build_directory", "clear_stale_build_lock",
+           "gumbel_noise", "mlm_loss_and_sample", "gumbel_sample", "masked_gather", "replace_tokens", "rtd_bce_loss"]
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SAMPLER = os.environ.get("ELECTRA_FAST_SAMPLER", "cdf")
@@ -129,6 +129,55 @@ def _jit_build():
         extra_include_paths=[csrc],
         verbose=os.environ.get("ELECTRA_FAST_CUDA_VERBOSE") == "1",
     )
+
+
+def jit_build_directory() -> str:
+    """Where the just-in-time build compiles and caches the extension (torch's extensions directory, created if
+    missing)."""
+    from torch.utils import cpp_extension
+
+    return cpp_extension._get_build_directory(_cuda_build.JIT_NAME, False)
+
+
+def clear_stale_build_lock(build_dir: Optional[str] = None) -> Optional[str]:
+    """Remove the lock file of a just-in-time build that was killed half-way, so the next build does not wait on it.
+
+    torch's `load` creates `<build dir>/lock` exclusively, keeps it open while it builds and deletes it when done;
+    every other process that wants the extension waits, with no time limit, for that file to go. A build killed
+    with SIGKILL never deletes it, so every later build hangs. The file is removed only when no live process still
+    holds it open (the builder) or runs inside the build directory (ninja and nvcc run there), as read from
+    /proc; where /proc cannot be read (not Linux) nothing is removed. Processes of other users, whose /proc
+    entries cannot be read, are not counted: they cannot write this user's cache anyway.
+    Returns the path removed, or None."""
+    if build_dir is None:
+        try:
+            build_dir = jit_build_directory()
+        except (AttributeError, ImportError, OSError):  # a torch without that (private) helper: leave the file be
+            return None
+    lock = os.path.join(build_dir, "lock")
+    if not os.path.exists(lock) or not os.path.isdir("/proc"):
+        return None
+    lock_real, dir_real = os.path.realpath(lock), os.path.realpath(build_dir)
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        base = os.path.join("/proc", pid)
+        try:
+            cwd = os.path.realpath(os.readlink(os.path.join(base, "cwd")))
+            fds = os.listdir(os.path.join(base, "fd"))
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        if cwd == dir_real or cwd.startswith(dir_real + os.sep):
+            return None
+        for fd in fds:
+            try:
+                if os.path.realpath(os.readlink(os.path.join(base, "fd", fd))) == lock_real:
+                    return None
+            except OSError:  # that descriptor was closed meanwhile
+                continue
+    try:
+        os.remove(lock)
+    except FileNotFoundError:  # a build finished meanwhile
+        return None
+    return lock
 
 
 def extension():
