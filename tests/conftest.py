@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 import zlib
@@ -24,11 +25,72 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_configure(config):
+    config.pluginmanager.register(_CollectionRecord(), "electra_fast_collection_record")
     if hasattr(config.option, "loadscopereorder"):
         config.option.loadscopereorder = False  # xdist would order the files by their number of tests instead
 
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+HAVE_CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# What every test or parameter that needs a GPU carries: the `cuda` marker (`pytest -m cuda` selects exactly the GPU
+# tests; tests/test_gpu_map.py names each one's CPU twin) and the skip without a GPU.
+CUDA_MARKS = (pytest.mark.cuda, pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA GPU"))
+# Triton kernels on CUDA tensors at GPU sizes would run in the interpreter, on the host, for hours.
+_NOT_INTERPRETED = pytest.mark.skipif(INTERPRET, reason="GPU sizes in the Triton interpreter (TRITON_INTERPRET=1)")
+
+
+def requires_cuda(test):
+    """Decorator: `test` needs a CUDA GPU (marked `cuda`, skipped without one)."""
+    for mark in CUDA_MARKS:
+        test = mark(test)
+    return test
+
+
+def gpu_param(*values, id=None, triton=False):
+    """A `pytest.param` that runs on a CUDA GPU only (marked `cuda`); `triton=True`: it runs Triton kernels, so it is
+    skipped under TRITON_INTERPRET=1 as well."""
+    return pytest.param(*values, id=id, marks=CUDA_MARKS + ((_NOT_INTERPRETED,) if triton else ()))
+
+
+def interpreter_param(*values, id=None):
+    """A `pytest.param` that runs Triton kernels on CPU tensors: only under TRITON_INTERPRET=1."""
+    return pytest.param(*values, id=id, marks=pytest.mark.skipif(
+        not INTERPRET, reason="Triton runs on CPU tensors only in its interpreter (TRITON_INTERPRET=1)"))
+
+
+def describe(item, root: str) -> dict:
+    """What tests/test_gpu_map.py checks of a collected test, in JSON types: its id from the repository root, its
+    function, parameters (as repr), whether it is marked `cuda`, and the reasons of its skipif marks."""
+    relpath = os.path.relpath(str(item.path), root).replace(os.sep, "/")
+    callspec = getattr(item, "callspec", None)
+    return {"id": f"{relpath}::{item.name}", "function": f"{relpath}::{getattr(item, 'originalname', item.name)}",
+            "params": {k: repr(v) for k, v in callspec.params.items()} if callspec else {},
+            "cuda": item.get_closest_marker("cuda") is not None,
+            "skip_reasons": [m.kwargs.get("reason", "") for m in item.iter_markers("skipif")],
+            "skipped_here": any((m.args[0] if m.args else m.kwargs.get("condition")) is True
+                                for m in item.iter_markers("skipif")),
+            "fixtures": list(getattr(item, "fixturenames", ()))}
+
+
+class _CollectionRecord:
+    """Keeps what this session collected (before `-m`/`-k` deselect anything), and the modules it skipped while
+    collecting, for tests/test_gpu_map.py; with ELECTRA_FAST_COLLECTION_DUMP set, writes them there as JSON."""
+
+    items: list = []
+    skipped_modules: dict = {}
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection_modifyitems(self, config, items):
+        type(self).items = list(items)
+        dump = os.environ.get("ELECTRA_FAST_COLLECTION_DUMP")
+        if dump:
+            root = str(config.rootpath)
+            with open(dump, "w") as f:
+                json.dump({"items": [describe(i, root) for i in items], "skipped_modules": self.skipped_modules}, f)
+
+    def pytest_collectreport(self, report):
+        if report.skipped:
+            type(self).skipped_modules[report.nodeid] = str(report.longrepr)
 
 
 @pytest.fixture(autouse=True)

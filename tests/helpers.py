@@ -79,3 +79,28 @@ def lr_factor(step: int, steps: int, warmup: int) -> float:
     `steps`, times linear warm-up over `warmup` (the oracle of `electra_fast.step.warmup_linear_decay`)."""
     decay = max(0.0, 1.0 - step / steps)
     return decay * (min(1.0, step / warmup) if warmup > 0 else 1.0)
+
+
+def pooled_chi2(counts, probs, min_expected=40.0):
+    """Chi-square statistic and degrees of freedom of `counts` [V] against `counts.sum() * probs` [V] (fp64). An id
+    expecting `min_expected` draws or more is its own bucket; the others are pooled in runs of neighbouring ids of
+    at least `min_expected` each (a last short run joins the one before), so a range of rare ids drawn too often
+    or never (a tile, the tail of a row) shows, where one bucket for all of them would hide it."""
+    counts, expected = counts.double().cpu(), probs.double().cpu() * counts.sum().item()
+    big = expected >= min_expected
+    obs, exp = counts[big].tolist(), expected[big].tolist()
+    runs = []
+    for c, e in zip(counts[~big].tolist(), expected[~big].tolist()):
+        if not runs or runs[-1][1] >= min_expected:
+            runs.append([0.0, 0.0])
+        runs[-1][0] += c
+        runs[-1][1] += e
+    if len(runs) > 1 and runs[-1][1] < min_expected:
+        last = runs.pop()
+        runs[-1] = [runs[-1][0] + last[0], runs[-1][1] + last[1]]
+    for c, e in runs:
+        obs.append(c)
+        exp.append(e)
+    assert min(exp) > 0, "an id of probability 0 in a bucket"
+    stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp))
+    return stat, len(obs) - 1

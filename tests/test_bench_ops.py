@@ -1,6 +1,5 @@
-"""The op microbenchmarks: their CPU-checkable logic (`pytest tests/test_bench_ops.py`), and on a GPU the ops
-through pytest-benchmark (`pytest tests/test_bench_ops.py --benchmark-only`). `bench_ops.py` is the full report (GB/s,
-copy-bandwidth fraction, torch.compile baseline, plots)."""
+"""The op microbenchmarks' CPU-checkable logic; `benchmarks/bench_ops.py` itself is the report (GB/s, copy-bandwidth
+fraction, torch.compile baseline, plots), run on a GPU."""
 import os
 import sys
 
@@ -10,31 +9,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 import bench_ops  # noqa: E402
-from bench_ops import _timed, cases, implementations  # noqa: E402
-from common import rotation  # noqa: E402
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA GPU")
-
-if torch.cuda.is_available():
-    CASES = [(shape, c.op, impl, p) for shape in ("small", "base") for c in cases(shape)
-             for impl in implementations(c)
-             for p in (["fwd"] + (["fwd+bwd"] if c.bwd_bytes is not None else []))]
-else:
-    CASES = []
-
-
-@requires_cuda
-@pytest.mark.parametrize("shape,op,impl,pass_", CASES)
-def test_op(benchmark, shape, op, impl, pass_):
-    case = next(c for c in cases(shape) if c.op == op)
-    call = _timed(case, impl, pass_ == "fwd+bwd", rotation(case.make, case.fwd_bytes))[0]
-
-    def synced():
-        call()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(synced, rounds=50, warmup_rounds=5)
-
+from bench_ops import _timed, cases  # noqa: E402
 
 def _symbolic(gm) -> bool:
     """Whether a dynamo graph has a symbolic size: a SymInt input, or an input tensor with a SymInt dimension."""

@@ -1,16 +1,14 @@
-"""Philox seeds carry 63 random bits, and every bit reaches the kernels' random streams (issue 12.3: with 31-bit
-seeds, 1M training steps have ~233 pairs of steps drawing the same stream)."""
+"""Philox seeds carry 63 random bits, and every bit reaches the kernels' random streams (with 31-bit seeds, 1M
+training steps have ~233 pairs of steps drawing the same stream)."""
 import importlib
-import os
 
 import pytest
 import torch
 
-from conftest import requires_cuda
+from conftest import gpu_param, interpreter_param
 from electra_fast import ops
 from electra_fast.ops._backend import draw_seed
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 SAMPLE_OP = importlib.import_module("electra_fast.ops.gumbel_sample")
 
 
@@ -30,7 +28,8 @@ def draws_under(seed: int, backend: str, monkeypatch, device: str, sampler: str 
     """Samples of 48 rows x 16 equal logits (uniform draws) with the kernel's Philox seed forced to `seed`."""
     monkeypatch.setattr(SAMPLE_OP, "draw_seed", lambda dev, gen=None: torch.tensor([seed], device=dev))
     if sampler is not None:
-        monkeypatch.setattr(importlib.import_module("electra_fast.kernels.mlm_loss_sample"), "SAMPLER", sampler)
+        module = "electra_fast.cuda" if backend == "cuda" else "electra_fast.kernels.mlm_loss_sample"
+        monkeypatch.setattr(importlib.import_module(module), "SAMPLER", sampler)
     return ops.gumbel_sample(torch.zeros(48, 16, device=device), backend=backend)
 
 
@@ -41,25 +40,21 @@ def high_word_pairs():
     return low, (high << 32) | low
 
 
-@pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(), reason="needs TRITON_INTERPRET=1 or a GPU")
 @pytest.mark.parametrize("sampler", ["cdf", "gumbel"])
-def test_triton_seed_high_word_changes_draws(monkeypatch, sampler):
-    pytest.importorskip("triton")
-    device = "cpu" if INTERPRET else "cuda"
+@pytest.mark.parametrize("backend, device", [interpreter_param("triton", "cpu", id="cpu-triton"),
+                                             gpu_param("triton", "cuda", id="cuda-triton", triton=True),
+                                             gpu_param("cuda", "cuda", id="cuda")])
+def test_seed_high_word_changes_draws(monkeypatch, backend, device, sampler):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    else:
+        from electra_fast import cuda
+
+        if not cuda.is_available():
+            pytest.skip(cuda.unavailable_reason())
     low, full = high_word_pairs()
-    a = draws_under(low, "triton", monkeypatch, device, sampler)
-    b = draws_under(full, "triton", monkeypatch, device, sampler)
-    assert torch.equal(a, draws_under(low, "triton", monkeypatch, device, sampler))  # same seed, same draws
+    a = draws_under(low, backend, monkeypatch, device, sampler)
+    b = draws_under(full, backend, monkeypatch, device, sampler)
+    assert torch.equal(a, draws_under(low, backend, monkeypatch, device, sampler))  # same seed, same draws
     # Independent uniform draws over 16 ids agree in 3 of 48 rows on average; 16 or more has probability < 1e-6.
-    assert (a == b).sum() < 16
-
-
-@requires_cuda
-def test_cuda_seed_high_word_changes_draws(monkeypatch):
-    from electra_fast import cuda
-
-    if not cuda.is_available():
-        pytest.skip(cuda.unavailable_reason())
-    low, full = high_word_pairs()
-    a, b = (draws_under(s, "cuda", monkeypatch, "cuda") for s in (low, full))
     assert (a == b).sum() < 16
