@@ -6,6 +6,7 @@ import os
 from unittest import mock
 
 import pytest
+import torch
 
 
 # Kernel tiles small enough that the tests' tiny shapes span several of them, with a partial last one.
@@ -104,3 +105,24 @@ def pooled_chi2(counts, probs, min_expected=40.0):
     assert min(exp) > 0, "an id of probability 0 in a bucket"
     stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp))
     return stat, len(obs) - 1
+
+
+def replayable(step, device):
+    """`run()` returning `step()`'s outputs: on CUDA, replays of `step` captured once in a CUDA graph (warmed up on a
+    side stream first, as torch.cuda.graph requires); elsewhere `step` itself, so a test's checks also run eagerly."""
+    if torch.device(device).type != "cuda":
+        return step
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+
+    def run():
+        graph.replay()
+        return captured
+
+    return run

@@ -20,7 +20,7 @@ from electra_fast import _cuda_build, ops
 from electra_fast import cuda as ef_cuda
 from electra_fast.ops._backend import draw_seed, uniform
 from electra_fast.ops.gumbel_sample import disallow_ids, gumbel_scores
-from helpers import chi2_critical
+from helpers import chi2_critical, replayable
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 VOCAB = 30522  # BERT's: rows of 16-bit logits then start off 16-byte boundaries, exercising the scalar head/tail
@@ -521,21 +521,7 @@ def test_cuda_graph_replays_draw_fresh_samples(backend, device):
         loss, sampled, _ = ops.mlm_loss_and_sample(logits, targets, weights, disallow_correct=True, backend=backend)
         return loss, sampled, ops.gumbel_sample(logits, backend=backend)
 
-    if device == "cuda":
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside capture, as torch.cuda.graph requires
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = step()
-
-        def run():
-            graph.replay()
-            return captured
-    else:
-        run = step
+    run = replayable(step, device)
     draws = []
     for _ in range(4):
         draws.append(tuple(t.clone() for t in run()))

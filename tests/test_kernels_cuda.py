@@ -13,7 +13,7 @@ import torch
 
 from conftest import gpu_param, interpreter_param
 from electra_fast import ops
-from helpers import chi2_critical, pooled_chi2, use_small_tiles
+from helpers import chi2_critical, pooled_chi2, replayable, use_small_tiles
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot run")
 MLS = importlib.import_module("electra_fast.kernels.mlm_loss_sample")
@@ -191,21 +191,7 @@ def test_cuda_graph_replays_draw_fresh_samples_and_follow_manual_seed(device):
         loss, sampled, _ = ops.mlm_loss_and_sample(logits, targets, weights, backend="triton")
         return loss, sampled, ops.gumbel_sample(logits, backend="triton")
 
-    if device == "cuda":
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up (compiles the kernels) outside the capture
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = step()
-
-        def run():
-            graph.replay()
-            return captured
-    else:
-        run = step
+    run = replayable(step, device)
 
     def replays(k):
         out = []
