@@ -1,4 +1,4 @@
-"""Fused LM head + MLM loss + sample (SPEC 4; `electra_fast.ops.lm_head_loss_and_sample`, Triton backend).
+"""Fused LM head + MLM loss + sample (`electra_fast.ops.lm_head_loss_and_sample`, Triton backend).
 
 Design (Liger-Kernel's fused linear cross-entropy, plus the sample). One chunk of rows at a time, in one reused
 `[rows, W]` buffer in the input dtype:
@@ -8,20 +8,28 @@ Design (Liger-Kernel's fused linear cross-entropy, plus the sample). One chunk o
 3. the MLM backward kernel over the chunk, in place: `(softmax - onehot) * w / (sum(w) + 1e-6)`, exactly 0 in the
    padded columns. In place is safe: each element is read, then written, by one program. `grad_loss` is 1 here;
    the backward scales by the real one (`ops.lm_head.attach_grads`);
-4. grad_hidden[chunk] = g @ weight, grad_weight += g.T @ hidden[chunk] (fp32 accumulator: `out_dtype=float32`
-   GEMMs on CUDA), grad_bias += column sums of g (fp32).
+4. grad_hidden[chunk] = g @ weight, grad_weight += g.T @ hidden[chunk] (fp32 accumulator: on CUDA one
+   `addmm(out_dtype=float32)` into it), grad_bias += column sums of g (fp32).
 The normaliser 1 / (sum(w) + 1e-6) is known from the weights before any chunk, so the gradients are final. Peak
-extra memory: one chunk of logits plus grad_weight in fp32, never the `[M, W]` logits (296 MB in fp32 at
-M = 2432, W = 30592) nor their gradient.
+extra memory: the chunk buffer (by default at most `ops.lm_head.CHUNK_BYTES`, see `bytes_per_row`) plus grad_weight
+in fp32, never the `[M, W]` logits (296 MB in fp32 at M = 2432, W = 30592) nor their gradient.
 """
 from __future__ import annotations
 
 import torch
 
-from electra_fast.ops.lm_head import attach_grads
+from electra_fast.ops.lm_head import attach_grads, chunk_rows
 from electra_fast.ops.mlm_loss import WEIGHT_EPS
 
 from . import mlm_loss_sample as _mls
+
+_ADDMM_OUT_DTYPE = [True]  # whether CUDA's torch.addmm takes out_dtype= (torch >= 2.8); cleared on the first refusal
+
+
+def bytes_per_row(width: int, dtype: torch.dtype) -> int:
+    """This backend's chunk temporaries per row: the `[rows, W]` logits buffer. (Under the interpreter, 16-bit inputs
+    also get an fp32 copy of it in `_add_matmul`: CPU GEMMs have no fp32 output for them. The rule follows the GPU.)"""
+    return width * dtype.itemsize
 
 
 def _add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -29,6 +37,12 @@ def _add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
     elif a.is_cuda:
+        if _ADDMM_OUT_DTYPE[0]:
+            try:  # one GEMM into the accumulator: no fp32 [W, E] product beside it
+                torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+                return
+            except (RuntimeError, TypeError):  # an older torch: its argument checks refuse before anything is written
+                _ADDMM_OUT_DTYPE[0] = False
         acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
     else:  # the interpreter (CPU tests): CPU GEMMs have no fp32 output for 16-bit inputs
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
@@ -75,10 +89,12 @@ def _(hidden, weight, bias, targets, weights, seed, temperature, disallow_correc
 
 
 def lm_head_loss_and_sample(hidden, weight, bias, targets, weights, seed, temperature: float,
-                            disallow_correct: bool, vocab_size: int, rows: int):
+                            disallow_correct: bool, vocab_size: int, chunk_size=None):
     """Backend entry (see electra_fast.ops.lm_head_loss_and_sample): contiguous hidden [M, E], weight [W, E] and
     bias [W] of one dtype, int64 targets, fp32 weights, a 1-element int64 seed tensor, the real vocabulary size and
-    the rows per chunk. Returns (loss, sampled, correct); loss differentiable w.r.t. hidden, weight and bias."""
+    the rows per chunk (None: `ops.lm_head.chunk_rows` of this backend's `bytes_per_row`). Returns
+    (loss, sampled, correct); loss differentiable w.r.t. hidden, weight and bias."""
+    rows = chunk_rows(hidden.shape[0], bytes_per_row(weight.shape[0], hidden.dtype), chunk_size)
     # The op itself has no autograd: the gradients it returns reach hidden, weight and bias through attach_grads.
     loss, sampled, correct, *grads = _lm_head_op(hidden.detach(), weight.detach(), bias.detach(), targets, weights,
                                                  seed, float(temperature), bool(disallow_correct),

@@ -1,15 +1,21 @@
-"""Fused generator LM head + MLM loss + sample (SPEC 4, "fused LM head + loss + sample"): the `[M, W]` logits of
-`hidden @ weight.T + bias` never exist whole.
+"""Fused generator LM head + MLM loss + sample: the `[M, W]` logits of `hidden @ weight.T + bias` never exist whole.
 
 Same results as `mlm_loss_and_sample(F.linear(hidden, weight, bias), ...)`, computed over chunks of rows: per chunk
-the logits, then each row's log-sum-exp, cross-entropy, argmax and sample, then, already in the forward, the chunk's
-gradient `g = (softmax - onehot) * w / (sum(w) + 1e-6)` (the normaliser is known from `weights` up front) and from
-it `grad_hidden[chunk] = g @ weight`, `grad_weight += g.T @ hidden[chunk]`, `grad_bias += g.sum(0)` (fp32
+the logits, then each row's sample, argmax and log-softmax, then, already in the forward, the chunk's gradient
+`g = (softmax - onehot) * w / (sum(w) + 1e-6)` (the normaliser is known from `weights` up front) and from it
+`grad_hidden[chunk] = g @ weight`, `grad_weight += g.T @ hidden[chunk]`, `grad_bias += g.sum(0)` (fp32
 accumulators). The loss is the step's scalar, so the backward only scales these three by the incoming gradient
-(`_loss_with_grads`, shared by every backend); peak memory is one chunk of logits plus the fp32 `[W, E]` gradient.
+(`_loss_with_grads`, shared by every backend).
+
+Memory: each backend holds a fixed number of bytes per logit of a chunk (this reference: the logits in the
+accumulation dtype and the fp32 sampling noise, reused in place for the log-softmax and then the gradient; the
+Triton backend: one logits buffer in the input dtype), and the default chunks are the fewest equal ones whose
+temporaries fit `CHUNK_BYTES`. The peak is those buffers plus the fp32 `[W, E]` gradient accumulator (then, in the
+backward, the gradients): under 40% of one `[M, V]` fp32 buffer in fp32 at ELECTRA-small and -base sizes
+(tests/test_lm_head.py measures it at the default).
 
 Samples equal the unfused op's for the same RNG state whenever the chunk logits equal the unfused logits' rows
-(always when the matmul is exact; BLAS may round a row differently at another row count): the Triton backend's
+(always when the matmul is exact; BLAS may round a row differently at another shape): the Triton backend's
 Philox counters follow the row index in the whole matrix (`launch_sampler(..., row_offset=)`), and this reference
 draws its uniforms chunk by chunk with `torch.rand`, which on the CPU gives the same numbers as one `[M, V]` draw
 (tested). On CUDA, consecutive Philox draws are not one big draw, so the reference's CUDA samples follow the same
@@ -25,46 +31,79 @@ import torch.nn.functional as F
 from electra_fast.ops._backend import draw_seed, resolve, uniform
 from electra_fast.ops._checks import FLOAT_DTYPES, acc_dtype, check_same_device, check_shape, check_ids, \
     check_temperature, check_tensor, check_vocab_size
-from electra_fast.ops.mlm_loss import WEIGHT_EPS, check_slot_targets, row_terms, softmax_minus_onehot, \
-    weighted_mean
+from electra_fast.ops.mlm_loss import WEIGHT_EPS, check_slot_targets, weighted_mean
 
-CHUNK_ELEMS = 2 ** 24  # logits per chunk by default (548 rows at W = 30592: 32 MB in bf16)
-
-
-def chunk_rows(m: int, width: int, chunk_size: Optional[int]) -> int:
-    """Rows per chunk: `chunk_size`, or as many as fit CHUNK_ELEMS logits; at least 1, at most m."""
-    rows = max(1, CHUNK_ELEMS // width) if chunk_size is None else chunk_size
-    return max(1, min(rows, m))
+CHUNK_BYTES = 2 ** 26  # default bytes of a chunk's temporaries (64 MiB: 548 rows of fp32 logits at W = 30592)
+ROW_MULTIPLE = 8  # default chunks hold a multiple of 8 rows (aligned GEMM shapes); a last chunk may hold fewer
 
 
-def lm_head_chunk_reference(hidden, weight, bias, targets, weights, uniform, inv_norm, temperature: float,
-                            disallow_correct: bool, vocab_size: int):
-    """One chunk of rows. Returns `(ce, sampled, correct, grad_hidden, grad_weight, grad_bias)`: per-row
-    cross-entropy, sample and correctness, and this chunk's share of the gradients of
-    `sum(w * ce) * inv_norm` (acc dtype: fp32, fp64 for fp64). `uniform`: `[rows, vocab_size]`."""
-    logits = F.linear(hidden, weight, bias)[:, :vocab_size]  # the unfused head's values, in the input dtype
-    x, lse, ce, sampled, correct = row_terms(logits, targets, uniform, temperature, disallow_correct)
-    g = softmax_minus_onehot(x, lse, targets) * (weights.to(x.dtype) * inv_norm)[:, None]
-    pad = weight.shape[0] - vocab_size  # padded vocabulary rows: gradient exactly 0
-    grad_weight = F.pad(g.T @ hidden.to(x.dtype), (0, 0, 0, pad))
-    return ce, sampled, correct, g @ weight[:vocab_size].to(x.dtype), grad_weight, F.pad(g.sum(0), (0, pad))
+def chunk_rows(m: int, bytes_per_row: int, chunk_size: Optional[int] = None) -> int:
+    """Rows per chunk: `chunk_size`, or else the fewest chunks whose temporaries (`bytes_per_row` per row) fit
+    CHUNK_BYTES, split into equal chunks (rounded up to ROW_MULTIPLE rows) rather than full chunks and a small
+    last one: the same number of chunks, each smaller. At least 1, at most m."""
+    if chunk_size is None:
+        chunks = max(1, -(-m * bytes_per_row // CHUNK_BYTES))
+        rows = -(-m // chunks)
+        chunk_size = -(-rows // ROW_MULTIPLE) * ROW_MULTIPLE
+    return max(1, min(chunk_size, m))
 
 
-@torch.library.custom_op("electra_fast::lm_head_chunk", mutates_args=())
-def _chunk_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor,
-              weights: torch.Tensor, uniform: torch.Tensor, inv_norm: torch.Tensor, temperature: float,
-              disallow_correct: bool, vocab_size: int
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return lm_head_chunk_reference(hidden, weight, bias, targets, weights, uniform, inv_norm, temperature,
-                                   disallow_correct, vocab_size)
+def reference_bytes_per_row(vocab_size: int, dtype: torch.dtype) -> int:
+    """This reference's live chunk temporaries per row: the logits in the accumulation dtype and the fp32 noise (and
+    for fp64 inputs the fp64 scores, then log-softmax, that the fp32 noise cannot hold)."""
+    return vocab_size * (acc_dtype(dtype).itemsize + 4 + (8 if dtype == torch.float64 else 0))
+
+
+def lm_head_chunk_reference(x, uniform, weight_acc, hidden_acc, targets, scale, neg_scale, ones, r0: int,
+                            temperature: float, disallow_correct: bool, target_logp, ids, grad_hidden, grad_weight,
+                            grad_bias) -> None:
+    """One chunk: rows `r0 : r0 + len(x)` of the logits `x` `[rows, V]` (acc dtype: fp32, fp64 for fp64). Writes
+    their `log_softmax(x)[target]` into `target_logp`, their sample and argmax into `ids[0]`, `ids[1]`, their
+    gradient rows of `sum(w * ce) * inv_norm` into `grad_hidden`, and adds their share to `grad_weight`, `grad_bias`
+    (acc dtype, `[W, E]`, `[W]`: the padded rows stay untouched). `scale`, `neg_scale`: `w * inv_norm` and its
+    negative per row; `weight_acc`, `hidden_acc`: the real vocabulary's weight rows and hidden in the acc dtype;
+    `ones`: at least as many ones as rows. `uniform` `[rows, V]` fp32 is consumed: it is the chunk's scratch."""
+    rows = x.shape[0]
+    r1 = r0 + rows
+    t = targets[r0:r1, None]
+    torch.argmax(x, 1, out=ids[1, r0:r1])
+    # Sampling, as gumbel_sample's reference computes it: x / T - log(-log(u)), in place in the noise when the
+    # dtypes allow (the same operations, the same rounding).
+    gumbel = uniform.log_().neg_().log_()
+    if x.dtype != uniform.dtype:
+        scores = x / temperature - gumbel  # fp64: the reference's fp64 scores
+    elif temperature == 1.0:
+        scores = torch.sub(x, gumbel, out=gumbel)
+    else:  # -g + x / T: the same sum as x / T - g
+        scores = gumbel.neg_().addcdiv_(x, torch.full((), temperature, dtype=x.dtype, device=x.device))
+    if disallow_correct:
+        scores.scatter_(1, t, float("-inf"))
+    torch.argmax(scores, 1, out=ids[0, r0:r1])
+    del scores
+    # The loss terms and the gradient in one buffer: log_softmax, its target entry (-ce), then
+    # softmax * scale - onehot * scale.
+    g = torch.log_softmax(x, 1, out=uniform if x.dtype == uniform.dtype else torch.empty_like(x))
+    torch.gather(g, 1, t, out=target_logp[r0:r1, None])
+    g.exp_().mul_(scale[r0:r1, None]).scatter_add_(1, t, neg_scale[r0:r1, None])
+    torch.mm(g, weight_acc, out=grad_hidden[r0:r1])
+    grad_weight[:weight_acc.shape[0]].addmm_(g.T, hidden_acc[r0:r1])
+    grad_bias[:weight_acc.shape[0]].addmv_(g.T, ones[:rows])
+
+
+@torch.library.custom_op("electra_fast::lm_head_chunk",
+                         mutates_args=("uniform", "target_logp", "ids", "grad_hidden", "grad_weight", "grad_bias"))
+def _chunk_op(x: torch.Tensor, uniform: torch.Tensor, weight_acc: torch.Tensor, hidden_acc: torch.Tensor,
+              targets: torch.Tensor, scale: torch.Tensor, neg_scale: torch.Tensor, ones: torch.Tensor, r0: int,
+              temperature: float, disallow_correct: bool, target_logp: torch.Tensor, ids: torch.Tensor,
+              grad_hidden: torch.Tensor, grad_weight: torch.Tensor, grad_bias: torch.Tensor) -> None:
+    lm_head_chunk_reference(x, uniform, weight_acc, hidden_acc, targets, scale, neg_scale, ones, r0, temperature,
+                            disallow_correct, target_logp, ids, grad_hidden, grad_weight, grad_bias)
 
 
 @_chunk_op.register_fake
-def _(hidden, weight, bias, targets, weights, uniform, inv_norm, temperature, disallow_correct, vocab_size):
-    m, acc = hidden.shape[0], acc_dtype(hidden.dtype)
-    return (hidden.new_empty((m,), dtype=acc), hidden.new_empty((m,), dtype=torch.int64),
-            hidden.new_empty((m,), dtype=torch.bool), hidden.new_empty(hidden.shape, dtype=acc),
-            weight.new_empty(weight.shape, dtype=acc), bias.new_empty(bias.shape, dtype=acc))
+def _(x, uniform, weight_acc, hidden_acc, targets, scale, neg_scale, ones, r0, temperature, disallow_correct,
+      target_logp, ids, grad_hidden, grad_weight, grad_bias):
+    return None
 
 
 @torch.library.custom_op("electra_fast::loss_with_grads", mutates_args=())
@@ -85,7 +124,9 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss):
-    grads = [(g * grad_loss.to(g.dtype)).to(dt) for g, dt in zip(ctx.saved_tensors, ctx.dtypes)]
+    # Written straight in the parameter's dtype: a 16-bit weight gets no second fp32 [W, E] copy beside the saved one.
+    grads = [torch.mul(g, grad_loss.to(g.dtype), out=torch.empty(g.shape, dtype=dt, device=g.device))
+             for g, dt in zip(ctx.saved_tensors, ctx.dtypes)]
     return (None, *grads, None, None, None)
 
 
@@ -99,25 +140,31 @@ def attach_grads(loss, hidden, weight, bias, grad_hidden, grad_weight, grad_bias
 
 
 def _reference(hidden, weight, bias, targets, weights, temperature, disallow_correct, generator, vocab_size, rows):
-    m = hidden.shape[0]
+    m, e = hidden.shape
     acc = acc_dtype(hidden.dtype)
     w = weights.to(acc)
-    inv_norm = 1.0 / (w.sum() + WEIGHT_EPS)
-    consts = [t.detach() for t in (weight, bias)]
-    outs = []
-    grad_weight = grad_bias = None
+    scale = w * (1.0 / (w.sum() + WEIGHT_EPS))
+    hidden_d, weight_d, bias_d = hidden.detach(), weight.detach(), bias.detach()
+    # The gradient GEMMs' operands in the acc dtype, converted once rather than per chunk (no copy in fp32).
+    weight_acc, hidden_acc = weight_d[:vocab_size].to(acc), hidden_d.to(acc)
+    target_logp = hidden.new_empty((m,), dtype=acc)
+    ids = hidden.new_empty((2, m), dtype=torch.int64)  # sample, argmax
+    grad_hidden = hidden.new_empty((m, e), dtype=acc)
+    grad_weight = weight.new_zeros(weight.shape, dtype=acc)
+    grad_bias = bias.new_zeros(bias.shape, dtype=acc)
+    neg_scale, ones = -scale, hidden.new_ones((min(rows, m),), dtype=acc)
     for r0 in range(0, m, rows):
         r1 = min(m, r0 + rows)
+        # The unfused head's values (in the input dtype), real columns only; a 16-bit copy dies before the noise
+        # is drawn, so a chunk holds two [rows, V] buffers at most.
+        x = F.linear(hidden_d[r0:r1], weight_d[:vocab_size], bias_d[:vocab_size]).to(acc)
         # Chunk by chunk from the generator: on the CPU the same numbers as the unfused op's one [M, V] draw.
         noise = uniform((r1 - r0, vocab_size), hidden.device, generator)
-        ce, sampled, correct, gh, gw, gb = _chunk_op(hidden[r0:r1].detach(), *consts, targets[r0:r1],
-                                                     weights[r0:r1], noise, inv_norm, temperature,
-                                                     disallow_correct, vocab_size)
-        outs.append((ce, sampled, correct, gh))
-        grad_weight = gw if grad_weight is None else grad_weight + gw
-        grad_bias = gb if grad_bias is None else grad_bias + gb
-    ce, sampled, correct, grad_hidden = (torch.cat(parts) for parts in zip(*outs))
-    loss = weighted_mean(ce, w)  # the unfused reference's formula, term for term
+        _chunk_op(x, noise, weight_acc, hidden_acc, targets, scale, neg_scale, ones, r0, temperature,
+                  disallow_correct, target_logp, ids, grad_hidden, grad_weight, grad_bias)
+        del x, noise  # freed before the next chunk's logits
+    loss = weighted_mean(target_logp.neg_(), w)  # ce = -log_softmax[target]; the unfused reference's mean
+    sampled, correct = ids[0], ids[1] == targets
     return attach_grads(loss, hidden, weight, bias, grad_hidden, grad_weight, grad_bias), sampled, correct
 
 
@@ -140,7 +187,9 @@ def lm_head_loss_and_sample(hidden: torch.Tensor, weight: torch.Tensor, bias: to
         temperature, disallow_correct, generator: as `mlm_loss_and_sample`.
         vocab_size: the real vocabulary V <= W (None: V = W); padded columns never reach the loss or the sampler
             and their gradients (rows of grad_weight and grad_bias) are exactly 0.
-        chunk_size: rows per chunk (default: as many as fit 2**24 logits). Results do not depend on it.
+        chunk_size: rows per chunk (default: the fewest equal chunks whose temporaries in the chosen backend fit
+            CHUNK_BYTES = 64 MiB; at V = 30522 about 274 rows at most for the fp32 reference, 548 for the Triton
+            backend in fp32, 1096 in bf16). Results do not depend on it.
 
     Returns:
         `(loss, sampled, correct)`: fp32 scalar, differentiable w.r.t. hidden, weight and bias (the gradients are
@@ -174,10 +223,10 @@ def lm_head_loss_and_sample(hidden: torch.Tensor, weight: torch.Tensor, bias: to
                         f"{weight.dtype} and {bias.dtype}")
     hidden, weight, bias = hidden.contiguous(), weight.contiguous(), bias.contiguous()
     targets, weights = targets.long().contiguous(), weights.float().contiguous()
-    rows = chunk_rows(m, width, chunk_size)
     _, kernel = resolve("lm_head_loss_and_sample", backend, hidden.device, hidden.dtype)
-    if kernel is not None:
+    if kernel is not None:  # the kernel sizes its default chunks by its own temporaries
         return kernel(hidden, weight, bias, targets, weights, draw_seed(hidden.device, generator), temperature,
-                      bool(disallow_correct), vocab_size, rows)
+                      bool(disallow_correct), vocab_size, chunk_size)
+    rows = chunk_rows(m, reference_bytes_per_row(vocab_size, hidden.dtype), chunk_size)
     return _reference(hidden, weight, bias, targets, weights, temperature, bool(disallow_correct), generator,
                       vocab_size, rows)

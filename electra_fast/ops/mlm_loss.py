@@ -30,8 +30,7 @@ def weighted_mean(ce: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def row_terms(logits, targets, uniform, temperature: float, disallow_correct: bool):
     """The reference's per-row terms from `logits [M, V]` (vocabulary columns only): `(x, lse, ce, sampled,
-    correct)`, x = the logits in the accumulation dtype (fp32, fp64 for fp64) and lse, ce in it too. Shared with
-    the fused LM head's reference (electra_fast.ops.lm_head)."""
+    correct)`, x = the logits in the accumulation dtype (fp32, fp64 for fp64) and lse, ce in it too."""
     x = logits.to(acc_dtype(logits.dtype))
     lse = torch.logsumexp(x, dim=1)
     ce = lse - x.gather(1, targets[:, None])[:, 0]
