@@ -38,6 +38,9 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Optional
 from unittest import mock
 
+# Run as a script (tests/ first on sys.path), the checkout is used in place, as pytest's conftest does.
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
