@@ -73,8 +73,7 @@ def prepare_backends() -> dict:
         if not cuda.is_available():
             info["cuda_extension"] = f"unavailable: {cuda.unavailable_reason()}"
         else:
-            clear = getattr(cuda, "clear_stale_build_lock", None)  # a build killed half-way left torch's lock file
-            removed = clear() if clear is not None else None
+            removed = cuda.clear_stale_build_lock()  # a build killed half-way leaves torch's lock file: it would hang
             if removed:
                 info["stale_build_lock_removed"] = removed
             t0 = time.perf_counter()

@@ -11,7 +11,7 @@ Design (Liger-Kernel's fused linear cross-entropy, plus the sample). One chunk o
 4. grad_hidden[chunk] = g @ weight, grad_weight += g.T @ hidden[chunk] (fp32 accumulator: on CUDA one
    `addmm(out_dtype=float32)` into it), grad_bias += column sums of g (fp32).
 The normaliser 1 / (sum(w) + 1e-6) is known from the weights before any chunk, so the gradients are final. Peak
-extra memory: the chunk buffer (by default at most `ops.lm_head.CHUNK_BYTES`, see `bytes_per_row`) plus grad_weight
+extra memory: the chunk buffer (by default about `ops.lm_head.CHUNK_BYTES`, see `bytes_per_row`) plus grad_weight
 in fp32, never the `[M, W]` logits (296 MB in fp32 at M = 2432, W = 30592) nor their gradient.
 """
 from __future__ import annotations
@@ -41,6 +41,8 @@ def _add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
             try:  # one GEMM into the accumulator: no fp32 [W, E] product beside it
                 torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
                 return
+            except torch.OutOfMemoryError:
+                raise
             except (RuntimeError, TypeError):  # an older torch: its argument checks refuse before anything is written
                 _ADDMM_OUT_DTYPE[0] = False
         acc.add_(torch.mm(a, b, out_dtype=acc.dtype))

@@ -126,3 +126,15 @@ def replayable(step, device):
         return captured
 
     return run
+
+
+def half_at_argmax(x):
+    """Targets for the rows of logits `x [m, v]`: the argmax (first maximum) in a random half of the rows, another id
+    in the rest, so that `correct` is True and False equally often (random targets make it False almost everywhere,
+    on both sides of a comparison)."""
+    m, v = x.shape
+    top = x.float().argmax(1)
+    other = (top + torch.randint(1, v, (m,), device=x.device)) % v
+    aimed = torch.zeros(m, dtype=torch.bool, device=x.device)
+    aimed[torch.randperm(m, device=x.device)[: m // 2]] = True
+    return torch.where(aimed, top, other)

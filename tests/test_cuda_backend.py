@@ -20,7 +20,7 @@ from electra_fast import _cuda_build, ops
 from electra_fast import cuda as ef_cuda
 from electra_fast.ops._backend import draw_seed, uniform
 from electra_fast.ops.gumbel_sample import disallow_ids, gumbel_scores
-from helpers import chi2_critical, replayable
+from helpers import chi2_critical, half_at_argmax, replayable
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 VOCAB = 30522  # BERT's: rows of 16-bit logits then start off 16-byte boundaries, exercising the scalar head/tail
@@ -196,10 +196,7 @@ def _mlm_inputs(m, v, dtype, width=None, device="cuda"):
     """Logits [m, width] whose first v columns are the vocabulary; the padding holds NaN, which must never leak."""
     logits = torch.full((m, width or v), float("nan"), device=device, dtype=dtype)
     logits[:, :v] = (torch.randn(m, v, device=device) * 3).to(dtype)
-    targets = torch.randint(0, v, (m,), device=device)
-    # Half the rows target their argmax, so `correct` is exercised both ways (and its tie rule in 16-bit).
-    aimed = torch.randperm(m, device=device)[: m // 2]
-    targets[aimed] = logits[aimed, :v].float().argmax(1)
+    targets = half_at_argmax(logits[:, :v])  # `correct` exercised both ways (and its tie rule in 16-bit)
     weights = (torch.rand(m, device=device) > 0.1).float()
     return logits, targets, weights
 

@@ -84,7 +84,6 @@ MAP = {
     f"{AT}::test_encoder_default_path_matches_sdpa_eager_and_compiled": on_cpu(device="cpu"),
     f"{AT}::test_varlen_flash_dropout_is_unbiased": on_cpu(device="cpu"),
     f"{SE}::test_seed_high_word_changes_draws": on_cpu(backend="triton", device="cpu"),
-    # Timings only (pytest-benchmark); the ops they time are checked against the reference by the tests above.
     # Real-size correctness of the default path: the same bodies in the interpreter at tiny shapes.
     f"{RS}::test_mlm_loss_and_sample_matches_fp64": on_cpu(device="cpu", sizes=("m", "v", "width")),
     f"{RS}::test_lm_head_loss_and_sample_matches_fp64": on_cpu(device="cpu", sizes=("m", "e", "v", "width",

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from electra_fast import ops
 from electra_fast.attention import VarlenMask, padding_mask
 from electra_fast.ops import _backend
-from helpers import chi2_critical, use_small_tiles
+from helpers import chi2_critical, half_at_argmax, use_small_tiles
 from test_attention import flash_on_cpu, lengths_mask, naive_attention, run_attend  # noqa: F401  (a fixture)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -113,15 +113,6 @@ def check_samples(sampled, logp, peaked=None, peak_cols=None):
     assert stat < chi2_critical(bins - 1), f"column bins: chi-square {stat:.1f} over {bins - 1} dof"
 
 
-def half_at_argmax(x):
-    """Targets for the rows of logits `x`: the argmax in even rows, another id in odd ones, so that `correct` is
-    True and False equally often (random targets would make it False almost everywhere on both sides)."""
-    m, v = x.shape
-    top = x.argmax(1)
-    other = (top + torch.randint(1, v, (m,), device=x.device)) % v
-    return torch.where(torch.arange(m, device=x.device) % 2 == 0, top, other)
-
-
 # ------------------------------------------------------------------------------- MLM loss + sample
 
 @pytest.mark.parametrize("device, m, v, width", [
@@ -200,6 +191,8 @@ def test_lm_head_loss_and_sample_matches_fp64(poison, monkeypatch, device, m, e,
         assert extra < whole, f"peak {extra / 2**20:.0f} MiB >= the whole [M, W] logits ({whole / 2**20:.0f} MiB)"
     grad_out = torch.tensor(1.7, device=device)
     grads = torch.autograd.grad(loss, leaves, grad_out)
+    if device == "cuda":  # the 16-bit weight gradient went through one addmm(out_dtype=fp32), not its fallback
+        assert importlib.import_module("electra_fast.kernels.lm_head")._ADDMM_OUT_DTYPE[0]
 
     logits64 = (h64 @ w64.T + b64)[:, :v]
     lse = logits64.logsumexp(1)

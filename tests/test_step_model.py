@@ -14,7 +14,7 @@ import bench_e2e  # noqa: E402
 import step_model  # noqa: E402
 
 # Kernel launches of one eager training step of ours at small (B128 L128), GPU-adjusted (step_model's docstring
-# says what counts). Counted 1,564 on 2026-11-25 before issue 11 (668 forward, 885 backward, 11 optimizer), then
+# says what counts). Counted 1,564 on 2026-11-25 before the launch work (668 forward, 885 backward, 11 optimizer), then
 # 933 (328 / 594 / 11: one weight cast per layer, the fused dropout + residual + LayerNorm kernel, the fused LM
 # and discriminator heads, the one-kernel masking), -40%; 937 with flash's variable-length attention for the padded
 # batch (one plan kernel and two reorders per encoder instead of the bias's three ops, +4 in the backward); 919 with

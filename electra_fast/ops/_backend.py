@@ -17,16 +17,6 @@ from typing import Optional
 import torch
 
 BACKENDS = ("torch", "triton", "cuda")
-# The Triton kernels are one module per op: `electra_fast.kernels` itself has no `__init__` (kernels/_common.py says
-# why), so the module that holds an op's entry is named here.
-_TRITON_MODULES = {"mlm_loss_and_sample": "mlm_loss_sample", "lm_head_loss_and_sample": "lm_head",
-                   "rtd_bce_loss": "rtd_bce", "rtd_head_loss": "rtd_head"}
-
-
-def _module_name(backend: str, op: str) -> str:
-    if backend == "triton":
-        return "electra_fast.kernels." + _TRITON_MODULES.get(op, op)
-    return "electra_fast.cuda"
 # Per-op preference on CUDA tensors; benchmarks/RESULTS.md is where a change of order must be justified.
 DEFAULT_ORDER = {
     "mask_tokens": ("triton", "torch"),
@@ -40,6 +30,18 @@ DEFAULT_ORDER = {
     "dropout_add_layer_norm": ("triton", "torch"),
     "varlen_plan": ("triton", "torch"),
 }
+# The Triton kernels are one module per op: `electra_fast.kernels` itself has no `__init__` (kernels/_common.py says
+# why), so the module that holds an op's entry is named here.
+_TRITON_MODULES = {"mlm_loss_and_sample": "mlm_loss_sample", "lm_head_loss_and_sample": "lm_head",
+                   "rtd_bce_loss": "rtd_bce", "rtd_head_loss": "rtd_head"}
+
+
+def _module_name(backend: str, op: str) -> str:
+    if backend == "triton":
+        return "electra_fast.kernels." + _TRITON_MODULES.get(op, op)
+    return "electra_fast.cuda"
+
+
 _forced: Optional[str] = None
 
 

@@ -10,7 +10,7 @@ accumulators). The loss is the step's scalar, so the backward only scales these 
 Memory: each backend holds a fixed number of bytes per logit of a chunk (this reference: the logits in the
 accumulation dtype and the fp32 sampling noise, reused in place for the log-softmax and then the gradient; the
 Triton backend: one logits buffer in the input dtype), and the default chunks are the fewest equal ones whose
-temporaries fit `CHUNK_BYTES`. The peak is those buffers plus the fp32 `[W, E]` gradient accumulator (then, in the
+temporaries fit about `CHUNK_BYTES` (rounded up to a multiple of 8 rows). The peak is those buffers plus the fp32 `[W, E]` gradient accumulator (then, in the
 backward, the gradients): under 40% of one `[M, V]` fp32 buffer in fp32 at ELECTRA-small and -base sizes
 (tests/test_lm_head.py measures it at the default).
 
@@ -39,7 +39,7 @@ ROW_MULTIPLE = 8  # default chunks hold a multiple of 8 rows (aligned GEMM shape
 
 def chunk_rows(m: int, bytes_per_row: int, chunk_size: Optional[int] = None) -> int:
     """Rows per chunk: `chunk_size`, or else the fewest chunks whose temporaries (`bytes_per_row` per row) fit
-    CHUNK_BYTES, split into equal chunks (rounded up to ROW_MULTIPLE rows) rather than full chunks and a small
+    CHUNK_BYTES, give or take the rounding below, split into equal chunks (rounded up to ROW_MULTIPLE rows) rather than full chunks and a small
     last one: the same number of chunks, each smaller. At least 1, at most m."""
     if chunk_size is None:
         chunks = max(1, -(-m * bytes_per_row // CHUNK_BYTES))
@@ -188,7 +188,7 @@ def lm_head_loss_and_sample(hidden: torch.Tensor, weight: torch.Tensor, bias: to
         vocab_size: the real vocabulary V <= W (None: V = W); padded columns never reach the loss or the sampler
             and their gradients (rows of grad_weight and grad_bias) are exactly 0.
         chunk_size: rows per chunk (default: the fewest equal chunks whose temporaries in the chosen backend fit
-            CHUNK_BYTES = 64 MiB; at V = 30522 about 274 rows at most for the fp32 reference, 548 for the Triton
+            about CHUNK_BYTES = 64 MiB; at V = 30522 about 274 rows for the fp32 reference, 548 for the Triton
             backend in fp32, 1096 in bf16). Results do not depend on it.
 
     Returns:
