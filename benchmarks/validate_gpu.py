@@ -29,7 +29,8 @@ The plan (`FIRST`, in this order):
 then, with budget 0, the stages of `--rest` below, run only on seconds the others left unused.
 
 `--rest` (`REST`): build again (nothing to do on the same machine; a fresh machine builds), `tests_rest` (the
-`-m cuda` tests the first call did not reach: it skips every test the first call's pytest reported), `pretrain`
+`-m cuda` tests the first call did not reach: it skips every test the first call's pytest reported),
+`tests_triton` (the Triton kernels' own suites, marker `triton`, compiled instead of interpreted), `pretrain`
 (the real path through the command line: `electra-fast prepare`, then `electra-fast pretrain` at small for 300
 steps with bf16, torch.compile, CUDA graph, evaluation and checkpoints, then `--resume` to step 400; its tokens/s),
 `dropin` (hf-dropin eager, small and base), `ours_compiled` (ours compiled and compiled+graph, small and base) and
@@ -147,10 +148,16 @@ def _pytest(ctx: Ctx, stage: Stage) -> list:
     # whole suite again on a CI machine's two cores. A file that fails to import is reported as an error and the
     # other files' tests still run: one broken file must not cost the whole stage.
     workers = "0" if ctx.smoke else "4"
-    argv = [PY, "-m", "pytest", "-q", "-rfE", "--durations=10", "-p", "no:cacheprovider", *plugin, "-m", "cuda",
+    argv = [PY, "-m", "pytest", "-q", "-rfE", "--durations=10", "-p", "no:cacheprovider", *plugin,
+            "-m", TEST_MARKERS[stage.name],
             "-n", workers, "--continue-on-collection-errors", f"--junitxml={os.path.join(d, 'junit.xml')}",
             os.path.join(ROOT, "tests")]
     return [(argv, {"PYTHONPATH": HERE})]  # this file, as the plugin `validate_gpu`, for pytest and its workers
+
+
+# What each tests stage selects, by marker (never by file): the GPU tests, then the Triton kernels' own suites, which
+# run in the interpreter on a CPU and compiled on a GPU.
+TEST_MARKERS = {"tests": "cuda", "tests_rest": "cuda", "tests_triton": "triton and not cuda"}
 
 
 def prebuilt_data(out: str, smoke: bool) -> str:
@@ -185,9 +192,9 @@ def _pretrain(ctx: Ctx, stage: Stage) -> list:
 
 STAGES = {s.name: s for s in (
     Stage("env", "env", 15, 30, _body, "versions, GPU, and the backend of each op's default path"),
-    Stage("build", "build", 60, 30, _body, "CUDA C++ extension built once (stale JIT lock removed first)",
+    Stage("build", "build", 55, 30, _body, "CUDA C++ extension built once (stale JIT lock removed first)",
           always=True),
-    Stage("e2e_small", "e2e", 55, 60, _e2e("small", "ours,transformers", "graph,eager"),
+    Stage("e2e_small", "e2e", 60, 60, _e2e("small", "ours,transformers", "graph,eager"),
           "end to end, small: ours graph + eager, transformers eager"),
     Stage("e2e_base", "e2e", 60, 60, _e2e("base", "ours,transformers", "graph,eager"),
           "end to end, base: ours graph + eager, transformers eager"),
@@ -197,16 +204,17 @@ STAGES = {s.name: s for s in (
     Stage("tests", "tests", 90, 90, _pytest, "GPU tests: pytest -m cuda, 4 workers"),
     Stage("hf_compiled_base", "e2e", 30, 60, _e2e("base", "transformers", "compiled"),
           "end to end, base: transformers compiled"),
-    Stage("tests_rest", "tests", 40, 90, _pytest, "the -m cuda tests the first call did not reach"),
-    Stage("pretrain", "pretrain", 45, 20, _pretrain,
+    Stage("tests_rest", "tests", 30, 90, _pytest, "the -m cuda tests the first call did not reach"),
+    Stage("tests_triton", "tests", 30, 30, _pytest, "the Triton kernels' own suites, compiled: -m 'triton and not cuda'"),
+    Stage("pretrain", "pretrain", 40, 20, _pretrain,
           "electra-fast prepare, pretrain (small: 300 steps, compile, CUDA graph, eval, checkpoints), --resume"),
     Stage("dropin", "e2e", 10, 60, _e2e("small,base", "hf-dropin", "eager"), "end to end: hf-dropin eager"),
-    Stage("ours_compiled", "e2e", 25, 60, _e2e("small,base", "ours", "compiled,compiled+graph"),
+    Stage("ours_compiled", "e2e", 15, 60, _e2e("small,base", "ours", "compiled,compiled+graph"),
           "end to end: ours compiled and compiled+graph"),
     Stage("ops_all", "ops", 0, 60, _ops_all, "op matrix: bench_ops.py, every op and backend"),
 )}
 FIRST = ("env", "build", "e2e_small", "e2e_base", "ops_mlm", "hf_compiled_small", "tests", "hf_compiled_base")
-REST = ("build", "tests_rest", "pretrain", "dropin", "ours_compiled", "ops_all")
+REST = ("build", "tests_rest", "tests_triton", "pretrain", "dropin", "ours_compiled", "ops_all")
 ORDER = FIRST + tuple(s for s in REST if s not in FIRST)  # every stage, in run order
 
 
@@ -376,7 +384,7 @@ def judge_stage(stage: Stage, ctx: Ctx, rc) -> tuple:
     if stage.kind == "tests":
         skipped = os.path.exists(os.path.join(d, "skipped.txt"))
         if rc == 5:  # nothing selected
-            return (True, "") if skipped else (False, "no test selected by -m cuda")
+            return (True, "") if skipped else (False, f"no test selected by -m {TEST_MARKERS[stage.name]!r}")
         if rc == 1:
             t = read_junit(os.path.join(d, "junit.xml"))
             return False, f"{t['failed']} failed, {t['errors']} errors"

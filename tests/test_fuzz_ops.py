@@ -57,6 +57,9 @@ TOL = {torch.float64: (1e-9, 1e-12), torch.float32: (1e-5, 1e-6), torch.float16:
        torch.bfloat16: (1.6e-2, 1e-5)}
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# On a GPU these run the Triton kernels compiled (no interpreter): validate_gpu's `--rest` selects them by this marker.
+pytestmark = pytest.mark.triton
 try:
     import triton  # noqa: F401
     HAVE_TRITON = INTERPRET or torch.cuda.is_available()

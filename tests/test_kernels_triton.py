@@ -10,6 +10,9 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot run")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# On a GPU these run the Triton kernels compiled (no interpreter): validate_gpu's `--rest` selects them by this marker.
+pytestmark = pytest.mark.triton
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 to run them in the interpreter on the CPU",
                 allow_module_level=True)

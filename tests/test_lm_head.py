@@ -26,6 +26,9 @@ from electra_fast.ops import lm_head as lm_ops
 from electra_fast.ops.lm_head import _chunk_op, _loss_with_grads
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# On a GPU these run the Triton kernels compiled (no interpreter): validate_gpu's `--rest` selects them by this marker.
+pytestmark = pytest.mark.triton
 TRITON_DEVICE = "cpu" if INTERPRET else "cuda"
 needs_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None or not (INTERPRET or torch.cuda.is_available()),

@@ -18,6 +18,9 @@ from helpers import chi2_critical
 PAD, CLS, SEP, MASK = 0, 1, 2, 3
 SPECIAL = (PAD, CLS, SEP, MASK)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# On a GPU these run the Triton kernels compiled (no interpreter): validate_gpu's `--rest` selects them by this marker.
+pytestmark = pytest.mark.triton
 HAVE_TRITON = INTERPRET or torch.cuda.is_available()
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(

@@ -13,6 +13,9 @@ from helpers import use_small_tiles
 from electra_fast.ops.rtd_head import COUNTS, _rtd_head_op
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# On a GPU these run the Triton kernels compiled (no interpreter): validate_gpu's `--rest` selects them by this marker.
+pytestmark = pytest.mark.triton
 TRITON_DEVICE = "cpu" if INTERPRET else "cuda"
 needs_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None or not (INTERPRET or torch.cuda.is_available()),

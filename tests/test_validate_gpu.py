@@ -46,10 +46,11 @@ def test_dry_run_plan_is_value_first_and_fits_its_budget(vg, capsys, tmp_path):
                          "hf_compiled_base"]
     assert sum(b for _, b in first) == 420 and all(b > 0 for _, b in first[:8])
     # the rest's stages follow, on seconds left unused only
-    assert names[8:] == ["tests_rest", "pretrain", "dropin", "ours_compiled", "ops_all"]
+    assert names[8:] == ["tests_rest", "tests_triton", "pretrain", "dropin", "ours_compiled", "ops_all"]
     assert all(b == 0 for _, b in first[8:])
     rest = dry_run(vg, capsys, "--out", str(out), "--rest")
-    assert [n for n, _ in rest] == ["build", "tests_rest", "pretrain", "dropin", "ours_compiled", "ops_all"]
+    assert [n for n, _ in rest] == ["build", "tests_rest", "tests_triton", "pretrain", "dropin", "ours_compiled",
+                                    "ops_all"]
     assert sum(b for _, b in rest) == 180
     # a shorter call keeps the order and the first stages' budgets; the tail gives way
     short = dry_run(vg, capsys, "--out", str(out), "--budget-s", "300")
@@ -101,7 +102,7 @@ def test_every_stage_command_parses_and_gpu_tests_are_chosen_by_marker(vg, monke
             assert cmd[0] == sys.executable
             if cmd[1:3] == ["-m", "pytest"]:
                 assert cmd[cmd.index("-p", 3) + 1] == "no:cacheprovider" and "validate_gpu" in cmd
-                assert cmd[cmd.index("-m", 3) + 1] == "cuda"  # the marker, never a list of files
+                assert cmd[cmd.index("-m", 3) + 1] == vg.TEST_MARKERS[name]  # a marker, never a list of files
                 paths = [a for a in cmd[3:] if os.path.isabs(a) and not a.startswith("-")]
                 assert paths == [os.path.join(ROOT, "tests")]
                 assert f"--junitxml={os.path.join(ctx.dir(name), 'junit.xml')}" in cmd
