@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 import sys
@@ -32,6 +33,7 @@ def pytest_configure(config):
 
 HAVE_CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
 # What every test or parameter that needs a GPU carries: the `cuda` marker (`pytest -m cuda` selects exactly the GPU
 # tests; tests/test_gpu_map.py names each one's CPU twin) and the skip without a GPU.
 CUDA_MARKS = (pytest.mark.cuda, pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA GPU"))
@@ -53,9 +55,10 @@ def gpu_param(*values, id=None, triton=False):
 
 
 def interpreter_param(*values, id=None):
-    """A `pytest.param` that runs Triton kernels on CPU tensors: only under TRITON_INTERPRET=1."""
+    """A `pytest.param` that runs Triton kernels on CPU tensors: only with triton installed and TRITON_INTERPRET=1."""
     return pytest.param(*values, id=id, marks=pytest.mark.skipif(
-        not INTERPRET, reason="Triton runs on CPU tensors only in its interpreter (TRITON_INTERPRET=1)"))
+        not (INTERPRET and HAVE_TRITON),
+        reason="Triton runs on CPU tensors only in its interpreter (triton installed, TRITON_INTERPRET=1)"))
 
 
 def describe(item, root: str) -> dict:

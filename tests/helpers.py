@@ -138,3 +138,12 @@ def half_at_argmax(x):
     aimed = torch.zeros(m, dtype=torch.bool, device=x.device)
     aimed[torch.randperm(m, device=x.device)[: m // 2]] = True
     return torch.where(aimed, top, other)
+
+
+def use_sampler(monkeypatch, backend: str, sampler: str) -> None:
+    """Select `backend`'s MLM sampler, as ELECTRA_FAST_SAMPLER does at import (the torch reference has one only)."""
+    if backend != "torch" and sampler is not None:
+        from electra_fast.ops import _backend
+
+        monkeypatch.setattr(importlib.import_module(_backend._module_name(backend, "mlm_loss_and_sample")),
+                            "SAMPLER", sampler)

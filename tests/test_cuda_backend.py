@@ -20,7 +20,7 @@ from electra_fast import _cuda_build, ops
 from electra_fast import cuda as ef_cuda
 from electra_fast.ops._backend import draw_seed, uniform
 from electra_fast.ops.gumbel_sample import disallow_ids, gumbel_scores
-from helpers import chi2_critical, half_at_argmax, replayable
+from helpers import chi2_critical, half_at_argmax, replayable, use_sampler
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 VOCAB = 30522  # BERT's: rows of 16-bit logits then start off 16-byte boundaries, exercising the scalar head/tail
@@ -143,9 +143,8 @@ SAMPLED = [pytest.param("torch", None, id="cpu")] + [gpu_param("cuda", s, id=f"c
 
 
 @pytest.fixture
-def use_sampler(monkeypatch, sampler):
-    if sampler is not None:
-        monkeypatch.setattr(ef_cuda, "SAMPLER", sampler)
+def with_sampler(monkeypatch, backend, sampler):
+    use_sampler(monkeypatch, backend, sampler)
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +219,7 @@ def _gumbel_draw(backend, logits, generator, temperature, v, disallow=None):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("temperature,disallow_correct", [(1.0, False), (0.5, True)])
 @pytest.mark.parametrize("backend, sampler", SAMPLED)
-def test_mlm_loss_and_sample_matches_reference(backend, sampler, device, use_sampler, dtype, v, width,
+def test_mlm_loss_and_sample_matches_reference(backend, sampler, device, with_sampler, dtype, v, width,
                                                temperature, disallow_correct):
     m = _size(device, 2048, 64)
     logits, targets, weights = _mlm_inputs(m, v, dtype, width, device)
@@ -273,7 +272,7 @@ def test_gumbel_sample_matches_reference(backend, device, monkeypatch, dtype, wi
 @pytest.mark.parametrize("width", [12, 16])
 @pytest.mark.parametrize("op", ["gumbel_sample", "mlm_loss_and_sample"])
 @pytest.mark.parametrize("backend, sampler", SAMPLED)
-def test_sampling_distribution(backend, sampler, device, use_sampler, op, dtype, width):
+def test_sampling_distribution(backend, sampler, device, with_sampler, op, dtype, width):
     # One 12-token row repeated 200k times (unpadded, rows 24 bytes apart in 16-bit: both the vector and the scalar
     # paths draw; or padded to 16 with garbage that would win every draw if it leaked), token 3 disallowed; the
     # counts must follow softmax(logits / T) over the other tokens.

@@ -30,7 +30,6 @@ kernels skip it); temperature=inf was accepted (scores 0 * -inf = NaN); no op ch
 against their range (now checked for CPU tensors; on CUDA a documented precondition, as a check would sync).
 """
 import contextlib
-import importlib
 import math
 import os
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from electra_fast import ops
-from helpers import use_small_tiles
+from helpers import use_sampler, use_small_tiles
 from electra_fast.ops.gumbel_sample import _gumbel_sample_op
 from electra_fast.ops.mlm_loss import WEIGHT_EPS, _mlm_op
 
@@ -77,7 +76,7 @@ TRITON_BUDGET = settings(max_examples=max(3, settings.default.max_examples // 4)
 def kernel_config(small_tiles: bool, sampler: str = "cdf"):
     """The kernels with their sampler, and with tiles that the tiny shapes span several of (`small_tiles`)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(importlib.import_module("electra_fast.kernels.mlm_loss_sample"), "SAMPLER", sampler)
+        use_sampler(mp, "triton", sampler)
         if small_tiles:
             use_small_tiles(mp)
         yield

@@ -13,7 +13,7 @@ import torch
 
 from conftest import gpu_param, interpreter_param
 from electra_fast import ops
-from helpers import chi2_critical, half_at_argmax, pooled_chi2, replayable, use_small_tiles
+from helpers import chi2_critical, half_at_argmax, pooled_chi2, replayable, use_sampler, use_small_tiles
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot run")
 MLS = importlib.import_module("electra_fast.kernels.mlm_loss_sample")
@@ -64,17 +64,6 @@ def test_mlm_loss_and_sample_real_sizes(poison, monkeypatch, device, dtype, rows
     torch.testing.assert_close(grad.double(), ref_grad, **TOL[dtype])
 
 
-def _use_sampler(monkeypatch, backend, sampler):
-    """Select the sampler of a backend, as ELECTRA_FAST_SAMPLER does at import (the reference has one)."""
-    if backend == "cuda":
-        ef_cuda = importlib.import_module("electra_fast.cuda")
-        if not ef_cuda.is_available():
-            pytest.skip(f"CUDA backend unavailable: {ef_cuda.unavailable_reason()}")
-        monkeypatch.setattr(ef_cuda, "SAMPLER", sampler)
-    elif backend == "triton":
-        monkeypatch.setattr(MLS, "SAMPLER", sampler)
-
-
 # Per backend: vocabulary, padded width, draws and the logit of the cold ids. The GPU's figures are ELECTRA's; the
 # CPU's keep enough draws on the cold ids to fill a few dozen buckets.
 FULL = {"torch": dict(device="cpu", v=1000, padded=1024, draws=10000, cold=-4.0),
@@ -91,7 +80,11 @@ def test_sampling_distribution_at_full_vocabulary(monkeypatch, backend, sampler,
     """Mass on 24 ids spread over all tiles (the largest in the last tile), the rest of the vocabulary at a low
     logit; bf16 logits, T = 0.9. The chi-square counts every hot id on its own and the cold ones in runs of
     neighbouring ids (pooled_chi2), so a tile or a stretch of the vocabulary sampled wrongly shows."""
-    _use_sampler(monkeypatch, backend, sampler)
+    if backend == "cuda":
+        ef_cuda = importlib.import_module("electra_fast.cuda")
+        if not ef_cuda.is_available():
+            pytest.skip(f"CUDA backend unavailable: {ef_cuda.unavailable_reason()}")
+    use_sampler(monkeypatch, backend, sampler)
     size = FULL[backend]
     device, v, draws, temperature = size["device"], size["v"], size["draws"], 0.9
     width = size["padded"] if padded else v

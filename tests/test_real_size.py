@@ -12,8 +12,6 @@ Every test has a CPU twin: the same body at tiny shapes through the Triton kerne
 (`TRITON_INTERPRET=1`, tiles shrunk so that the same loops, chunks and partial tails run), which proves the test's
 own logic, oracle and tolerances before a GPU runs it."""
 import importlib
-import importlib.util
-import os
 
 import numpy as np
 import pytest
@@ -23,17 +21,10 @@ import torch.nn.functional as F
 from electra_fast import ops
 from electra_fast.attention import VarlenMask, padding_mask
 from electra_fast.ops import _backend
+from conftest import gpu_param, interpreter_param
 from helpers import chi2_critical, half_at_argmax, use_small_tiles
 from test_attention import flash_on_cpu, lengths_mask, naive_attention, run_attend  # noqa: F401  (a fixture)
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
-CUDA = [pytest.mark.cuda,
-        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-        pytest.mark.skipif(INTERPRET, reason="real sizes need the compiled kernels, not the Triton interpreter")]
-CPU = [pytest.mark.skipif(not (HAVE_TRITON and INTERPRET),
-                          reason="the CPU twin runs the Triton kernels in the interpreter: needs triton and "
-                                 "TRITON_INTERPRET=1")]
 BF16 = torch.bfloat16
 
 # One bf16 rounding of an fp32 result: under 2^-7 relative (a GPU rounds to nearest, the interpreter truncates).
@@ -57,11 +48,11 @@ LOGIT_STD = 3.0         # logits of a partly trained generator: a softmax over a
 
 
 def gpu(*size, id):
-    return pytest.param("cuda", *size, marks=CUDA, id=f"cuda-{id}")
+    return gpu_param("cuda", *size, id=f"cuda-{id}", triton=True)
 
 
 def cpu(*size, id):
-    return pytest.param("cpu", *size, marks=CPU, id=f"cpu-{id}")
+    return interpreter_param("cpu", *size, id=f"cpu-{id}")
 
 
 def default_path(device, op, dtype=None):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import gpu_param, interpreter_param
+from helpers import use_sampler
 from electra_fast import ops
 from electra_fast.ops._backend import draw_seed
 
@@ -27,9 +28,7 @@ def test_draw_seed_uses_63_bits():
 def draws_under(seed: int, backend: str, monkeypatch, device: str, sampler: str = None):
     """Samples of 48 rows x 16 equal logits (uniform draws) with the kernel's Philox seed forced to `seed`."""
     monkeypatch.setattr(SAMPLE_OP, "draw_seed", lambda dev, gen=None: torch.tensor([seed], device=dev))
-    if sampler is not None:
-        module = "electra_fast.cuda" if backend == "cuda" else "electra_fast.kernels.mlm_loss_sample"
-        monkeypatch.setattr(importlib.import_module(module), "SAMPLER", sampler)
+    use_sampler(monkeypatch, backend, sampler)
     return ops.gumbel_sample(torch.zeros(48, 16, device=device), backend=backend)
 
 
