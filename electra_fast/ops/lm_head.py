@@ -10,8 +10,8 @@ accumulators). The loss is the step's scalar, so the backward only scales these 
 Memory: each backend holds a fixed number of bytes per logit of a chunk (this reference: the logits in the
 accumulation dtype and the fp32 sampling noise, reused in place for the log-softmax and then the gradient; the
 Triton backend: one logits buffer in the input dtype), and the default chunks are the fewest equal ones whose
-temporaries fit about `CHUNK_BYTES` (rounded up to a multiple of 8 rows). The peak is those buffers plus the fp32 `[W, E]` gradient accumulator (then, in the
-backward, the gradients): under 40% of one `[M, V]` fp32 buffer in fp32 at ELECTRA-small and -base sizes
+temporaries fit about `CHUNK_BYTES` (rounded up to a multiple of 8 rows). The peak is those buffers plus the fp32
+`[W, E]` gradient accumulator (then, in the backward, the gradients): under 40% of one `[M, V]` fp32 buffer in fp32 at ELECTRA-small and -base sizes
 (tests/test_lm_head.py measures it at the default).
 
 Samples equal the unfused op's for the same RNG state whenever the chunk logits equal the unfused logits' rows
@@ -39,8 +39,8 @@ ROW_MULTIPLE = 8  # default chunks hold a multiple of 8 rows (aligned GEMM shape
 
 def chunk_rows(m: int, bytes_per_row: int, chunk_size: Optional[int] = None) -> int:
     """Rows per chunk: `chunk_size`, or else the fewest chunks whose temporaries (`bytes_per_row` per row) fit
-    CHUNK_BYTES, give or take the rounding below, split into equal chunks (rounded up to ROW_MULTIPLE rows) rather than full chunks and a small
-    last one: the same number of chunks, each smaller. At least 1, at most m."""
+    CHUNK_BYTES, split into equal chunks (rounded up to ROW_MULTIPLE rows, so a chunk may exceed CHUNK_BYTES by
+    up to 7 rows) rather than full chunks and a small last one. At least 1, at most m."""
     if chunk_size is None:
         chunks = max(1, -(-m * bytes_per_row // CHUNK_BYTES))
         rows = -(-m // chunks)
