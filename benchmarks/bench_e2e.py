@@ -23,7 +23,7 @@ attention path each encoder took (`attention_taken`) and the sampler. The CUDA e
     python benchmarks/bench_e2e.py --out benchmarks/results/e2e               # small and base
     python benchmarks/bench_e2e.py --shapes small --impls ours,transformers   # a subset
     python benchmarks/bench_e2e.py --shapes small,base --impls ours --modes eager,graph --attention auto,sdpa
-        # ours' padded batches through each attention path (electra_fast.attention): varlen flash vs dense bias
+        # ours' padded batches through each attention path (electra_fast.model.attention): varlen flash vs dense bias
 Writes e2e.json, e2e.csv and e2e.md under --out.
 """
 from __future__ import annotations
@@ -94,7 +94,7 @@ def peak_flops(name: str, override: float | None) -> float | None:
 def hf_models(gen_cfg, disc_cfg, device="cuda"):
     from transformers import ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining
 
-    from electra_fast.hf import to_hf_config
+    from electra_fast.io.hf import to_hf_config
 
     gen = ElectraForMaskedLM(ElectraConfig(**to_hf_config(gen_cfg, "ElectraForMaskedLM")))
     disc = ElectraForPreTraining(ElectraConfig(**to_hf_config(disc_cfg, "ElectraForPreTraining")))
@@ -104,7 +104,7 @@ def hf_models(gen_cfg, disc_cfg, device="cuda"):
 
 def ours(preset: str, vocab: int):
     """`ElectraPretrainer.from_preset` on the CPU with BERT's token ids (the batches' ids), id-range check off."""
-    from electra_fast.pretrainer import ElectraPretrainer
+    from electra_fast.pretraining.pretrainer import ElectraPretrainer
 
     return ElectraPretrainer.from_preset(preset, vocab_size=vocab, mask_token_id=MASK_ID, special_token_ids=SPECIAL,
                                          pad_token_id=PAD, validate=False)
@@ -148,10 +148,10 @@ def make_optimizer(params, capturable: bool):
 def build(impl: str, mode: str, preset: str, vocab: int, device: str = "cuda", attention: str = "auto"):
     """Returns (step function taking (ids, mask) and returning a loss tensor, notes dict, the `ElectraPretrainer`
     the step trains, None for transformers). `attention`: the slim encoders' `attention_impl` (ours only)."""
-    from electra_fast.cuda_graph import CUDAGraphStep
-    from electra_fast.step import TrainStep
-    from electra_fast.model import preset_configs
-    from electra_fast.pretrainer import ElectraPretrainer, param_groups
+    from electra_fast.train.cuda_graph import CUDAGraphStep
+    from electra_fast.train.step import TrainStep
+    from electra_fast.model.encoder import preset_configs
+    from electra_fast.pretraining.pretrainer import ElectraPretrainer, param_groups
 
     gen_cfg, disc_cfg = preset_configs(preset, vocab_size=vocab)
     notes = {}
@@ -276,7 +276,7 @@ def _spied(module, name: str, record):
 def _attention_label(mask) -> str:
     from torch.nn.attention.flex_attention import BlockMask
 
-    from electra_fast.attention import VarlenMask
+    from electra_fast.model.attention import VarlenMask
 
     if mask is None:
         return "sdpa:no-mask"
@@ -289,8 +289,8 @@ def kernel_path(model, ids, mask, device: str) -> dict:
     """One forward of the step's own path (the ops' backends as the step resolves them, bf16 autocast, dropout
     off), recording what it took: its losses, the masks (`mask_tokens`' output) and the samples (`replace_tokens`'
     input), each op's backend, the attention path of each encoder and the sampler."""
-    import electra_fast.model as model_module
-    import electra_fast.pretrainer as pretrainer
+    import electra_fast.model.encoder as model_module
+    import electra_fast.pretraining.pretrainer as pretrainer
 
     calls: dict = {}
     attention: list = []
@@ -324,9 +324,9 @@ def reference_step(model, ids, mask, masked_ids, positions, weights, sampled) ->
     """The step's losses in fp64 through the torch backend on a copy of `model` (same weights, dropout off, the
     dense-bias attention), from the given masks and samples: masked ids -> generator -> gathered slots -> LM head ->
     weighted cross-entropy; samples written into the original ids -> discriminator -> BCE over real tokens."""
-    from electra_fast import adapters
+    from electra_fast.pretraining import adapters
     from electra_fast.ops.masked_gather import masked_gather_reference
-    from electra_fast.ops.mlm_loss import weighted_mean
+    from electra_fast.ops.mlm_loss_and_sample import weighted_mean
     from electra_fast.ops.replace_tokens import replace_tokens_mean_reference, replace_tokens_reference
 
     ref = copy.deepcopy(model).double().eval()
@@ -388,7 +388,7 @@ def first_step_check(model, ids, mask, device: str, compare: bool = True) -> dic
     masks and samples the step drew itself. Returns the row's fields: `check` ("ok" or "failed: ..."), both sets
     of losses, and the path that ran (`backends`, `attention_taken`, `sampler`). `compare=False`: the path only
     (`check` "off")."""
-    from electra_fast import adapters
+    from electra_fast.pretraining import adapters
 
     got = kernel_path(model, ids, mask, device)
     ran = {"backends": got["backends"], "attention_taken": got["attention_taken"], "sampler": got["sampler"]}
@@ -490,7 +490,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed runs, the median reported (default 3; --smoke: 1)")
     p.add_argument("--backend", default=None, help="force an ops backend (torch/triton/cuda); default per op")
     p.add_argument("--attention", default="auto",
-                   help="comma list of attention paths for ours' padded batches (electra_fast.attention), a row each")
+                   help="comma list of attention paths for ours' padded batches (electra_fast.model.attention), a row each")
     p.add_argument("--peak-flops", type=float, default=None, help="peak bf16 FLOP/s (default: by GPU name)")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the first-step check of ours and hf-dropin against the fp64 torch reference (the "
@@ -519,7 +519,7 @@ def run(args, dev: str) -> None:
     import transformers
 
     import electra_fast
-    from electra_fast.model import preset_configs
+    from electra_fast.model.encoder import preset_configs
 
     prepared = prepare_backends()  # the CUDA extension built or loaded here, never inside a row's first steps
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -33,14 +33,14 @@ from common import backends_text, bar_plot, copy_bandwidth_gbs, cycle, device, d
     prepare_backends, record_backends, require_cuda, rotation, sampler_of, write_csv  # noqa: E402
 
 from electra_fast import ops  # noqa: E402
-from electra_fast.ops.layer_norm import dropout_add_layer_norm_reference  # noqa: E402
+from electra_fast.ops.dropout_add_layer_norm import dropout_add_layer_norm_reference  # noqa: E402
 from electra_fast.ops.mask_tokens import mask_tokens_reference  # noqa: E402
 from electra_fast.ops.masked_gather import masked_gather_reference  # noqa: E402
-from electra_fast.ops.mlm_loss import mlm_loss_and_sample_reference  # noqa: E402
+from electra_fast.ops.mlm_loss_and_sample import mlm_loss_and_sample_reference  # noqa: E402
 from electra_fast.ops.gumbel_sample import gumbel_sample_reference  # noqa: E402
 from electra_fast.ops.replace_tokens import replace_tokens_reference  # noqa: E402
-from electra_fast.ops.rtd_bce import rtd_bce_reference  # noqa: E402
-from electra_fast.ops.rtd_head import rtd_head_reference  # noqa: E402
+from electra_fast.ops.rtd_bce_loss import rtd_bce_reference  # noqa: E402
+from electra_fast.ops.rtd_head_loss import rtd_head_reference  # noqa: E402
 
 VOCAB = 30522
 SHAPES = {"small": (128, 128, 256), "base": (64, 512, 768), "tiny": (2, 32, 16)}  # B, L, H (SPEC 5); tiny: --smoke

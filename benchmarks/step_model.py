@@ -11,7 +11,7 @@ op stream is emulated on the CPU, each point stated here:
   (`CUDA_FP32_OPS`: LayerNorm, softmax, ... run in fp32 on a GPU, which costs a cast before and after);
 - dropout: `native_dropout`, the one fused kernel CUDA uses (the CPU composite would issue bernoulli + mul);
 - attention: what an H100 picks: flash without a mask; with one, ours under autocast takes flash's variable-length
-  kernel (`electra_fast.attention` "auto", whose flash check is forced true here; its FLOPs at the batch's real
+  kernel (`electra_fast.model.attention` "auto", whose flash check is forced true here; its FLOPs at the batch's real
   sequence lengths), an additive mask (transformers) the memory-efficient kernel;
 - our ops: the Triton backend (first in `DEFAULT_ORDER` on CUDA), each custom op's body run on the fake tensors
   with Triton's launch intercepted, so each Triton launch counts once and the body's own ATen ops count too;
@@ -64,8 +64,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_e2e  # noqa: E402
-from electra_fast import attention  # noqa: E402
-from electra_fast.pretrainer import param_groups  # noqa: E402
+from electra_fast.model import attention  # noqa: E402
+from electra_fast.pretraining.pretrainer import param_groups  # noqa: E402
 
 PEAK_FLOPS = 989e12    # H100 SXM dense bf16 (SPEC 5)
 COPY_BW = 3.0e12       # H100 device-to-device copy, bytes read + written (measured, SPEC 5)
@@ -391,7 +391,7 @@ def _to_fake(module: nn.Module, mode: FakeTensorMode) -> None:
 
 def build(impl: str, preset: str, vocab: int):
     """(module naming every trained submodule, forward (ids, mask) -> loss, vocabulary sizes) on the CPU."""
-    from electra_fast.model import preset_configs
+    from electra_fast.model.encoder import preset_configs
     gen_cfg, disc_cfg = preset_configs(preset, vocab_size=vocab)
     if impl == "ours":
         model = bench_e2e.ours(preset, vocab)

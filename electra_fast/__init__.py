@@ -1,9 +1,10 @@
 """electra-fast: fused kernels and a slim model for fast ELECTRA (replaced-token detection) pretraining.
 
-Layout: `electra_fast.ops` (public functional ops, each with a PyTorch reference and registered with
-`torch.library`) -> `electra_fast.model` (slim encoder) -> `ElectraPretrainer` -> CLI.
-Kernels live in `electra_fast.kernels` (Triton) and `electra_fast.cuda` (CUDA C++ from `csrc/`).
+Layers, each importing only those before it: `ops` (public ops, PyTorch references; kernels in `kernels/` and
+`csrc/`) -> `model` (slim encoder) -> `io` (files) -> `pretraining` (`ElectraPretrainer`) -> `train` -> `cli`;
+`data` beside. docs/architecture.md has the map.
 """
+import importlib as _importlib
 import os as _os
 
 __version__ = "0.1.0"
@@ -17,27 +18,21 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")) and 
     __path__.append(_root)  # noqa: F821  (module __path__)
 
 
+# The public names and the module each lives in. Everything imports lazily: `electra-fast --help` must answer
+# before torch is imported, and `import electra_fast.ops` must not pull in the model.
+_PUBLIC = {
+    "ops": "electra_fast",
+    **dict.fromkeys(("ElectraPretrainer", "PretrainerOutput", "rtd_step", "param_groups", "tie_embeddings",
+                     "tokenizer_ids"), "electra_fast.pretraining.pretrainer"),
+    **dict.fromkeys(("ElectraModelConfig", "PRESETS", "Generator", "Discriminator"), "electra_fast.model"),
+    "AdamWeightDecay": "electra_fast.train.optim",
+    "CUDAGraphStep": "electra_fast.train.cuda_graph",
+}
+
+
 def __getattr__(name):
-    # Everything imports lazily: `electra-fast --help` must answer before torch is imported, and
-    # `import electra_fast.ops` must not pull in the model.
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'electra_fast' has no attribute {name!r}")
     if name == "ops":
-        import importlib
-
-        return importlib.import_module("electra_fast.ops")
-    if name in ("ElectraPretrainer", "PretrainerOutput", "rtd_step", "param_groups", "tie_embeddings", "tokenizer_ids"):
-        from electra_fast import pretrainer
-
-        return getattr(pretrainer, name)
-    if name in ("ElectraModelConfig", "PRESETS", "Generator", "Discriminator"):
-        from electra_fast import model
-
-        return getattr(model, name)
-    if name == "AdamWeightDecay":
-        from electra_fast.optim import AdamWeightDecay
-
-        return AdamWeightDecay
-    if name == "CUDAGraphStep":
-        from electra_fast.cuda_graph import CUDAGraphStep
-
-        return CUDAGraphStep
-    raise AttributeError(f"module 'electra_fast' has no attribute {name!r}")
+        return _importlib.import_module("electra_fast.ops")
+    return getattr(_importlib.import_module(_PUBLIC[name]), name)

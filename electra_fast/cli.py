@@ -106,7 +106,7 @@ def _add_pretrain(sub) -> None:
 
 
 def _read_config_file(path: str) -> dict:
-    from electra_fast.train import TrainConfig
+    from electra_fast.train.loop import TrainConfig
 
     try:
         with open(path, encoding="utf-8") as f:
@@ -125,8 +125,8 @@ def _read_config_file(path: str) -> dict:
 
 
 def _pretrain(args) -> int:
-    from electra_fast.checkpoint import load_checkpoint
-    from electra_fast.train import TrainConfig, default_output_dir, find_resume_checkpoint, train
+    from electra_fast.io.checkpoint import load_checkpoint
+    from electra_fast.train.loop import TrainConfig, default_output_dir, find_resume_checkpoint, train
 
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command", "config", "resume")}
     if "model" in given:
@@ -147,7 +147,7 @@ def _pretrain(args) -> int:
     args.resume_hint = f"electra-fast pretrain --resume -o {shlex.quote(output_dir)}"
     summary = train(cfg, resume=resume)
     if summary["eval"] is not None:
-        from electra_fast.evaluate import summary_line
+        from electra_fast.train.evaluate import summary_line
 
         print(summary_line(summary["eval"]))
     if summary["checkpoint"]:
@@ -209,7 +209,7 @@ def _prepare(args) -> int:
     from electra_fast.data import prepare_text
 
     if args.seq_len is None:
-        from electra_fast.model import PRESETS
+        from electra_fast.model.encoder import PRESETS
 
         args.seq_len = PRESETS[args.preset]["seq_len"]
     index = prepare_text(args.inputs or None, args.output, tokenizer=args.tokenizer, seq_len=args.seq_len,
@@ -255,7 +255,7 @@ def _add_export(sub) -> None:
 
 
 def _export(args) -> int:
-    from electra_fast.export import export
+    from electra_fast.io.export import export
 
     output = args.output
     if output is None:  # runs/x/checkpoints/checkpoint-N.pt -> runs/x

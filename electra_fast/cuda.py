@@ -39,7 +39,7 @@ from torch import Tensor
 from electra_fast import _cuda_build
 from electra_fast.ops._checks import SAMPLERS, check_sampler, check_vocab_size  # noqa: F401  (SAMPLERS: API)
 from electra_fast.ops.masked_gather import register_gather_autograd
-from electra_fast.ops.mlm_loss import register_mlm_autograd
+from electra_fast.ops.mlm_loss_and_sample import register_mlm_autograd
 
 __all__ = ["is_available", "unavailable_reason", "extension", "jit_build_directory", "clear_stale_build_lock",
            "gumbel_noise", "mlm_loss_and_sample", "gumbel_sample", "masked_gather", "replace_tokens", "rtd_bce_loss"]

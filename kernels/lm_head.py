@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from electra_fast.ops.lm_head import attach_grads, chunk_rows
-from electra_fast.ops.mlm_loss import WEIGHT_EPS
+from electra_fast.ops.lm_head_loss_and_sample import attach_grads, chunk_rows
+from electra_fast.ops.mlm_loss_and_sample import WEIGHT_EPS
 
 from . import mlm_loss_sample as _mls
 

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from electra_fast.ops._checks import SAMPLERS, check_sampler  # noqa: F401  (SAMPLERS: part of this module's API)
-from electra_fast.ops.mlm_loss import WEIGHT_EPS, register_mlm_autograd
+from electra_fast.ops.mlm_loss_and_sample import WEIGHT_EPS, register_mlm_autograd
 
 from ._common import pow2
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from electra_fast.ops.rtd_head import COUNTS
+from electra_fast.ops.rtd_head_loss import COUNTS
 
 from ._common import loadable, persistent_grid, pow2
 from .rtd_bce import _bce_terms

@@ -62,7 +62,7 @@ class Killed(Exception):
 def train_killed_at(cfg, step: int, chunk: int = 0) -> None:
     """`train(cfg)` ended as a crash would end it, just before micro-batch `chunk` of optimizer step `step` (the
     loop seeds each micro-batch with `chunk_seed` first): what it wrote until then stays for a resume to find."""
-    import electra_fast.train as train_mod
+    import electra_fast.train.loop as train_mod
 
     real = train_mod.chunk_seed
 
@@ -77,7 +77,7 @@ def train_killed_at(cfg, step: int, chunk: int = 0) -> None:
 
 def lr_factor(step: int, steps: int, warmup: int) -> float:
     """The reference's LR multiplier at optimizer step `step` (0-based), in Python floats: linear decay to 0 over
-    `steps`, times linear warm-up over `warmup` (the oracle of `electra_fast.step.warmup_linear_decay`)."""
+    `steps`, times linear warm-up over `warmup` (the oracle of `electra_fast.train.step.warmup_linear_decay`)."""
     decay = max(0.0, 1.0 - step / steps)
     return decay * (min(1.0, step / warmup) if warmup > 0 else 1.0)
 

@@ -1,4 +1,4 @@
-"""Other transformers encoders (BERT, RoBERTa, DeBERTa-v2/v3) through the same RTD step (electra_fast.adapters):
+"""Other transformers encoders (BERT, RoBERTa, DeBERTa-v2/v3) through the same RTD step (electra_fast.pretraining.adapters):
 the step equals a recomputation from transformers' own forward passes, training lowers both losses, embeddings are
 shared (or GDES-shared, with the gradients kept apart), exports reload in transformers' own classes with the same
 outputs, and the step traces as one graph."""
@@ -10,9 +10,9 @@ import torch
 
 from test_pretrainer import MASK_ID, SPECIAL, V, batch, recompute_with_transformers
 
-from electra_fast import adapters
-from electra_fast.adapters import RTDDiscriminator, adapt, deberta_v3_models
-from electra_fast.pretrainer import ElectraPretrainer, param_groups
+from electra_fast.pretraining import adapters
+from electra_fast.pretraining.adapters import RTDDiscriminator, adapt, deberta_v3_models
+from electra_fast.pretraining.pretrainer import ElectraPretrainer, param_groups
 
 tf = pytest.importorskip("transformers")
 pytestmark = pytest.mark.transformers

@@ -1,4 +1,4 @@
-"""Attention paths (electra_fast.attention, issue 11.2) and the encoder layer's launch diet (electra_fast.layers,
+"""Attention paths (electra_fast.model.attention, issue 11.2) and the encoder layer's launch diet (electra_fast.model.layers,
 issue 11.3), against independent oracles: a naive masked softmax, the padding invariance of the encoder (a padded
 row gives the outputs of the same row run alone, unpadded, without any mask), FlexAttention's own
 `create_block_mask`, numpy's stable sort, a per-sequence loop standing in for flash's variable-length kernel on
@@ -12,13 +12,13 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import electra_fast.attention as attention
+import electra_fast.model.attention as attention
 from conftest import gpu_param
-from electra_fast.attention import (VarlenMask, attend, attention_bias, flash_varlen_supported,
+from electra_fast.model.attention import (VarlenMask, attend, attention_bias, flash_varlen_supported,
                                       padding_block_mask, padding_mask, varlen_mask)
-from electra_fast.layers import autocast_parameters
+from electra_fast.model.layers import autocast_parameters
 from electra_fast.ops import varlen_plan
-from electra_fast.model import Discriminator, ElectraModelConfig, EncoderLayer
+from electra_fast.model.encoder import Discriminator, ElectraModelConfig, EncoderLayer
 
 DEVICES = ["cpu", gpu_param("cuda")]
 TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
@@ -337,7 +337,7 @@ def test_padded_path_compiles_in_one_graph_and_matches_eager(impl):
 def test_pretrainer_step_through_the_flash_branch_compiles_and_matches_eager(flash_on_cpu):
     """The whole RTD step (both encoders on one padded batch, each through the plan, the reorders and the flash
     call) traced in one graph, with the same loss and gradients as eager; and those of the dense-bias reference."""
-    from electra_fast.pretrainer import ElectraPretrainer
+    from electra_fast.pretraining.pretrainer import ElectraPretrainer
 
     model = ElectraPretrainer.from_preset("tiny", vocab_size=97, mask_token_id=4, special_token_ids=range(5),
                                           pad_token_id=0, validate=False, hidden_dropout_prob=0.0,

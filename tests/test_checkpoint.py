@@ -16,11 +16,11 @@ import torch
 
 pytest.importorskip("tokenizers")
 
-from electra_fast.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint,  # noqa: E402
+from electra_fast.io.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint,  # noqa: E402
                                      payload_checksum, rng_state, save_checkpoint, set_rng_state)
 from electra_fast.cli import main  # noqa: E402
 from electra_fast.errors import InputError, lock_directory  # noqa: E402
-from electra_fast.train import TrainConfig, train  # noqa: E402
+from electra_fast.train.loop import TrainConfig, train  # noqa: E402
 import helpers  # noqa: E402
 from helpers import train_killed_at  # noqa: E402
 

@@ -17,12 +17,12 @@ import torch
 pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
 
-from electra_fast.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
+from electra_fast.io.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
 from electra_fast.cli import main  # noqa: E402
 from electra_fast.data import builtin_lines  # noqa: E402
 from electra_fast.data.tokenizer import tokenizer_from_str  # noqa: E402
-from electra_fast.export import model_from_spec  # noqa: E402
-from electra_fast.model import PRESETS  # noqa: E402
+from electra_fast.io.export import model_from_spec  # noqa: E402
+from electra_fast.model.encoder import PRESETS  # noqa: E402
 from helpers import read_metrics  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,7 +102,7 @@ def test_pretrain_evaluates_held_out_rows_and_states_the_lift(trained_run):
 
 
 def test_init_from_continues_from_exported_checkpoints(trained, tmp_path, capsys):
-    from electra_fast.pretrainer import ElectraPretrainer
+    from electra_fast.pretraining.pretrainer import ElectraPretrainer
 
     exported = ElectraPretrainer.from_pretrained(trained).state_dict()
     # Warm-up over 1 step: the first step runs at LR 0, so its checkpoint holds the initial weights exactly.

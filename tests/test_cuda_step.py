@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import gpu_param, requires_cuda
-from electra_fast.pretrainer import ElectraPretrainer, param_groups
+from electra_fast.pretraining.pretrainer import ElectraPretrainer, param_groups
 
 V, B = 1000, 8
 SEQ_LEN = {"cuda": 64, "cpu": 32}  # bf16 matmuls are slow on a CPU
@@ -67,14 +67,14 @@ def test_bf16_step_is_finite_and_close_to_fp32(device):
 def graph_step(model, device, accum=1, dtype=None, **kwargs):
     """`(eager step, what the test calls)`: on a GPU the step captured in CUDA graphs, on the CPU the eager step
     itself (everything the capture takes, without the capture)."""
-    from electra_fast.step import TrainStep
+    from electra_fast.train.step import TrainStep
 
     opt = torch.optim.AdamW(param_groups(model, 0.01), lr=torch.tensor(1e-3, device=device), eps=1e-6, fused=True,
                             capturable=True)
     step = TrainStep(model, opt, accum=accum, max_grad_norm=1.0, amp_dtype=dtype, **kwargs)
     if device != "cuda":
         return step, step
-    from electra_fast.cuda_graph import CUDAGraphStep
+    from electra_fast.train.cuda_graph import CUDAGraphStep
 
     ids, mask = batch(device)
     return step, CUDAGraphStep(step, {"input_ids": ids, "attention_mask": mask})
@@ -83,9 +83,9 @@ def graph_step(model, device, accum=1, dtype=None, **kwargs):
 @pytest.mark.parametrize("device", DEVICES)
 def test_cuda_graph_step_with_dropout_takes_flash_varlen_and_trains(device):
     """ELECTRA's dropouts (0.1) on a padded batch under bf16: on a GPU the captured step runs flash's
-    variable-length attention with its dropout (electra_fast.attention, "varlen"), stays finite and trains; the CPU
+    variable-length attention with its dropout (electra_fast.model.attention, "varlen"), stays finite and trains; the CPU
     takes the same plan and packing ("varlen" without the flash kernel, which only CUDA has), eagerly."""
-    from electra_fast.attention import VarlenMask, flash_varlen_supported, padding_mask
+    from electra_fast.model.attention import VarlenMask, flash_varlen_supported, padding_mask
 
     model = ElectraPretrainer.from_preset("tiny", vocab_size=V, mask_token_id=4, special_token_ids=range(5),
                                           pad_token_id=0).to(device)
@@ -146,7 +146,7 @@ def test_cuda_graph_step_draws_fresh_samples_and_trains(device, dtype):
 def test_cuda_graph_accumulation_replays_equal_the_eager_step(device):
     """Seeded micro-step replays draw what the eager step draws: same weights after 3 steps of accum=2 (on the
     CPU: the capturable optimizer's step against the plain fused one, both eager)."""
-    from electra_fast.step import TrainStep, warmup_linear_decay
+    from electra_fast.train.step import TrainStep, warmup_linear_decay
 
     model, ref = make(device), make(device)
     ref.load_state_dict(model.state_dict())
@@ -182,8 +182,8 @@ def test_cuda_graph_skips_a_non_finite_step(device):
 
 @requires_cuda
 def test_cuda_graph_step_requires_capturable_optimizer():
-    from electra_fast.cuda_graph import CUDAGraphStep
-    from electra_fast.step import TrainStep
+    from electra_fast.train.cuda_graph import CUDAGraphStep
+    from electra_fast.train.step import TrainStep
 
     model = make("cuda")
     ids, mask = batch("cuda")

@@ -12,8 +12,8 @@ import torch.distributed as dist
 
 pytest.importorskip("tokenizers")
 
-from electra_fast.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
-from electra_fast.train import TrainConfig, train  # noqa: E402
+from electra_fast.io.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
+from electra_fast.train.loop import TrainConfig, train  # noqa: E402
 from helpers import read_metrics  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -25,7 +25,7 @@ WORKER = r"""
 import json, os, sys
 import torch
 import electra_fast.data.loader as loader
-from electra_fast.train import TrainConfig, train
+from electra_fast.train.loop import TrainConfig, train
 
 seen, gather = [], loader.PretrainingData.gather
 def recording_gather(self, indices, **kw):
@@ -34,7 +34,7 @@ def recording_gather(self, indices, **kw):
     return gather(self, indices, **kw)
 loader.PretrainingData.gather = recording_gather
 
-from electra_fast.checkpoint import load_checkpoint
+from electra_fast.io.checkpoint import load_checkpoint
 cfg = TrainConfig(**json.loads(sys.argv[1]))
 model = train(cfg, resume=load_checkpoint(sys.argv[3]) if len(sys.argv) > 3 else None)["model"]
 rank = int(os.environ["RANK"])

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from electra_fast import ops
 from electra_fast.ops._backend import draw_seed
-from electra_fast.ops.layer_norm import dropout_add_layer_norm_reference
+from electra_fast.ops.dropout_add_layer_norm import dropout_add_layer_norm_reference
 from helpers import chi2_critical
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot run")
@@ -171,7 +171,7 @@ def test_bad_arguments_are_named():
 
 def test_encoder_layer_uses_the_kernel(poison):
     """The model's layers run the fused op on the Triton backend: same output and gradients as the torch path."""
-    from electra_fast.model import Discriminator, preset_configs
+    from electra_fast.model.encoder import Discriminator, preset_configs
 
     torch.manual_seed(0)
     model = Discriminator(preset_configs("tiny", vocab_size=50, num_hidden_layers=1, hidden_dropout_prob=0.0,

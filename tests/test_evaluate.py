@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from electra_fast.evaluate import eval_seed, evaluate, holdout_rows
-from electra_fast.pretrainer import ElectraPretrainer
+from electra_fast.train.evaluate import eval_seed, evaluate, holdout_rows
+from electra_fast.pretraining.pretrainer import ElectraPretrainer
 from helpers import naive_ap, naive_auc
 
 VOCAB, L = 60, 24
@@ -95,7 +95,7 @@ def test_holdout_rows():
 
 def test_trainer_never_trains_on_the_held_out_rows(dataset, tmp_path, monkeypatch):
     from electra_fast.data.loader import PretrainingData
-    from electra_fast.train import TrainConfig, train
+    from electra_fast.train.loop import TrainConfig, train
 
     calls = {"train": [], "eval": []}
     gather = PretrainingData.gather
@@ -127,7 +127,7 @@ def test_trainer_never_trains_on_the_held_out_rows(dataset, tmp_path, monkeypatc
 
 
 def test_metrics_log_sends_eval_records_to_their_own_tensorboard_section(tmp_path, monkeypatch):
-    import electra_fast.metrics_log as metrics_log
+    import electra_fast.train.metrics_log as metrics_log
 
     scalars = []
 
@@ -156,7 +156,7 @@ def test_metrics_log_to_weights_and_biases_resumes_the_same_run(tmp_path, monkey
     import sys
     import types
 
-    import electra_fast.metrics_log as metrics_log
+    import electra_fast.train.metrics_log as metrics_log
 
     calls = []
 

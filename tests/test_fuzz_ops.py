@@ -44,7 +44,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from electra_fast import ops
 from helpers import use_sampler, use_small_tiles
 from electra_fast.ops.gumbel_sample import _gumbel_sample_op
-from electra_fast.ops.mlm_loss import WEIGHT_EPS, _mlm_op
+from electra_fast.ops.mlm_loss_and_sample import WEIGHT_EPS, _mlm_op
 
 INF = float("inf")
 FP16_MAX = 65504.0

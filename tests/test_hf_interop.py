@@ -10,9 +10,9 @@ pytestmark = pytest.mark.transformers
 
 from transformers import ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining  # noqa: E402
 
-from electra_fast import hf  # noqa: E402
-from electra_fast.model import Discriminator, ElectraModelConfig, Generator  # noqa: E402
-from electra_fast.pretrainer import ElectraPretrainer  # noqa: E402
+from electra_fast.io import hf  # noqa: E402
+from electra_fast.model.encoder import Discriminator, ElectraModelConfig, Generator  # noqa: E402
+from electra_fast.pretraining.pretrainer import ElectraPretrainer  # noqa: E402
 
 V, L = 113, 24
 COMMON = dict(vocab_size=V, embedding_size=16, num_hidden_layers=2, max_position_embeddings=32,

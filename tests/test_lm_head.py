@@ -22,8 +22,8 @@ from torch.utils._pytree import tree_leaves
 
 from electra_fast import ops
 from helpers import use_small_tiles
-from electra_fast.ops import lm_head as lm_ops
-from electra_fast.ops.lm_head import _chunk_op, _loss_with_grads
+lm_ops = importlib.import_module("electra_fast.ops.lm_head_loss_and_sample")
+from electra_fast.ops.lm_head_loss_and_sample import _chunk_op, _loss_with_grads
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -474,7 +474,7 @@ def test_triton_default_chunking_launches_no_more_kernels_than_before(monkeypatc
 
 def test_rtd_step_fused_head_matches_unfused_head():
     from electra_fast import ElectraPretrainer
-    from electra_fast.pretrainer import rtd_step
+    from electra_fast.pretraining.pretrainer import rtd_step
 
     special = (0, 1, 2, 3)
     model = ElectraPretrainer.from_preset("tiny", vocab_size=300, mask_token_id=3, special_token_ids=special,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from electra_fast.data import ElectraDataCollator, builtin_lines, train_tokenizer
-from electra_fast.pretrainer import ElectraPretrainer, PretrainerOutput, param_groups
+from electra_fast.pretraining.pretrainer import ElectraPretrainer, PretrainerOutput, param_groups
 
 SEQ_LEN, BATCH = 32, 8
 

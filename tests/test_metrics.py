@@ -1,11 +1,11 @@
-"""Held-out metrics (`electra_fast.metrics`) against definitions written out naively: all pairs for ROC-AUC, a
+"""Held-out metrics (`electra_fast.train.metrics`) against definitions written out naively: all pairs for ROC-AUC, a
 walk over every threshold for average precision."""
 import math
 
 import pytest
 import torch
 
-from electra_fast.metrics import average_precision, roc_auc, threshold_metrics
+from electra_fast.train.metrics import average_precision, roc_auc, threshold_metrics
 from helpers import naive_ap, naive_auc
 
 

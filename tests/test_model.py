@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from electra_fast.model import PRESETS, Discriminator, ElectraEmbeddings, ElectraModelConfig, Generator, \
+from electra_fast.model.encoder import PRESETS, Discriminator, ElectraEmbeddings, ElectraModelConfig, Generator, \
     num_parameters, preset_configs
-from electra_fast.pretrainer import ElectraPretrainer
+from electra_fast.pretraining.pretrainer import ElectraPretrainer
 from helpers import chi2_critical
 
 

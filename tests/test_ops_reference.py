@@ -9,9 +9,9 @@ from electra_fast import ops
 from electra_fast.ops.gumbel_sample import _gumbel_sample_op
 from electra_fast.ops.mask_tokens import _mask_tokens_op
 from electra_fast.ops.masked_gather import _masked_gather_op, _masked_scatter_add_op
-from electra_fast.ops.mlm_loss import _mlm_backward_op, _mlm_op
+from electra_fast.ops.mlm_loss_and_sample import _mlm_backward_op, _mlm_op
 from electra_fast.ops.replace_tokens import _replace_tokens_op
-from electra_fast.ops.rtd_bce import _rtd_bce_op
+from electra_fast.ops.rtd_bce_loss import _rtd_bce_op
 from helpers import chi2_critical
 
 PAD, CLS, SEP, MASK = 0, 1, 2, 3

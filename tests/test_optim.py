@@ -1,11 +1,11 @@
-"""The reference optimizer (`electra_fast.optim.AdamWeightDecay`) against the update rule of google-research/electra
+"""The reference optimizer (`electra_fast.train.optim.AdamWeightDecay`) against the update rule of google-research/electra
 `model/optimization.py::AdamWeightDecayOptimizer`, transcribed in NumPy float64 below."""
 import numpy as np
 import pytest
 import torch
 
 from electra_fast import param_groups
-from electra_fast.optim import AdamWeightDecay
+from electra_fast.train.optim import AdamWeightDecay
 
 
 def reference_steps(p, grads, lr, wd, b1=0.9, b2=0.999, eps=1e-6):

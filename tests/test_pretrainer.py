@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import electra_fast.pretrainer as pt
-from electra_fast.model import ElectraModelConfig
+import electra_fast.pretraining.pretrainer as pt
+from electra_fast.model.encoder import ElectraModelConfig
 from electra_fast.ops import mask_tokens
-from electra_fast.pretrainer import ElectraPretrainer, embeddings_shared, param_groups, rtd_step
+from electra_fast.pretraining.pretrainer import ElectraPretrainer, embeddings_shared, param_groups, rtd_step
 
 V, L, MASK_ID, SPECIAL = 150, 32, 4, (0, 1, 2, 3, 4)
 IDS = dict(mask_token_id=MASK_ID, special_token_ids=SPECIAL, pad_token_id=0)
@@ -83,7 +83,7 @@ def hf_models():
 
 @pytest.mark.parametrize("path", ["slim", "transformers"])
 def test_step_equals_independent_recomputation(hf_models, path):
-    from electra_fast import hf
+    from electra_fast.io import hf
 
     hf_gen, hf_disc = hf_models
     if path == "slim":
@@ -179,7 +179,7 @@ def test_bad_inputs_fail_before_any_kernel(monkeypatch):
 
 def test_mismatched_models_and_settings_are_refused():
     gen_cfg, disc_cfg = ElectraModelConfig(**COMMON, **GEN), ElectraModelConfig(**COMMON, **DISC)
-    from electra_fast.model import Discriminator, Generator
+    from electra_fast.model.encoder import Discriminator, Generator
 
     disc = Discriminator(disc_cfg)
     with pytest.raises(ValueError, match="same vocab_size: the discriminator has 150, the generator 151"):
@@ -369,7 +369,7 @@ def test_drop_in_transformers_pair_ends_up_sharing_embeddings():
 
 
 def test_separately_built_slim_pair_ends_up_sharing_embeddings():
-    from electra_fast.model import Discriminator, Generator
+    from electra_fast.model.encoder import Discriminator, Generator
 
     gen, disc = Generator(ElectraModelConfig(**COMMON, **GEN)), Discriminator(ElectraModelConfig(**COMMON, **DISC))
     ElectraPretrainer(gen, disc, mask_token_id=MASK_ID, special_token_ids=SPECIAL)

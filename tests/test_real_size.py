@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from electra_fast import ops
-from electra_fast.attention import VarlenMask, padding_mask
+from electra_fast.model.attention import VarlenMask, padding_mask
 from electra_fast.ops import _backend
 from conftest import gpu_param, interpreter_param
 from helpers import chi2_critical, half_at_argmax, use_small_tiles

@@ -10,7 +10,7 @@ import torch._dynamo
 
 from electra_fast import ops
 from helpers import use_small_tiles
-from electra_fast.ops.rtd_head import COUNTS, _rtd_head_op
+from electra_fast.ops.rtd_head_loss import COUNTS, _rtd_head_op
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 

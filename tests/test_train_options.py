@@ -9,12 +9,12 @@ import torch
 
 pytest.importorskip("tokenizers")
 
-import electra_fast.pretrainer as pretrainer_mod  # noqa: E402
-import electra_fast.train as train_mod  # noqa: E402
-from electra_fast.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
+import electra_fast.pretraining.pretrainer as pretrainer_mod  # noqa: E402
+import electra_fast.train.loop as train_mod  # noqa: E402
+from electra_fast.io.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
 from electra_fast.cli import main  # noqa: E402
-from electra_fast.pretrainer import ElectraPretrainer  # noqa: E402
-from electra_fast.train import TrainConfig, train  # noqa: E402
+from electra_fast.pretraining.pretrainer import ElectraPretrainer  # noqa: E402
+from electra_fast.train.loop import TrainConfig, train  # noqa: E402
 import helpers  # noqa: E402
 from helpers import train_killed_at  # noqa: E402
 

@@ -1,14 +1,14 @@
-"""The trainer's step (`electra_fast.step.TrainStep`) on a CPU, against plain loops: LR tensor schedules, skipped
+"""The trainer's step (`electra_fast.train.step.TrainStep`) on a CPU, against plain loops: LR tensor schedules, skipped
 non-finite steps, gradient accumulation, fp16 loss scaling, no host sync; and CUDAGraphStep's argument checks."""
 import math
 
 import pytest
 import torch
 
-from electra_fast.optim import AdamWeightDecay
-from electra_fast.pretrainer import ElectraPretrainer, param_groups
-from electra_fast.step import METRICS, DynamicLossScale, TrainStep, warmup_linear_decay
-from electra_fast.train import chunk_seed
+from electra_fast.train.optim import AdamWeightDecay
+from electra_fast.pretraining.pretrainer import ElectraPretrainer, param_groups
+from electra_fast.train.step import METRICS, DynamicLossScale, TrainStep, warmup_linear_decay
+from electra_fast.train.loop import chunk_seed
 from helpers import lr_factor
 
 V, B, L = 60, 4, 12
@@ -265,7 +265,7 @@ def test_bad_arguments_are_named():
 
 
 def test_cuda_graph_step_refuses_a_float_lr_and_says_how_to_pass_a_tensor():
-    from electra_fast.cuda_graph import CUDAGraphStep
+    from electra_fast.train.cuda_graph import CUDAGraphStep
 
     model = make_model()
     step = TrainStep(model, make_optimizer(model, "reference", 5e-4))

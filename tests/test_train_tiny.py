@@ -10,7 +10,7 @@ import re
 
 import torch
 
-from electra_fast.pretrainer import ElectraPretrainer, param_groups
+from electra_fast.pretraining.pretrainer import ElectraPretrainer, param_groups
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PAD, UNK, CLS, SEP, MASK = range(5)

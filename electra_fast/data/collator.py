@@ -30,7 +30,7 @@ class ElectraDataCollator:
 
     Args:
         tokenizer: where the [PAD] id comes from: a `tokenizers.Tokenizer`, a transformers tokenizer, or a
-            tokenizer.json / vocab.txt / directory (see `electra_fast.pretrainer.tokenizer_ids`). Only the id is
+            tokenizer.json / vocab.txt / directory (see `electra_fast.pretraining.pretrainer.tokenizer_ids`). Only the id is
             kept.
         pad_token_id: the id padding gets; wins over the tokenizer's. One of the two is needed: there is no default.
         pad_to_multiple_of: L is the longest row rounded up to a multiple of this (8 suits tensor cores and bounds
@@ -48,7 +48,7 @@ class ElectraDataCollator:
             if tokenizer is None:
                 raise ValueError("ElectraDataCollator needs tokenizer= or pad_token_id= (the id of [PAD]), got "
                                  "neither")
-            from electra_fast.pretrainer import tokenizer_ids
+            from electra_fast.pretraining.pretrainer import tokenizer_ids
 
             pad_token_id = tokenizer_ids(tokenizer)["pad_token_id"]
         if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or pad_token_id < 0:

@@ -7,7 +7,7 @@ dropped). Resuming needs nothing but `k`: no sampler state to save, and nothing 
 A global batch is cut into `world_size * accum_steps` equal chunks; micro-step `a` of rank `r` takes chunk
 `a * world_size + r`. Ranks therefore never share an example, and a run on one process with `accum_steps *
 world_size` micro-steps sees exactly the same chunks in the same roles, which is what makes a multi-GPU run
-reproducible on one device (see `electra_fast.train`, which seeds each chunk's randomness by its number).
+reproducible on one device (see `electra_fast.train.loop`, which seeds each chunk's randomness by its number).
 """
 from __future__ import annotations
 

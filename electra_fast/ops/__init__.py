@@ -6,14 +6,14 @@ Triton or CUDA kernel through the backend switch in `_backend`.
 """
 from electra_fast.ops._backend import BACKENDS, available_backends, get_backend, set_backend
 from electra_fast.ops.gumbel_sample import gumbel_sample
-from electra_fast.ops.layer_norm import dropout_add_layer_norm
-from electra_fast.ops.lm_head import lm_head_loss_and_sample
+from electra_fast.ops.dropout_add_layer_norm import dropout_add_layer_norm
+from electra_fast.ops.lm_head_loss_and_sample import lm_head_loss_and_sample
 from electra_fast.ops.mask_tokens import mask_tokens, num_slots
 from electra_fast.ops.masked_gather import masked_gather
-from electra_fast.ops.mlm_loss import mlm_loss_and_sample
+from electra_fast.ops.mlm_loss_and_sample import mlm_loss_and_sample
 from electra_fast.ops.replace_tokens import replace_tokens
-from electra_fast.ops.rtd_bce import rtd_bce_loss
-from electra_fast.ops.rtd_head import rtd_head_loss
+from electra_fast.ops.rtd_bce_loss import rtd_bce_loss
+from electra_fast.ops.rtd_head_loss import rtd_head_loss
 from electra_fast.ops.varlen_plan import varlen_plan
 
 __all__ = [

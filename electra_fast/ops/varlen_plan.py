@@ -1,7 +1,7 @@
 """The layout plan of flash's variable-length attention over a padded batch: `[B, L]` mask -> (order, inverse,
 cu_seqlens), one kernel on a GPU (the PyTorch reference takes ~12).
 
-Each row is reordered real tokens first, each kind in its original order; `electra_fast.attention` ("varlen")
+Each row is reordered real tokens first, each kind in its original order; `electra_fast.model.attention` ("varlen")
 packs the hidden states with `order` before the first layer and restores them with `inverse` after the last. Both
 hold flat indices into the `[B x L]` tokens (row offsets included), so a reorder is one `index_select`. The
 flattened packed tokens form 2B sequences: row b's real tokens from b x L, its padding (possibly none) from

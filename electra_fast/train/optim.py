@@ -13,7 +13,7 @@ host read, so it is capturable in a CUDA graph as it is, and `lr` may be a 0-dim
 
 Like torch's fused optimizers it reads the attributes `grad_scale` (divide the gradients by it) and `found_inf`
 (a device flag: 1 skips the step, leaving weights and state untouched) that `torch.amp.GradScaler` and
-`electra_fast.step.TrainStep` set, so a non-finite step is skipped without a host sync. The skip zeroes the
+`electra_fast.train.step.TrainStep` set, so a non-finite step is skipped without a host sync. The skip zeroes the
 gradients with one `torch.where` per tensor (a select, so NaN and inf cannot leak through) and turns the decays
 and the LR into multipliers of 1 and 0; torch's fused AdamW does the same check inside its kernel for free.
 """

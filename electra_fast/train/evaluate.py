@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from electra_fast.errors import InputError
-from electra_fast.metrics import average_precision, roc_auc, threshold_metrics
+from electra_fast.train.metrics import average_precision, roc_auc, threshold_metrics
 
 HOLDOUT_FRACTION = 0.01
 MAX_EVAL_BATCHES = 10

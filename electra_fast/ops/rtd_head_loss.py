@@ -15,7 +15,7 @@ import torch
 
 from electra_fast.ops._backend import resolve
 from electra_fast.ops._checks import FLOAT_DTYPES, acc_dtype, check_same_device, check_shape, check_tensor
-from electra_fast.ops.rtd_bce import rtd_bce_reference
+from electra_fast.ops.rtd_bce_loss import rtd_bce_reference
 
 # What `counts` holds, over real tokens (attention_mask != 0), "positive" = replaced (label 1) or predicted so
 # (logit > 0): e.g. precision = true_positive / predicted, recall = true_positive / replaced.

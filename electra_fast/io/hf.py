@@ -25,7 +25,7 @@ from typing import Optional, Union
 
 import torch
 
-from electra_fast.model import Discriminator, ElectraEmbeddings, ElectraModelConfig, Generator
+from electra_fast.model.encoder import Discriminator, ElectraEmbeddings, ElectraModelConfig, Generator
 
 CONFIG_FIELDS = ("vocab_size", "embedding_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                  "intermediate_size", "max_position_embeddings", "type_vocab_size", "layer_norm_eps",

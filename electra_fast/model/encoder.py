@@ -5,8 +5,8 @@ Design (SPEC sections 1-3):
   `ElectraEmbeddings` module that the generator and the discriminator share (pass the same instance to both);
   each model owns its `embeddings_project` (E -> H) when E differs from its hidden size. Optional GDES
   (DeBERTa-v3): the discriminator reads `stopgrad(E_gen) + E_delta` for every one of those parameters.
-- Attention (`electra_fast.attention`) over one fused QKV projection (a single Linear of width 3H;
-  `electra_fast.hf` splits it into transformers' query/key/value): SDPA without any mask when `attention_mask`
+- Attention (`electra_fast.model.attention`) over one fused QKV projection (a single Linear of width 3H;
+  `electra_fast.io.hf` splits it into transformers' query/key/value): SDPA without any mask when `attention_mask`
   is None (flash on GPU), else the padding mask built once per forward for all layers (`attention_impl`; where
   flash runs, its variable-length kernel, each row's real tokens first for the whole layer stack).
 - The generator's LM head runs only at gathered slots (`Generator.forward(..., positions=)` or
@@ -15,10 +15,10 @@ Design (SPEC sections 1-3):
   default) so the logits' row stride is a multiple of 16 elements and the MLM kernels can use 16-byte loads. The
   padded rows of the word table (and of the GDES delta and the generator's output bias) start at zero and, since
   no id reaches them and the MLM loss ignores logit columns >= vocab_size, never get a gradient, so weight decay
-  keeps them at exactly zero. `vocab_size` is always the logical size; `electra_fast.hf` slices on export and pads
+  keeps them at exactly zero. `vocab_size` is always the logical size; `electra_fast.io.hf` slices on export and pads
   on import, so checkpoints hold the logical vocabulary only.
 - bf16 under autocast: each encoder layer casts its parameters in one launch and runs in bf16, LayerNorm
-  included (fp32 statistics); fp32 master weights and gradients are untouched (`electra_fast.layers`).
+  included (fp32 statistics); fp32 master weights and gradients are untouched (`electra_fast.model.layers`).
 GELU is the erf form, LayerNorm eps 1e-12, as the reference and transformers; weights initialised as the reference
 does (truncated normal, Glorot for two layers) or as transformers does (`ElectraModelConfig.initializer`).
 """
@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from electra_fast.attention import PaddingMask, VarlenMask, attend, attention_bias, padding_mask
-from electra_fast.layers import autocast_parameters, compute_dtype, dropout_seed, residual_layer_norm
+from electra_fast.model.attention import PaddingMask, VarlenMask, attend, attention_bias, padding_mask
+from electra_fast.model.layers import autocast_parameters, compute_dtype, dropout_seed, residual_layer_norm
 from electra_fast.ops import masked_gather
 
 
@@ -44,7 +44,7 @@ INITIALIZERS = ("reference", "normal")
 class ElectraModelConfig:
     """Shape and regularisation of one ELECTRA encoder (generator or discriminator).
 
-    Field names follow `transformers.ElectraConfig` so configs convert one to one (`electra_fast.hf`).
+    Field names follow `transformers.ElectraConfig` so configs convert one to one (`electra_fast.io.hf`).
     """
     vocab_size: int
     embedding_size: int
@@ -203,7 +203,7 @@ class EncoderLayer(nn.Module):
         """`x [B, L, H]` and the encoder's `attention.padding_mask(...)` (built once for all layers); `seed`, `salt`:
         the encoder's `layers.dropout_seed` and this layer's two salts `salt`, `salt + 1`."""
         b, l, h = x.shape
-        # Under autocast: every parameter cast in one launch and the whole block in bf16 (`electra_fast.layers`).
+        # Under autocast: every parameter cast in one launch and the whole block in bf16 (`electra_fast.model.layers`).
         wqkv, bqkv, wo, bo, g1, b1, wi, bi, wf, bf, g2, b2 = autocast_parameters([
             self.qkv.weight, self.qkv.bias, self.attn_out.weight, self.attn_out.bias, self.attn_norm.weight,
             self.attn_norm.bias, self.ffn_in.weight, self.ffn_in.bias, self.ffn_out.weight, self.ffn_out.bias,
@@ -237,7 +237,7 @@ class _Encoder(nn.Module):
                                    if config.embedding_size != config.hidden_size else None)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.attention_impl = "auto"  # or "sdpa" (dense additive mask), "varlen", "flex": electra_fast.attention
+        self.attention_impl = "auto"  # or "sdpa" (dense additive mask), "varlen", "flex": electra_fast.model.attention
 
     def embed(self, input_ids, token_type_ids):
         return self.embeddings(input_ids, token_type_ids)
@@ -257,7 +257,7 @@ class _Encoder(nn.Module):
                             dropout=self.training and cfg.attention_probs_dropout_prob > 0,
                             head_dim=cfg.hidden_size // cfg.num_attention_heads)
         varlen = isinstance(mask, VarlenMask)
-        if varlen:  # real tokens first in every row, for all layers (electra_fast.attention, "varlen")
+        if varlen:  # real tokens first in every row, for all layers (electra_fast.model.attention, "varlen")
             x = mask.pack(x)
         seed = dropout_seed(x, cfg.hidden_dropout_prob, self.training)  # one draw for every layer
         for i, layer in enumerate(self.layers):
@@ -305,15 +305,15 @@ class _Encoder(nn.Module):
                 self.embeddings.word.weight[self.config.vocab_size:].zero_()
 
     def save_pretrained(self, directory) -> None:
-        """Write `config.json` + `model.safetensors` in transformers' format (see `electra_fast.hf`)."""
-        from electra_fast import hf
+        """Write `config.json` + `model.safetensors` in transformers' format (see `electra_fast.io.hf`)."""
+        from electra_fast.io import hf
 
         hf.save(self, directory)
 
     @classmethod
     def from_pretrained(cls, path, embeddings: Optional[ElectraEmbeddings] = None, **kwargs):
         """Load a transformers-format checkpoint (ours or one written by transformers' `save_pretrained`)."""
-        from electra_fast import hf
+        from electra_fast.io import hf
 
         return hf.load(cls, path, embeddings=embeddings, **kwargs)
 

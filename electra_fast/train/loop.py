@@ -2,7 +2,7 @@
 
 Optimisation as the reference (SPEC 2): AdamW (0.9, 0.999, eps 1e-6; `optimizer="reference"`: the reference's
 update without bias correction), weight decay 0.01 except LayerNorm and biases, gradient-norm clip 1.0,
-LR = peak * min(1, step / warmup) * (1 - step / steps). Each step is an `electra_fast.step.TrainStep` (no host
+LR = peak * min(1, step / warmup) * (1 - step / steps). Each step is an `electra_fast.train.step.TrainStep` (no host
 sync: LR, skip of non-finite steps and metrics live on the device), on CUDA in one process replayed from CUDA
 graphs; batches are gathered and copied ahead by `data.Prefetcher`.
 
@@ -31,21 +31,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from electra_fast.checkpoint import latest_checkpoint, list_checkpoints, rng_state, save_checkpoint, set_rng_state
+from electra_fast.io.checkpoint import latest_checkpoint, list_checkpoints, rng_state, save_checkpoint, set_rng_state
 from electra_fast.data import BUILTIN, BatchPlan, open_training_data, vocab_fingerprint
 from electra_fast.data.prefetch import Prefetcher
 from electra_fast.data.tokenizer import tokenizer_from_str
-from electra_fast.distributed import Dist, apply_fsdp, full_state_dicts, grad_sync, init_distributed, load_state_dicts
+from electra_fast.train.distributed import Dist, apply_fsdp, full_state_dicts, grad_sync, init_distributed, load_state_dicts
 from electra_fast.errors import InputError, lock_directory
-from electra_fast.evaluate import evaluate, heldout
-from electra_fast.export import export, model_from_spec, model_spec
-from electra_fast.metrics_log import MetricsLog, _summary_writer_class, _wandb_module
-from electra_fast.adapters import DEBERTA_V3_PRESETS
-from electra_fast.model import PRESETS
-from electra_fast.optim import AdamWeightDecay
-from electra_fast.pretrainer import MASKINGS, ElectraPretrainer, param_groups
-from electra_fast.step import DynamicLossScale, TrainStep, warmup_linear_decay
-from electra_fast.warm_start import init_model, init_tokenizer
+from electra_fast.train.evaluate import evaluate, heldout
+from electra_fast.io.export import export, model_from_spec, model_spec
+from electra_fast.train.metrics_log import MetricsLog, _summary_writer_class, _wandb_module
+from electra_fast.pretraining.adapters import DEBERTA_V3_PRESETS
+from electra_fast.model.encoder import PRESETS
+from electra_fast.train.optim import AdamWeightDecay
+from electra_fast.pretraining.pretrainer import MASKINGS, ElectraPretrainer, param_groups
+from electra_fast.train.step import DynamicLossScale, TrainStep, warmup_linear_decay
+from electra_fast.io.warm_start import init_model, init_tokenizer
 
 # Reference training lengths (`configure_pretraining.py`); `tiny` is a demo that finishes in a minute or two on a CPU.
 DEFAULT_STEPS = {"tiny": 1000, "small": 1_000_000, "base": 766_000, "large": 400_000}
@@ -79,7 +79,7 @@ class TrainConfig:
     masking: str = "distinct"  # or "reference": positions drawn with replacement, as the reference draws them
     data: Optional[List[str]] = None  # None: the built-in corpus
     tokenizer: Optional[str] = None
-    init_from: Optional[str] = None  # transformers checkpoints to continue from (electra_fast.warm_start)
+    init_from: Optional[str] = None  # transformers checkpoints to continue from (electra_fast.io.warm_start)
     vocab_size: int = 30522  # for a tokenizer trained on the data
     output_dir: Optional[str] = None  # default runs/<preset> (deberta-v3: runs/deberta-v3-<preset>)
     steps: Optional[int] = None
@@ -92,16 +92,16 @@ class TrainConfig:
     adam_eps: float = 1e-6
     max_grad_norm: float = 1.0
     grad_accum: int = 1
-    optimizer: str = "adamw"  # or "reference": electra_fast.optim.AdamWeightDecay (no bias correction)
+    optimizer: str = "adamw"  # or "reference": electra_fast.train.optim.AdamWeightDecay (no bias correction)
     bf16: Optional[bool] = None
     fp16: bool = False  # fp16 autocast with a dynamic loss scale (GPUs without bf16)
     compile: Optional[bool] = None
-    cuda_graph: Optional[bool] = None  # capture the whole step (electra_fast.cuda_graph.CUDAGraphStep)
+    cuda_graph: Optional[bool] = None  # capture the whole step (electra_fast.train.cuda_graph.CUDAGraphStep)
     fsdp: bool = False
     seed: int = 1234
     log_interval: int = 10
     eval_interval: int = 500  # steps between held-out evaluations (and one at the end); 0: none
-    eval_data: Optional[List[str]] = None  # None: hold out the last rows of the data (electra_fast.evaluate)
+    eval_data: Optional[List[str]] = None  # None: hold out the last rows of the data (electra_fast.train.evaluate)
     save_interval: int = 1000
     keep_checkpoints: int = 3
     tensorboard: bool = False
@@ -226,7 +226,7 @@ def train(cfg: TrainConfig, resume: Optional[dict] = None) -> dict:
     Returns a summary: `{"step", "output_dir", "checkpoint", "metrics": last logged record, "model": the trained
     ElectraPretrainer (on its device; a shard of it under FSDP), "skipped_lines": lines of the text that were not
     UTF-8 (also reported on stderr when the data is opened), "eval": the last held-out evaluation
-    (`electra_fast.evaluate.evaluate`'s record with "step" and "split": "eval"; None without one)}`.
+    (`electra_fast.train.evaluate.evaluate`'s record with "step" and "split": "eval"; None without one)}`.
     """
     cfg = cfg.resolved()
     env, device = init_distributed(cfg.device)
@@ -402,7 +402,7 @@ def _train(cfg: TrainConfig, resume: Optional[dict], env: Dist, device: torch.de
             batches = [next(prefetch) for _ in plan.chunks]  # the thread drew this step's indices
             if runner is None:
                 if use_graph:
-                    from electra_fast.cuda_graph import CUDAGraphStep
+                    from electra_fast.train.cuda_graph import CUDAGraphStep
 
                     runner = CUDAGraphStep(ts, batches[0])
                 else:

@@ -4,11 +4,11 @@
 `lm_head_parts(hidden)` (generator: the LM head's transformed features, the decoder weight and bias, which the fused
 `ops.lm_head_loss_and_sample` takes), `lm_logits(hidden)`, `disc_head(hidden)` (discriminator: the features and the
 final dense(H -> 1) that the fused `ops.rtd_head_loss` takes), `dims()`, `embedding_slots()` (the modules that can be
-shared) and `save_pretrained(directory)`. The step (`electra_fast.pretrainer.rtd_step`) knows nothing else about
+shared) and `save_pretrained(directory)`. The step (`electra_fast.pretraining.pretrainer.rtd_step`) knows nothing else about
 the models, so the masking, gather, fused LM head at the masked slots, sampling and fused discriminator head run the
 same for every family:
 
-- the slim `Generator` / `Discriminator` (`electra_fast.model`);
+- the slim `Generator` / `Discriminator` (`electra_fast.model.encoder`);
 - transformers ELECTRA: `ElectraForMaskedLM` / `ElectraForPreTraining`;
 - any transformers masked LM whose head is laid out as BERT's (`cls.predictions.{transform,decoder}`: BERT,
   DeBERTa-v2 with `legacy=True`, the default), RoBERTa's (`lm_head.{dense,layer_norm,decoder}`: RoBERTa, XLM-R,
@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from electra_fast.model import Discriminator, Generator
+from electra_fast.model.encoder import Discriminator, Generator
 
 HEAD_FILE = "rtd_head.safetensors"
 EMBEDDING_ATTRS = {"word": "word_embeddings", "position": "position_embeddings",
@@ -191,7 +191,7 @@ class RTDDiscriminator(nn.Module):
         if there is one (else freshly initialised)."""
         from safetensors.torch import load_file
 
-        from electra_fast.hf import require_transformers
+        from electra_fast.io.hf import require_transformers
 
         model = cls(require_transformers().AutoModel.from_pretrained(directory, **kwargs))
         path = os.path.join(directory, HEAD_FILE)
@@ -427,7 +427,7 @@ def _adapter_class(model, role: str):
             return TokenClassificationAdapter
         if model.base_model is model:
             raise TypeError(f"discriminator {name} is a bare encoder without an RTD head: wrap it as "
-                            "electra_fast.adapters.RTDDiscriminator(model) (ElectraPretrainer does this itself)")
+                            "electra_fast.pretraining.adapters.RTDDiscriminator(model) (ElectraPretrainer does this itself)")
     raise TypeError(f"discriminator must be an electra_fast Discriminator, a transformers ElectraForPreTraining, a "
                     "*ForTokenClassification with num_labels=1, or an RTDDiscriminator around a transformers encoder "
                     f"(AutoModel), got {name}")
@@ -607,7 +607,7 @@ def load_pair(directory: str, *, gdes: bool = False, **kwargs) -> tuple:
     beside the encoder). `gdes=True` wires GDES again with each delta = the discriminator's saved embedding minus
     the generator's, so the pair reads exactly what was saved; otherwise `ElectraPretrainer` shares the
     embeddings (the two checkpoints hold equal copies). `kwargs` go to `from_pretrained`."""
-    from electra_fast.hf import require_transformers
+    from electra_fast.io.hf import require_transformers
 
     tf = require_transformers()
 
@@ -661,7 +661,7 @@ def deberta_v3_models(preset: str, *, vocab_size: int, pad_token_id: int, genera
     half the discriminator's depth."""
     if preset not in DEBERTA_V3_PRESETS:
         raise ValueError(f"preset must be one of {sorted(DEBERTA_V3_PRESETS)}, got {preset!r}")
-    from electra_fast.hf import require_transformers
+    from electra_fast.io.hf import require_transformers
 
     tf = require_transformers()
     fields = {**DEBERTA_V3_CONFIG, **DEBERTA_V3_PRESETS[preset], **overrides}
@@ -679,7 +679,7 @@ def deberta_v3_pretrainer(preset: str, *, tokenizer=None, vocab_size: Optional[i
     """An `ElectraPretrainer` for the DeBERTa-v3 recipe: `deberta_v3_models(preset)`, GDES on, RTD weight 50,
     mask_prob 0.15. Token ids from `tokenizer` or given (as `ElectraPretrainer.from_preset`); `kwargs`: the
     pretrainer's (`mask_prob`, `disc_weight`, ...) and `DebertaV2Config` fields."""
-    from electra_fast.pretrainer import _PRETRAINER_KWARGS, ElectraPretrainer, _check_tokenizer_fits, resolve_ids
+    from electra_fast.pretraining.pretrainer import _PRETRAINER_KWARGS, ElectraPretrainer, _check_tokenizer_fits, resolve_ids
 
     ids, tokenizer_vocab = resolve_ids(tokenizer, mask_token_id, special_token_ids, pad_token_id)
     if vocab_size is None:

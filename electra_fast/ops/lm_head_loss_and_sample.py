@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from electra_fast.ops._backend import draw_seed, resolve, uniform
 from electra_fast.ops._checks import FLOAT_DTYPES, acc_dtype, check_same_device, check_shape, check_ids, \
     check_temperature, check_tensor, check_vocab_size
-from electra_fast.ops.mlm_loss import WEIGHT_EPS, check_slot_targets, weighted_mean
+from electra_fast.ops.mlm_loss_and_sample import WEIGHT_EPS, check_slot_targets, weighted_mean
 
 CHUNK_BYTES = 2 ** 26  # default bytes of a chunk's temporaries (64 MiB: 548 rows of fp32 logits at W = 30592)
 ROW_MULTIPLE = 8  # default chunks hold a multiple of 8 rows (aligned GEMM shapes); a last chunk may hold fewer

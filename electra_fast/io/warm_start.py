@@ -14,8 +14,8 @@ import os
 from typing import Optional
 
 from electra_fast.errors import InputError
-from electra_fast.model import PRESETS, Discriminator, Generator
-from electra_fast.pretrainer import ElectraPretrainer, _tokenizer_beside, tokenizer_ids
+from electra_fast.model.encoder import PRESETS, Discriminator, Generator
+from electra_fast.pretraining.pretrainer import ElectraPretrainer, _tokenizer_beside, tokenizer_ids
 
 
 def _discriminator_dir(directory: str) -> Optional[str]:

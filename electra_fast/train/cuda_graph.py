@@ -1,4 +1,4 @@
-"""Replay a whole training step (`electra_fast.step.TrainStep`: forward, backward, clip, skip, LR, optimizer) from
+"""Replay a whole training step (`electra_fast.train.step.TrainStep`: forward, backward, clip, skip, LR, optimizer) from
 CUDA graphs, so the host only copies the batch in and launches.
 
 Why explicit capture rather than `torch.compile(mode="reduce-overhead")`: the embeddings that the generator and
@@ -25,7 +25,7 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from electra_fast.step import TrainStep
+from electra_fast.train.step import TrainStep
 
 
 def check_graph_lr(optimizer: torch.optim.Optimizer) -> None:

@@ -6,13 +6,13 @@ import dataclasses
 import os
 import shutil
 
-from electra_fast.adapters import RTDDiscriminator
-from electra_fast.checkpoint import latest_checkpoint, load_checkpoint
+from electra_fast.pretraining.adapters import RTDDiscriminator
+from electra_fast.io.checkpoint import latest_checkpoint, load_checkpoint
 from electra_fast.data import save_tokenizer
 from electra_fast.data.tokenizer import tokenizer_from_str
 from electra_fast.errors import InputError, ensure_writable
-from electra_fast.model import Discriminator, ElectraModelConfig
-from electra_fast.pretrainer import ElectraPretrainer
+from electra_fast.model.encoder import Discriminator, ElectraModelConfig
+from electra_fast.pretraining.pretrainer import ElectraPretrainer
 
 
 def _transformers_spec(module) -> dict:
@@ -23,7 +23,7 @@ def _transformers_spec(module) -> dict:
 
 
 def _transformers_model(spec: dict):
-    from electra_fast.hf import require_transformers
+    from electra_fast.io.hf import require_transformers
 
     tf = require_transformers()
     model = getattr(tf, spec["class"])(getattr(tf, spec["config_class"]).from_dict(spec["config"]))
