@@ -1,7 +1,8 @@
-"""Packaging: `kernels/` installs as `electra_fast.kernels`, `csrc/` ships as `electra_fast.csrc` data.
+"""Packaging: `kernels/` installs as `electra_fast.kernels`, `csrc/` as `electra_fast.csrc` (its launcher modules,
+with the CUDA sources as package data).
 
 Nothing is compiled at install time unless ELECTRA_FAST_BUILD_CUDA=1 asks for the CUDA extension
-ahead of time; otherwise it is built just in time with ninja on first use (see electra_fast/cuda.py).
+ahead of time; otherwise it is built just in time with ninja on first use (see csrc/_extension.py).
 """
 import os
 
@@ -19,9 +20,9 @@ def _cuda_extension():
 
     from torch.utils.cpp_extension import CUDAExtension
 
-    # Loaded by path: electra_fast/_cuda_build.py needs only the standard library, the package need not import.
+    # Loaded by path: csrc/_build.py needs only the standard library, the package need not import.
     here = os.path.dirname(os.path.abspath(__file__))
-    spec = importlib.util.spec_from_file_location("_cuda_build", os.path.join(here, "electra_fast", "_cuda_build.py"))
+    spec = importlib.util.spec_from_file_location("_cuda_build", os.path.join(here, "csrc", "_build.py"))
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
     return CUDAExtension(

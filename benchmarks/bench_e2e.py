@@ -94,7 +94,7 @@ def peak_flops(name: str, override: float | None) -> float | None:
 def hf_models(gen_cfg, disc_cfg, device="cuda"):
     from transformers import ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining
 
-    from electra_fast.io.hf import to_hf_config
+    from electra_fast.model.hf_format import to_hf_config
 
     gen = ElectraForMaskedLM(ElectraConfig(**to_hf_config(gen_cfg, "ElectraForMaskedLM")))
     disc = ElectraForPreTraining(ElectraConfig(**to_hf_config(disc_cfg, "ElectraForPreTraining")))
@@ -147,18 +147,17 @@ def make_optimizer(params, capturable: bool):
 
 def build(impl: str, mode: str, preset: str, vocab: int, device: str = "cuda", attention: str = "auto"):
     """Returns (step function taking (ids, mask) and returning a loss tensor, notes dict, the `ElectraPretrainer`
-    the step trains, None for transformers). `attention`: the slim encoders' `attention_impl` (ours only)."""
+    the step trains, None for transformers). `attention`: the slim encoders' attention path (ours only)."""
     from electra_fast.train.cuda_graph import CUDAGraphStep
     from electra_fast.train.step import TrainStep
-    from electra_fast.model.encoder import preset_configs
+    from electra_fast.model.config import preset_configs
     from electra_fast.pretraining.pretrainer import ElectraPretrainer, param_groups
 
     gen_cfg, disc_cfg = preset_configs(preset, vocab_size=vocab)
     notes = {}
     if impl == "ours":
         model = ours(preset, vocab).to(device)
-        for encoder in (model.generator, model.discriminator):
-            encoder.attention_impl = attention
+        model.options = model.options.replace(attention=attention)  # both slim encoders' configs
     else:
         gen, disc = hf_models(gen_cfg, disc_cfg, device)
         if impl == "transformers":
@@ -290,7 +289,7 @@ def kernel_path(model, ids, mask, device: str) -> dict:
     off), recording what it took: its losses, the masks (`mask_tokens`' output) and the samples (`replace_tokens`'
     input), each op's backend, the attention path of each encoder and the sampler."""
     import electra_fast.model.encoder as model_module
-    import electra_fast.pretraining.pretrainer as pretrainer
+    import electra_fast.pretraining.rtd_step as pretrainer
 
     calls: dict = {}
     attention: list = []
@@ -324,17 +323,15 @@ def reference_step(model, ids, mask, masked_ids, positions, weights, sampled) ->
     """The step's losses in fp64 through the torch backend on a copy of `model` (same weights, dropout off, the
     dense-bias attention), from the given masks and samples: masked ids -> generator -> gathered slots -> LM head ->
     weighted cross-entropy; samples written into the original ids -> discriminator -> BCE over real tokens."""
-    from electra_fast.pretraining import adapters
     from electra_fast.ops.masked_gather import masked_gather_reference
     from electra_fast.ops.mlm_loss_and_sample import weighted_mean
     from electra_fast.ops.replace_tokens import replace_tokens_mean_reference, replace_tokens_reference
+    from electra_fast.pretraining.families import check_pair, pair_dims
 
     ref = copy.deepcopy(model).double().eval()
-    for encoder in (ref.generator, ref.discriminator):
-        if hasattr(encoder, "attention_impl"):
-            encoder.attention_impl = "sdpa"
-    gen, disc = adapters.check_pair(ref.generator, ref.discriminator)
-    vocab = adapters.pair_dims(gen, disc)["vocab_size"]
+    ref.options = ref.options.replace(attention="sdpa")  # the slim encoders' dense-bias path
+    gen, disc = check_pair(ref.generator, ref.discriminator)
+    vocab = pair_dims(gen, disc)["vocab_size"]
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -345,7 +342,7 @@ def reference_step(model, ids, mask, masked_ids, positions, weights, sampled) ->
             w = weights.reshape(-1).double()
             ce = torch.logsumexp(logits, dim=1) - logits.gather(1, targets[:, None])[:, 0]
             mlm = weighted_mean(ce, w)
-            replace = replace_tokens_mean_reference if ref.masking == "reference" else replace_tokens_reference
+            replace = replace_tokens_mean_reference if ref.masking == "with_replacement" else replace_tokens_reference
             disc_ids, is_replaced = replace(ids, positions, weights, sampled)
             features, projection = disc.disc_head(disc.encode(disc_ids, mask, None))
             z = F.linear(features, projection.weight, projection.bias).squeeze(-1).double()
@@ -373,7 +370,7 @@ def _mask_problems(model, ids, mask, masked_ids, positions, weights, sampled, vo
     chosen = slots_at > 0
     if not bool(torch.where(real_slot, (real & ~special).gather(1, positions), True).all()):
         problems.append("a real slot at padding or a special token")
-    if bool((slots_at > 1).any()) and model.masking != "reference":  # only the reference's draw repeats positions
+    if bool((slots_at > 1).any()) and model.masking != "with_replacement":  # only that draw repeats positions
         problems.append("two real slots at one position")
     changed = masked_ids != ids
     if not bool((masked_ids[changed] == model.mask_token_id).all()) or bool((changed & ~chosen).any()):
@@ -388,14 +385,14 @@ def first_step_check(model, ids, mask, device: str, compare: bool = True) -> dic
     masks and samples the step drew itself. Returns the row's fields: `check` ("ok" or "failed: ..."), both sets
     of losses, and the path that ran (`backends`, `attention_taken`, `sampler`). `compare=False`: the path only
     (`check` "off")."""
-    from electra_fast.pretraining import adapters
+    from electra_fast.pretraining.families import check_pair, pair_dims
 
     got = kernel_path(model, ids, mask, device)
     ran = {"backends": got["backends"], "attention_taken": got["attention_taken"], "sampler": got["sampler"]}
     if not compare:
         return {"check": "off", **ran}
     ref = reference_step(model, ids, mask, got["masked_ids"], got["positions"], got["weights"], got["sampled"])
-    vocab = adapters.pair_dims(*adapters.check_pair(model.generator, model.discriminator))["vocab_size"]
+    vocab = pair_dims(*check_pair(model.generator, model.discriminator))["vocab_size"]
     problems = _mask_problems(model, ids, mask, got["masked_ids"], got["positions"], got["weights"], got["sampled"],
                               vocab)
     for name, want in ref["losses"].items():
@@ -519,7 +516,7 @@ def run(args, dev: str) -> None:
     import transformers
 
     import electra_fast
-    from electra_fast.model.encoder import preset_configs
+    from electra_fast.model.config import preset_configs
 
     prepared = prepare_backends()  # the CUDA extension built or loaded here, never inside a row's first steps
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -15,7 +15,6 @@ ops, the sampler.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -56,7 +55,7 @@ class Case:
     make: Callable[[], tuple]
     fwd_bytes: int
     bwd_bytes: Optional[int]  # extra bytes of the backward; None: not differentiable
-    public: Callable  # (backend, *inputs) -> outputs (the public op)
+    public: Callable  # (backend, *inputs) -> outputs (the public op); the sampling ops also take sampler=
     reference: Callable  # plain-torch function of the inputs, for torch.compile
     loss: Callable = lambda out: out  # output -> scalar to differentiate
     grad_inputs: tuple = (0,)  # which inputs the fwd+bwd pass differentiates
@@ -86,10 +85,11 @@ def cases(shape: str, device="cuda"):
         return mlm_loss_and_sample_reference(x, t, w, torch.rand(m, vocab, device=x.device), 1.0, False, vocab)[:3]
 
     yield Case("mlm_loss_and_sample", logits, m * vocab * 2 + m * 12, 2 * m * vocab * 2,
-               lambda be, x, t, w: ops.mlm_loss_and_sample(x, t, w, vocab_size=vocab, backend=be), mlm_reference,
+               lambda be, x, t, w, sampler=None: ops.mlm_loss_and_sample(x, t, w, vocab_size=vocab, backend=be,
+                                                                         sampler=sampler), mlm_reference,
                loss=lambda out: out[0])
     yield Case("gumbel_sample", lambda: (torch.randn(m, width, **bf16) * 2,), m * vocab * 2 + m * 8, None,
-               lambda be, x: ops.gumbel_sample(x, vocab_size=vocab, backend=be),
+               lambda be, x, sampler=None: ops.gumbel_sample(x, vocab_size=vocab, backend=be, sampler=sampler),
                lambda x: gumbel_sample_reference(x[:, :vocab], torch.rand(m, vocab, device=x.device), 1.0))
 
     def head():  # the generator's LM head input, the tied (padded) word table and its bias
@@ -99,8 +99,9 @@ def cases(shape: str, device="cuda"):
     # Least bytes: the fused op reads hidden and the table once and never writes the logits; the backward writes the
     # gradients of hidden and of the table. "unfused" (F.linear + our MLM op) and torch.compile write [M, V] logits.
     yield Case("lm_head_loss_and_sample", head, (m * e + width * e + width) * 2 + m * 12, (m * e + width * e) * 2,
-               lambda be, h, wt, bias, t, w: ops.lm_head_loss_and_sample(h, wt, bias, t, w, vocab_size=vocab,
-                                                                          backend=be),
+               lambda be, h, wt, bias, t, w, sampler=None: ops.lm_head_loss_and_sample(h, wt, bias, t, w,
+                                                                                      vocab_size=vocab, backend=be,
+                                                                                      sampler=sampler),
                lambda h, wt, bias, t, w: mlm_reference(F.linear(h, wt, bias), t, w),
                loss=lambda out: out[0], grad_inputs=(0, 1, 2),
                unfused=lambda be, h, wt, bias, t, w: ops.mlm_loss_and_sample(F.linear(h, wt, bias), t, w,
@@ -192,14 +193,7 @@ def _timed(case: Case, impl: str, grad: bool, sets):
         backend, _, sampler = impl.partition(":")
 
         def fn(*a):
-            if not sampler:
-                return case.public(backend, *a)
-            kernel = importlib.import_module("electra_fast.kernels.mlm_loss_sample")
-            default, kernel.SAMPLER = kernel.SAMPLER, sampler
-            try:
-                return case.public(backend, *a)
-            finally:
-                kernel.SAMPLER = default
+            return case.public(backend, *a, sampler=sampler) if sampler else case.public(backend, *a)
     if not grad:
         def step(*a):
             with torch.no_grad():

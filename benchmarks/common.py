@@ -12,6 +12,7 @@ import statistics
 import sys
 import time
 from datetime import date
+from typing import Optional
 
 import torch
 
@@ -66,7 +67,7 @@ def prepare_backends() -> dict:
 
     info = {}
     try:
-        from electra_fast import cuda
+        from electra_fast.csrc import _extension as cuda
     except ImportError as exc:  # a checkout without the extension's sources
         info["cuda_extension"] = f"unavailable: {exc}"
     else:
@@ -120,15 +121,16 @@ def record_backends():
         result.update({op: "|".join(names) for op, names in seen.items()})
 
 
-def sampler_of(backend: str) -> str:
-    """`<backend>:<sampler>` of the MLM / Gumbel sampling ops on `backend`: the kernels' `SAMPLER` ("cdf" exact
-    inverse CDF or "gumbel"), Gumbel-max over torch.rand noise for the torch reference."""
+def sampler_of(backend: str, sampler: Optional[str] = None) -> str:
+    """`<backend>:<sampler>` of the MLM / Gumbel sampling ops on `backend` called with `sampler=` (None: the ops'
+    default, `ELECTRA_FAST_SAMPLER` or "cdf", exact inverse CDF): Gumbel-max over torch.rand noise for the torch
+    reference, whatever was asked."""
     if backend == "torch":
         return "torch:gumbel"
-    if backend == "triton":
-        return "triton:" + importlib.import_module("electra_fast.kernels.mlm_loss_sample").SAMPLER
-    if backend == "cuda":
-        return "cuda:" + importlib.import_module("electra_fast.cuda").SAMPLER
+    if backend in ("triton", "cuda"):
+        from electra_fast.options import env_sampler
+
+        return f"{backend}:{sampler or env_sampler()}"
     return backend
 
 

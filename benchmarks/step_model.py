@@ -391,7 +391,7 @@ def _to_fake(module: nn.Module, mode: FakeTensorMode) -> None:
 
 def build(impl: str, preset: str, vocab: int):
     """(module naming every trained submodule, forward (ids, mask) -> loss, vocabulary sizes) on the CPU."""
-    from electra_fast.model.encoder import preset_configs
+    from electra_fast.model.config import preset_configs
     gen_cfg, disc_cfg = preset_configs(preset, vocab_size=vocab)
     if impl == "ours":
         model = bench_e2e.ours(preset, vocab)

@@ -456,7 +456,7 @@ def body_env(out: str, smoke: bool) -> int:
         except (ImportError, AttributeError):
             info[name] = None
     try:
-        from electra_fast import cuda as ef_cuda
+        from electra_fast.csrc import _extension as ef_cuda
 
         info["cuda_backend"] = ef_cuda.unavailable_reason() or "available"
     except ImportError as exc:
@@ -495,7 +495,7 @@ def body_env(out: str, smoke: bool) -> int:
 
 def body_build(out: str, smoke: bool) -> int:
     """Remove a stale JIT lock, then build (or load) the CUDA extension; without a GPU (the smoke) say why not."""
-    from electra_fast import cuda as ef_cuda
+    from electra_fast.csrc import _extension as ef_cuda
 
     rec = {"stale_lock_removed": ef_cuda.clear_stale_build_lock(),
            "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST")}

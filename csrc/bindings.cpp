@@ -5,8 +5,8 @@
 // CPU-only torch wheel cannot compile; kernels get raw pointers (launch.cuh). So CI without a GPU compiles,
 // links and imports this module, and only running it needs a GPU.
 // Outputs are allocated here with torch's caching allocator and nothing reads device memory back to the
-// host, so every op is safe inside CUDA-graph capture. The Python side (electra_fast/cuda.py) wraps these
-// functions as torch.library custom ops with fake kernels and autograd.
+// host, so every op is safe inside CUDA-graph capture. The Python side (csrc/<op>.py, one launcher per op) wraps
+// these functions as torch.library custom ops with fake kernels and autograd.
 // Only what the bindings use, not <torch/extension.h> (all of libtorch's C++ API): that header alone made this file
 // a 50 s compile, here and in every JIT build.
 #include <ATen/core/Tensor.h>
@@ -279,7 +279,7 @@ at::Tensor rtd_bce_backward(const at::Tensor& grad_loss, const at::Tensor& grad_
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "electra_fast CUDA kernels (csrc/); use them through electra_fast.cuda or electra_fast.ops";
+  m.doc() = "electra_fast CUDA kernels (csrc/); use them through electra_fast.ops (or electra_fast.csrc.<op>)";
   m.def("mlm_forward", &mlm_forward, "fused MLM loss + sample: (loss, sampled, correct, lse, wsum_eps)");
   m.def("mlm_backward", &mlm_backward, "gradient of the MLM loss w.r.t. the logits (0 in padded columns)");
   m.def("gumbel_sample", &gumbel_sample, "one draw per row from softmax(logits[:, :vocab_size] / T)");

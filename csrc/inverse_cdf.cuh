@@ -1,5 +1,5 @@
 // Exact sampling from softmax(scores) by inverse CDF over nested tiles: the arithmetic the MLM kernel's default
-// sampler (mlm_sample.cu) shares with the CPU test program (tests/test_csrc_compile.py).
+// sampler (mlm_loss_and_sample.cu) shares with the CPU test program (tests/test_csrc_compile.py).
 //
 // Design: the forward pass already keeps an online log-sum-exp per thread, i.e. the mass s of the thread's
 // columns relative to their max m (a "tile": the thread's share of the row). Sampling then needs no noise per

@@ -1,8 +1,9 @@
 """electra-fast: fused kernels and a slim model for fast ELECTRA (replaced-token detection) pretraining.
 
 Layers, each importing only those before it: `ops` (public ops, PyTorch references; kernels in `kernels/` and
-`csrc/`) -> `model` (slim encoder) -> `io` (files) -> `pretraining` (`ElectraPretrainer`) -> `train` -> `cli`;
-`data` beside. docs/architecture.md has the map.
+`csrc/`) -> `model` (slim encoder, its transformers format) -> `data` and `io` (training checkpoints, transformers
+model objects) -> `pretraining` (`ElectraPretrainer`, saving a pair) -> `train` (with export and warm starts) ->
+`cli`. docs/architecture.md has the map.
 """
 import importlib as _importlib
 import os as _os
@@ -22,9 +23,12 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")) and 
 # before torch is imported, and `import electra_fast.ops` must not pull in the model.
 _PUBLIC = {
     "ops": "electra_fast",
-    **dict.fromkeys(("ElectraPretrainer", "PretrainerOutput", "rtd_step", "param_groups", "tie_embeddings",
-                     "tokenizer_ids"), "electra_fast.pretraining.pretrainer"),
-    **dict.fromkeys(("ElectraModelConfig", "PRESETS", "Generator", "Discriminator"), "electra_fast.model"),
+    **dict.fromkeys(("ElectraPretrainer", "param_groups"), "electra_fast.pretraining.pretrainer"),
+    **dict.fromkeys(("PretrainerOutput", "rtd_step"), "electra_fast.pretraining.rtd_step"),
+    "tie_embeddings": "electra_fast.pretraining.sharing",
+    "tokenizer_ids": "electra_fast.pretraining.token_ids",
+    **dict.fromkeys(("ElectraModelConfig", "PRESETS"), "electra_fast.model.config"),
+    **dict.fromkeys(("Generator", "Discriminator"), "electra_fast.model.encoder"),
     "AdamWeightDecay": "electra_fast.train.optim",
     "CUDAGraphStep": "electra_fast.train.cuda_graph",
 }

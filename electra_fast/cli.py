@@ -18,7 +18,9 @@ import shlex
 import sys
 from typing import List, Optional
 
+from electra_fast.checks import check_int
 from electra_fast.errors import InputError, ensure_writable
+from electra_fast.options import ATTENTION, BACKENDS, SAMPLERS
 
 EXIT_INPUT = 2
 
@@ -51,9 +53,10 @@ def _add_pretrain(sub) -> None:
     a("--gdes", action=argparse.BooleanOptionalAction,
       help="gradient-disentangled embedding sharing (default: on for --arch deberta-v3, off for electra)")
     a("--mask-prob", type=float, help="fraction of tokens masked (default: the preset's, 0.15 or 0.25)")
-    a("--masking", choices=["distinct", "reference"],
-      help="distinct (default): K_b distinct positions per row; reference: drawn with replacement as the reference "
-      "does (a position drawn twice counts twice and takes the floor of the mean of its samples)")
+    # The older spelling "reference" is still accepted (TrainConfig maps it), but no longer shown.
+    a("--masking", choices=["distinct", "with_replacement", "reference"], metavar="{distinct,with_replacement}",
+      help="distinct (default): K_b distinct positions per row; with_replacement: drawn with replacement as the "
+      "reference does (a position drawn twice counts twice and takes the floor of the mean of its samples)")
     a("--data", nargs="+", metavar="PATH", help="a prepared dataset directory, or text files/directories "
       "(one sentence per line, blank line between documents); default: the built-in corpus")
     a("--tokenizer", metavar="PATH", help="tokenizer.json, vocab.txt or a directory with one; default: the "
@@ -71,8 +74,8 @@ def _add_pretrain(sub) -> None:
     a("--weight-decay", type=float, help="AdamW weight decay, not on LayerNorm/bias (default 0.01)")
     a("--max-grad-norm", type=float, help="gradient-norm clip (default 1.0)")
     a("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
-    a("--optimizer", choices=["adamw", "reference"],
-      help="adamw (default): torch's AdamW, with bias correction, as transformers users expect; reference: the "
+    a("--optimizer", choices=["adamw", "electra_adam", "reference"], metavar="{adamw,electra_adam}",
+      help="adamw (default): torch's AdamW, with bias correction, as transformers users expect; electra_adam: the "
       "reference's AdamWeightDecay, no bias correction (after the 10k-step warm-up the two barely differ)")
     a("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on for CUDA GPUs)")
     a("--fp16", action="store_true", default=None,
@@ -82,6 +85,19 @@ def _add_pretrain(sub) -> None:
       help="replay the whole step (forward, backward, optimizer) from CUDA graphs (default: on for CUDA in one "
       "process)")
     a("--fsdp", action="store_true", default=None, help="FSDP2 (fully_shard) instead of DDP under torchrun")
+    # How the kernels run: not saved with the run, so a --resume may pass other values.
+    a("--backend", choices=BACKENDS, help="kernels of every op: torch (the PyTorch reference), triton or cuda "
+      "(default: the environment variable ELECTRA_FAST_BACKEND; unset, each op's fastest available on a GPU and "
+      "the reference on a CPU). Not saved with the run: a --resume may pass another")
+    a("--sampler", choices=SAMPLERS, help="how the kernels draw the generator's samples, both exactly from its "
+      "softmax: cdf (inverse CDF, one uniform per row) or gumbel (Gumbel-max) (default: the environment variable "
+      "ELECTRA_FAST_SAMPLER, else cdf)")
+    a("--attention", choices=ATTENTION, help="the slim encoder's attention: auto (default: varlen where flash runs, "
+      "else flex on CUDA without attention dropout, else sdpa), sdpa (dense additive mask), varlen (flash "
+      "variable-length) or flex (FlexAttention)")
+    a("--fused-lm-head", action=argparse.BooleanOptionalAction,
+      help="the generator's LM head, loss and sample as one chunked op, so its [tokens, vocabulary] logits never "
+      "exist whole (default: on, except for transformers' ElectraForMaskedLM)")
     a("--seed", type=int, help="random seed (default 1234)")
     a("--log-interval", type=int, help="steps between metric logs (default 10)")
     a("--eval-interval", type=int, help="steps between evaluations on held-out data, and one at the end (default "
@@ -106,7 +122,7 @@ def _add_pretrain(sub) -> None:
 
 
 def _read_config_file(path: str) -> dict:
-    from electra_fast.train.loop import TrainConfig
+    from electra_fast.train.config import TrainConfig
 
     try:
         with open(path, encoding="utf-8") as f:
@@ -126,7 +142,8 @@ def _read_config_file(path: str) -> dict:
 
 def _pretrain(args) -> int:
     from electra_fast.io.checkpoint import load_checkpoint
-    from electra_fast.train.loop import TrainConfig, default_output_dir, find_resume_checkpoint, train
+    from electra_fast.train.config import TrainConfig, default_output_dir
+    from electra_fast.train.loop import find_resume_checkpoint, train
 
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command", "config", "resume")}
     if "model" in given:
@@ -201,15 +218,13 @@ def _check_output(path: str) -> None:
 
 
 def _prepare(args) -> int:
-    if args.seq_len is not None and args.seq_len < 5:
-        raise InputError(f"--seq-len must be at least 5, got {args.seq_len}")
-    if args.shard_size is not None and args.shard_size < 1:
-        raise InputError(f"--shard-size must be a positive integer, got {args.shard_size}")
+    check_int(args.seq_len, "--seq-len", low=5, allow_none=True, error=InputError)
+    check_int(args.shard_size, "--shard-size", low=1, allow_none=True, error=InputError)
     _check_output(args.output)
     from electra_fast.data import prepare_text
 
     if args.seq_len is None:
-        from electra_fast.model.encoder import PRESETS
+        from electra_fast.model.config import PRESETS
 
         args.seq_len = PRESETS[args.preset]["seq_len"]
     index = prepare_text(args.inputs or None, args.output, tokenizer=args.tokenizer, seq_len=args.seq_len,
@@ -255,7 +270,7 @@ def _add_export(sub) -> None:
 
 
 def _export(args) -> int:
-    from electra_fast.io.export import export
+    from electra_fast.train.export import export
 
     output = args.output
     if output is None:  # runs/x/checkpoints/checkpoint-N.pt -> runs/x

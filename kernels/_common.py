@@ -1,9 +1,11 @@
 """Launcher helpers shared by the Triton kernels (block sizes, grid sizes, dtype views).
 
-This folder is `electra_fast.kernels`, the "triton" backend of `electra_fast.ops`: one module per op, each a backend
-entry with the contract of `electra_fast.ops._backend` (canonical, contiguous inputs) running registered
-`torch.library` custom ops (`electra_fast::*_triton`) with fake kernels and autograd, so `torch.compile(fullgraph=True)`
-traces them and CUDA graphs capture them. On CPU tensors the kernels run only under `TRITON_INTERPRET=1`.
+This folder is `electra_fast.kernels`, the "triton" backend of `electra_fast.ops`: one module per op, named after the
+op, each a backend entry with the contract of `electra_fast.ops._backend` (canonical, contiguous inputs) running
+registered `torch.library` custom ops (`electra_fast::*_triton`) with fake kernels and autograd, so
+`torch.compile(fullgraph=True)` traces them and CUDA graphs capture them. On CPU tensors the kernels run only under
+`TRITON_INTERPRET=1`. The modules import what they share with the public ops from `electra_fast.ops._contract` (and
+`ops._checks`, `electra_fast.options`, `electra_fast.checks`), never a public op module: the ops import them.
 """
 from __future__ import annotations
 

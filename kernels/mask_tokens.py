@@ -25,10 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
-from electra_fast.ops.mask_tokens import MASK_REPLACE_PROB
+from electra_fast.ops._contract import MASK_REPLACE_PROB
 
 from ._common import loadable, pow2
-from .mlm_loss_sample import _uniform
+from .mlm_loss_and_sample import _uniform
 
 ROW_TILE = 2048    # rows per program * BLOCK_L: several short rows share a program
 NUM_WARPS = 8      # 8 row elements per thread

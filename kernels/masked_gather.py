@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from electra_fast.ops.masked_gather import register_gather_autograd
+from electra_fast.ops._contract import register_gather_autograd
 
 from ._common import pow2
 

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from electra_fast.ops.varlen_plan import varlen_plan_fake
+from electra_fast.ops._contract import varlen_plan_fake
 
 from ._common import loadable, pow2
 

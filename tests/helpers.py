@@ -10,10 +10,10 @@ import torch
 
 
 # Kernel tiles small enough that the tests' tiny shapes span several of them, with a partial last one.
-SMALL_TILES = {"mlm_loss_sample": {"BLOCK_V": 8, "BLOCK_BWD": 16},
+SMALL_TILES = {"mlm_loss_and_sample": {"BLOCK_V": 8, "BLOCK_BWD": 16},
                "masked_gather": {"BLOCK_H": 4, "SCATTER_BLOCK_H": 4, "DUP_CHUNK": 2},
-               "replace_tokens": {"BLOCK_L": 4}, "rtd_bce": {"BLOCK": 16},
-               "rtd_head": {"TILE_ELEMS": 16, "BWD_TILE_ELEMS": 32}, "varlen_plan": {"BLOCK_L": 16}}
+               "replace_tokens": {"BLOCK_L": 4}, "rtd_bce_loss": {"BLOCK": 16},
+               "rtd_head_loss": {"TILE_ELEMS": 16, "BWD_TILE_ELEMS": 32}, "varlen_plan": {"BLOCK_L": 16}}
 
 
 def use_small_tiles(monkeypatch, kernels=tuple(SMALL_TILES)):
@@ -77,7 +77,7 @@ def train_killed_at(cfg, step: int, chunk: int = 0) -> None:
 
 def lr_factor(step: int, steps: int, warmup: int) -> float:
     """The reference's LR multiplier at optimizer step `step` (0-based), in Python floats: linear decay to 0 over
-    `steps`, times linear warm-up over `warmup` (the oracle of `electra_fast.train.step.warmup_linear_decay`)."""
+    `steps`, times linear warm-up over `warmup` (the oracle of `electra_fast.train.schedules.warmup_linear_decay`)."""
     decay = max(0.0, 1.0 - step / steps)
     return decay * (min(1.0, step / warmup) if warmup > 0 else 1.0)
 
@@ -141,9 +141,7 @@ def half_at_argmax(x):
 
 
 def use_sampler(monkeypatch, backend: str, sampler: str) -> None:
-    """Select `backend`'s MLM sampler, as ELECTRA_FAST_SAMPLER does at import (the torch reference has one only)."""
+    """Select the kernels' sampler for the sampling ops called without `sampler=`, as ELECTRA_FAST_SAMPLER does (the
+    public ops read it through `electra_fast.options.env_sampler` at each call; the torch reference has one only)."""
     if backend != "torch" and sampler is not None:
-        from electra_fast.ops import _backend
-
-        monkeypatch.setattr(importlib.import_module(_backend._module_name(backend, "mlm_loss_and_sample")),
-                            "SAMPLER", sampler)
+        monkeypatch.setenv("ELECTRA_FAST_SAMPLER", sampler)

@@ -1,4 +1,4 @@
-"""Other transformers encoders (BERT, RoBERTa, DeBERTa-v2/v3) through the same RTD step (electra_fast.pretraining.adapters):
+"""Other transformers encoders (BERT, RoBERTa, DeBERTa-v2/v3) through the same RTD step (electra_fast.pretraining.families):
 the step equals a recomputation from transformers' own forward passes, training lowers both losses, embeddings are
 shared (or GDES-shared, with the gradients kept apart), exports reload in transformers' own classes with the same
 outputs, and the step traces as one graph."""
@@ -10,8 +10,9 @@ import torch
 
 from test_pretrainer import MASK_ID, SPECIAL, V, batch, recompute_with_transformers
 
-from electra_fast.pretraining import adapters
-from electra_fast.pretraining.adapters import RTDDiscriminator, adapt, deberta_v3_models
+from electra_fast.pretraining import pairs, sharing
+from electra_fast.pretraining.deberta_v3 import DEBERTA_V3_PRESETS, deberta_v3_models
+from electra_fast.pretraining.families import RTDDiscriminator, adapt
 from electra_fast.pretraining.pretrainer import ElectraPretrainer, param_groups
 
 tf = pytest.importorskip("transformers")
@@ -111,10 +112,10 @@ def test_training_lowers_both_losses(arch, gdes):
 def test_embeddings_shared_as_each_architecture_allows(arch):
     model = pretrainer(arch)
     gen, disc = adapt(model.generator, "generator"), adapt(model.discriminator, "discriminator")
-    keys = adapters.shared_keys(model.generator, model.discriminator)
+    keys = sharing.shared_keys(model.generator, model.discriminator)
     # BERT, RoBERTa: all of ELECTRA's four; DeBERTa-v3: no absolute positions, no token types.
     assert keys == (["word", "norm"] if arch == "deberta" else ["word", "position", "token_type", "norm"])
-    assert adapters.embeddings_shared(model.generator, model.discriminator)
+    assert sharing.embeddings_shared(model.generator, model.discriminator)
     word = disc.embeddings.word_embeddings
     assert gen.embeddings.word_embeddings is word
     assert gen.lm_head_parts(torch.zeros(1, 32))[1] is word.weight  # the LM decoder stays tied
@@ -125,7 +126,7 @@ def test_embeddings_shared_as_each_architecture_allows(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gdes_keeps_the_discriminator_loss_off_the_generator(arch):
     model = pretrainer(arch, gdes=True)
-    assert model.gdes and adapters.has_gdes(model.discriminator)
+    assert model.gdes and sharing.has_gdes(model.discriminator)
     g, d = adapt(model.generator, "generator"), adapt(model.discriminator, "discriminator")
     ids, mask = batch()
     # Deltas start at zero: the discriminator starts from the generator's embeddings exactly.
@@ -170,10 +171,10 @@ def test_export_reloads_in_transformers_classes(tmp_path, arch, disc_kind, gdes)
             torch.testing.assert_close(reloaded(ids, attention_mask=mask).logits[..., 0], disc_out)
         generator = tf.AutoModelForMaskedLM.from_pretrained(tmp_path / "generator").eval()
         torch.testing.assert_close(generator(ids, attention_mask=mask).logits, gen_logits)
-    assert adapters.has_gdes(model.discriminator) == gdes  # the export left the GDES modules in place
+    assert sharing.has_gdes(model.discriminator) == gdes  # the export left the GDES modules in place
     # The pair reloads for more pretraining: the same step, GDES deltas included.
-    assert adapters.is_adapter_export(str(tmp_path))
-    again = ElectraPretrainer(*adapters.load_pair(str(tmp_path), gdes=gdes), mask_token_id=MASK_ID,
+    assert pairs.is_adapter_export(str(tmp_path))
+    again = ElectraPretrainer(*pairs.load_pair(str(tmp_path), gdes=gdes), mask_token_id=MASK_ID,
                               special_token_ids=SPECIAL, gdes=gdes).eval()
     assert_same_step(model, again, ids, mask, seed=9)
 
@@ -209,7 +210,7 @@ def test_deberta_v3_recipe_with_a_unigram_tokenizer():
     assert isinstance(gen, tf.DebertaV2ForMaskedLM) and isinstance(disc.encoder, tf.DebertaV2Model)
     assert gen.config.num_hidden_layers * 2 == disc.config.num_hidden_layers
     assert not disc.config.position_biased_input and disc.config.relative_attention
-    for name, p in adapters.DEBERTA_V3_PRESETS.items():
+    for name, p in DEBERTA_V3_PRESETS.items():
         assert p["hidden_size"] % p["num_attention_heads"] == 0, name
 
 
@@ -228,7 +229,7 @@ def test_models_that_cannot_be_wired_are_refused():
                                          r"\{'weight': \(150, 32\)\}, the discriminator's \{'weight': \(150, 48\)\}"):
         ElectraPretrainer(gen, wide, mask_token_id=MASK_ID, special_token_ids=SPECIAL)
     model = ElectraPretrainer(gen, wide, mask_token_id=MASK_ID, special_token_ids=SPECIAL, share_embeddings=False)
-    assert adapters.shared_keys(model.generator, model.discriminator) == []
+    assert sharing.shared_keys(model.generator, model.discriminator) == []
 
 
 @pytest.mark.parametrize("arch,gdes", [("deberta", True), ("deberta", False), ("bert", False)])

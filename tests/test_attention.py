@@ -18,10 +18,16 @@ from electra_fast.model.attention import (VarlenMask, attend, attention_bias, fl
                                       padding_block_mask, padding_mask, varlen_mask)
 from electra_fast.model.layers import autocast_parameters
 from electra_fast.ops import varlen_plan
-from electra_fast.model.encoder import Discriminator, ElectraModelConfig, EncoderLayer
+from electra_fast.model import Discriminator, ElectraModelConfig
+from electra_fast.model.encoder import EncoderLayer
 
 DEVICES = ["cpu", gpu_param("cuda")]
 TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+
+def use_attention(model, impl):
+    """The slim model's attention path: the `attention` of its config's kernel options."""
+    model.config = model.config.replace(options=model.config.options.replace(attention=impl))
 
 
 def lengths_mask(lengths, n):
@@ -221,7 +227,7 @@ def test_padded_rows_give_the_outputs_of_unpadded_rows(impl):
     """fp32, tight: each padded row's hidden states at its real tokens equal that row run alone, cut to its
     length, with attention_mask=None (the no-mask path); gradients of a loss over real tokens agree likewise."""
     model = tiny_discriminator().eval()
-    model.attention_impl = impl
+    use_attention(model, impl)
     n, lengths = 24, [24, 9, 1, 20, 0]  # the last row: padding only (no loss reads it)
     ids = torch.randint(1, 97, (5, n))
     mask = lengths_mask(lengths, n)
@@ -243,9 +249,9 @@ def test_padded_rows_give_the_outputs_of_unpadded_rows(impl):
 def test_every_path_under_bf16_autocast_is_near_fp32_sdpa(impl):
     model = tiny_discriminator().eval()
     ids, mask = torch.randint(1, 97, (3, 32)), lengths_mask([32, 5, 1], 32)
-    model.attention_impl = "sdpa"
+    use_attention(model, "sdpa")
     fp32 = model.encode(ids, mask)  # the reference
-    model.attention_impl = impl
+    use_attention(model, impl)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model.encode(ids, mask)
     assert out.dtype == torch.bfloat16
@@ -270,7 +276,7 @@ def test_default_and_refusals(monkeypatch):
     assert isinstance(picked, VarlenMask) and picked.bias is None
     assert seen == [(mask.device, torch.bfloat16, 16)]
     model = tiny_discriminator(dropout=0.1).train()
-    model.attention_impl = "flex"
+    use_attention(model, "flex")
     with pytest.raises(ValueError, match="attention dropout"):
         model.encode(torch.randint(1, 97, (2, 4)), mask)
 
@@ -320,7 +326,7 @@ def test_padded_path_compiles_in_one_graph_and_matches_eager(impl):
     """aot_eager: the whole trace (dynamo, fullgraph, AOT autograd) without Inductor's CPU flex template, which
     rejects these shapes; the GPU lowering is the cuda tests'. FlexAttention has no CPU backward: forward only."""
     model = tiny_discriminator().eval()
-    model.attention_impl = impl
+    use_attention(model, impl)
     ids, mask = torch.randint(1, 97, (2, 16)), lengths_mask([16, 6], 16)
     encode = torch.compile(model.encode, fullgraph=True, backend="aot_eager")
     with torch.set_grad_enabled(impl != "flex"):
@@ -348,7 +354,7 @@ def test_pretrainer_step_through_the_flash_branch_compiles_and_matches_eager(fla
     params = list(model.parameters())
 
     def run(impl, fn):
-        model.generator.attention_impl = model.discriminator.attention_impl = impl
+        model.options = model.options.replace(attention=impl)
         torch.manual_seed(5)
         loss = fn(ids, mask).loss
         return loss, torch.autograd.grad(loss, params, allow_unused=True)
@@ -413,7 +419,7 @@ def test_encoder_default_path_matches_sdpa_eager_and_compiled(request, device):
     params = list(model.parameters())
 
     def run(impl, fn):
-        model.attention_impl = impl
+        use_attention(model, impl)
         with torch.autocast(device, dtype=torch.bfloat16):
             hidden = fn(ids, mask)
         grads = torch.autograd.grad((hidden.float() * weights).sum(), params, allow_unused=True)

@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 import bench_e2e  # noqa: E402
-import electra_fast.pretraining.pretrainer as pretrainer  # noqa: E402
+import electra_fast.pretraining.rtd_step as pretrainer  # noqa: E402
 from electra_fast.ops import get_backend  # noqa: E402
 
 OPS_OF_OURS = {"mask_tokens", "dropout_add_layer_norm", "masked_gather", "lm_head_loss_and_sample",

@@ -81,7 +81,7 @@ def test_prepare_backends_builds_the_cuda_extension(monkeypatch):
     """Where the CUDA backend can run, `prepare_backends` calls its loader (the JIT build) and says how long it took;
     a failed build is recorded, not raised (the default order then skips the backend, as training does)."""
     import common
-    from electra_fast import cuda
+    from electra_fast.csrc import _extension as cuda
 
     built = []
     monkeypatch.setattr(cuda, "is_available", lambda: True)

@@ -29,7 +29,7 @@ import triton.language as tl  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 
 from electra_fast import ops  # noqa: E402
-from test_kernels_triton import K, MLS, small_blocks  # noqa: E402,F401  (the shrunken-block fixture, autouse)
+from test_kernels_triton import K, small_blocks  # noqa: E402,F401  (the shrunken-block fixture, autouse)
 
 GUARD = 64         # elements of guard before and after every buffer
 PATTERN = 0xA5     # guard byte
@@ -198,18 +198,18 @@ def test_masked_gather_in_bounds(bounds):
 @pytest.mark.parametrize("sampler, dtype, temperature, disallow", [("cdf", torch.float32, 1.0, False),
                                                                    ("gumbel", torch.float16, 0.7, True),
                                                                    ("cdf", torch.float16, 0.7, True)])
-def test_mlm_loss_and_sample_in_bounds(bounds, monkeypatch, sampler, dtype, temperature, disallow):
-    monkeypatch.setattr(MLS, "SAMPLER", sampler)
+def test_mlm_loss_and_sample_in_bounds(bounds, sampler, dtype, temperature, disallow):
     m, w, v = 7, 40, 37  # vocabulary padded to 40 columns
     logits = rand(bounds, m, w, dtype=dtype, scale=3).requires_grad_()
     targets = bounds.guarded(torch.randint(0, v, (m,)))
     weights = bounds.guarded((torch.rand(m) > 0.3).float())
     loss, sampled, _ = ops.mlm_loss_and_sample(logits, targets, weights, temperature=temperature,
-                                               disallow_correct=disallow, vocab_size=v, backend="triton")
+                                               disallow_correct=disallow, vocab_size=v, backend="triton",
+                                               sampler=sampler)
     torch.autograd.grad(loss, logits, bounds.guarded(torch.tensor(1.5)))
     assert ((sampled >= 0) & (sampled < v)).all()
     drawn = ops.gumbel_sample(logits.detach(), temperature=temperature, vocab_size=v, backend="triton",
-                              disallow=targets if disallow else None)
+                              disallow=targets if disallow else None, sampler=sampler)
     assert ((drawn >= 0) & (drawn < v)).all()
 
 

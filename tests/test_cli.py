@@ -21,8 +21,8 @@ from electra_fast.io.checkpoint import latest_checkpoint, load_checkpoint  # noq
 from electra_fast.cli import main  # noqa: E402
 from electra_fast.data import builtin_lines  # noqa: E402
 from electra_fast.data.tokenizer import tokenizer_from_str  # noqa: E402
-from electra_fast.io.export import model_from_spec  # noqa: E402
-from electra_fast.model.encoder import PRESETS  # noqa: E402
+from electra_fast.train.export import model_from_spec  # noqa: E402
+from electra_fast.model.config import PRESETS  # noqa: E402
 from helpers import read_metrics  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -254,7 +254,7 @@ def test_bad_inputs_are_one_line_errors(trained, corpus, tmp_path, capsys):
     rc, _, err = e("--config", str(tmp_path / "empty.txt"))
     assert_one_line_error(rc, err, r"not valid JSON")
     rc, _, err = e("--eval-interval", "-1")
-    assert_one_line_error(rc, err, r"--eval-interval must be a non-negative integer \(0: no evaluation\), got -1")
+    assert_one_line_error(rc, err, r"--eval-interval must be an int >= 0, got -1")
     (tmp_path / "short.txt").write_text("Only one short line.\n")
     rc, _, err = e("--data", os.path.join(trained, "data"), "--seq-len", "32", "--eval-data",
                    str(tmp_path / "short.txt"))
@@ -339,5 +339,5 @@ def test_pretrain_deberta_v3_exports_for_transformers(tmp_path, capsys):
     capsys.readouterr()  # transformers' loading messages above
     rc, _, err = run_cli(capsys, "pretrain", "--arch", "deberta-v3", "--preset", "large", "-o",
                          str(tmp_path / "x"), *FAST)
-    assert_one_line_error(rc, err, r"--preset for --arch deberta-v3 must be one of \['base', 'small', 'tiny', "
-                                   r"'xsmall'\], got 'large'")
+    assert_one_line_error(rc, err, r"--preset for --arch deberta-v3 must be one of \('base', 'small', 'tiny', "
+                                   r"'xsmall'\), got 'large'")

@@ -30,18 +30,18 @@ if sm90.cuobjdump() is None:
 # Registers per thread on sm_90, an upper bound per kernel: the larger of Triton 3.6 (the GPU machine's) and 3.9 with
 # their own ptxas, rounded up with ~10% headroom. A kernel not listed must stay within DEFAULT_REG_BUDGET.
 REG_BUDGET = {
-    "mlm_loss_sample._sample_rows_kernel": 88,
-    "mlm_loss_sample._mlm_backward_kernel": 64,
-    "mlm_loss_sample._weighted_mean_kernel": 48,
+    "mlm_loss_and_sample._sample_rows_kernel": 88,
+    "mlm_loss_and_sample._mlm_backward_kernel": 64,
+    "mlm_loss_and_sample._weighted_mean_kernel": 48,
     "masked_gather._gather_kernel": 40,
     "masked_gather._scatter_add_kernel": 64,
     "replace_tokens._replace_tokens_kernel": 56,
-    "rtd_bce._bce_forward_kernel": 104,  # 96 with Triton 3.6, 80 with 3.9
-    "rtd_bce._bce_reduce_kernel": 40,
-    "rtd_bce._scale_kernel": 32,
-    "rtd_head._head_forward_kernel": 128,  # 122 with Triton 3.6 (fp32), 108 with 3.9
-    "rtd_head._head_reduce_kernel": 56,
-    "rtd_head._head_backward_kernel": 48,
+    "rtd_bce_loss._bce_forward_kernel": 104,  # 96 with Triton 3.6, 80 with 3.9
+    "rtd_bce_loss._bce_reduce_kernel": 40,
+    "rtd_bce_loss._scale_kernel": 32,
+    "rtd_head_loss._head_forward_kernel": 128,  # 122 with Triton 3.6 (fp32), 108 with 3.9
+    "rtd_head_loss._head_reduce_kernel": 56,
+    "rtd_head_loss._head_backward_kernel": 48,
 }
 DEFAULT_REG_BUDGET = 128  # 2 CTAs of 256 threads per SM
 # With a padded vocabulary the MLM backward also needs fewer registers (46-48 measured; 56-59 with 2-byte accesses).
@@ -74,7 +74,7 @@ def test_every_specialisation_compiles(report):
 # Known spills, each with the Triton release that has it, the kernel, the logits width and the stack bytes: Triton
 # 3.6's ptxas keeps 8 bytes of the fp32 sampler on the stack at BERT's unpadded vocabulary (a public-op call; the
 # models pad the vocabulary, and that specialisation does not spill). Anything else, or more bytes, fails.
-KNOWN_SPILLS = {("3.6", "mlm_loss_sample._sample_rows_kernel", 30522): 8}
+KNOWN_SPILLS = {("3.6", "mlm_loss_and_sample._sample_rows_kernel", 30522): 8}
 
 
 def _known_spill(report, launch) -> bool:
@@ -109,8 +109,8 @@ def test_padded_vocabulary_streams_the_logits_with_16_byte_accesses(report):
     """Scenarios with a padded vocabulary name the SASS accesses their kernels need (LDG.E.128, STG.E.128); the MLM
     kernels must move every byte of a logit tile that way: BLOCK * itemsize <= count * 16 B * threads."""
     checked = [x for x in report["launches"] if x["wide"] and "error" not in x]
-    assert {short(x["kernel"]) for x in checked} >= {"mlm_loss_sample._sample_rows_kernel",
-                                                     "mlm_loss_sample._mlm_backward_kernel"}
+    assert {short(x["kernel"]) for x in checked} >= {"mlm_loss_and_sample._sample_rows_kernel",
+                                                     "mlm_loss_and_sample._mlm_backward_kernel"}
     bad = []
     for x in checked:
         tile = x["constexprs"]["BLOCK"] * ITEMSIZE[x["signature"]["logits_ptr"].lstrip("*")]
@@ -118,6 +118,6 @@ def test_padded_vocabulary_streams_the_logits_with_16_byte_accesses(report):
             if x["mem"].get(op, 0) * 16 * 32 * x["num_warps"] < tile:
                 bad.append(f"{describe(x)}: {x['mem'].get(op, 0)} x {op} per thread < one {tile}-byte tile; "
                            f"memory instructions {x['mem']}")
-        if short(x["kernel"]) == "mlm_loss_sample._mlm_backward_kernel" and x["regs"] > PADDED_BACKWARD_REGS:
+        if short(x["kernel"]) == "mlm_loss_and_sample._mlm_backward_kernel" and x["regs"] > PADDED_BACKWARD_REGS:
             bad.append(f"{describe(x)}: {x['regs']} registers > {PADDED_BACKWARD_REGS}")
     assert not bad, "\n".join(bad)

@@ -6,8 +6,8 @@
 - the SASS of the MLM kernels streams the logits with 16-byte loads (and the backward stores 16 bytes);
 - `csrc/bindings.cpp` compiles against the installed torch: it includes only torch's device-generic headers, so
   a CPU-only torch wheel (which lacks c10/cuda's generated headers) builds it too;
-- the objects link into an extension module that imports here and exposes every function `electra_fast/cuda.py`
-  calls, with the binding's argument checks working;
+- the objects link into an extension module that imports here and exposes every function the launchers
+  (`csrc/*.py`) call, with the binding's argument checks working;
 - the Philox generator and Gumbel transform the kernels share (`csrc/philox.cuh`, host+device code) reproduce
   Random123's known-answer vectors and draw Gumbel variates, keyed by all 64 bits of the seed (checked on the CPU);
 - the inverse-CDF sampler's arithmetic (`csrc/inverse_cdf.cuh`, host+device code) matches a Python oracle, and
@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from electra_fast import _cuda_build
+from electra_fast.csrc import _build as _cuda_build
 from helpers import chi2_critical
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -229,7 +229,7 @@ def _sass_global_accesses(obj):
 
 @pytest.mark.skipif(CUOBJDUMP is None, reason="cuobjdump not found (CUDA toolkit or Triton's copy)")
 def test_mlm_kernels_stream_logits_with_16_byte_accesses(build):
-    rc, output, obj = build["mlm_sample.cu"]
+    rc, output, obj = build["mlm_loss_and_sample.cu"]
     assert rc == 0, output
     sass = _sass_global_accesses(obj)
     rows = {k: v for k, v in sass.items() if k.startswith("mlm_sample_rows_kernel<")}
@@ -261,9 +261,11 @@ def test_extension_links_and_imports(build):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
 
-    with open(os.path.join(ROOT, "electra_fast", "cuda.py")) as f:
-        used = set(re.findall(r"extension\(\)\.(\w+)\(", f.read()))
-    assert used and used <= set(dir(module)), f"cuda.py calls {sorted(used - set(dir(module)))}, not bound"
+    used = set()
+    for name in sorted(f for f in os.listdir(CSRC) if f.endswith(".py")):
+        with open(os.path.join(CSRC, name)) as f:
+            used |= set(re.findall(r"extension\(\)\.(\w+)\(", f.read()))
+    assert used and used <= set(dir(module)), f"csrc/*.py call {sorted(used - set(dir(module)))}, not bound"
 
     # The binding's own checks run on the host: a CPU tensor is refused with a message naming the argument.
     with pytest.raises(ValueError, match="hidden must be a CUDA tensor"):
@@ -348,7 +350,7 @@ def test_noise_depends_on_the_high_word_of_the_seed(philox_run):
 
 
 # A host program over inverse_cdf.cuh. "icdf": inverse_cdf on the cases given on stdin ("n u w..." in hex floats).
-# "draw": a replica of mlm_sample.cu's cdf draw (same tiles, same visiting order, same four levels and Philox
+# "draw": a replica of mlm_loss_and_sample.cu's cdf draw (same tiles, same visiting order, same four levels and Philox
 # words) on one row (stdin, hex floats) for rows 0..R-1, printing each row's pick.
 SAMPLER_PROGRAM = r"""
 #include <cmath>

@@ -1,4 +1,4 @@
-"""CUDA C++ backend (`electra_fast.cuda`, kernels in `csrc/`).
+"""CUDA C++ backend (`electra_fast.csrc`: a launcher module per op, kernels in `csrc/`).
 
 CPU part (always runs): backend selection and its errors, the probe that must never compile, the build
 definition, and the fake kernels + autograd wiring (on meta tensors).
@@ -16,10 +16,13 @@ import pytest
 import torch
 
 from conftest import gpu_param, interpreter_param, requires_cuda
-from electra_fast import _cuda_build, ops
-from electra_fast import cuda as ef_cuda
+from electra_fast import ops
+from electra_fast.csrc import _build as _cuda_build, _extension as ef_cuda
+from electra_fast.csrc import gumbel_sample as cu_gumbel, masked_gather as cu_gather, mlm_loss_and_sample as cu_mlm, \
+    replace_tokens as cu_replace, rtd_bce_loss as cu_bce
 from electra_fast.ops._backend import draw_seed, uniform
 from electra_fast.ops.gumbel_sample import disallow_ids, gumbel_scores
+from electra_fast.options import env_sampler
 from helpers import chi2_critical, half_at_argmax, replayable, use_sampler
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -60,22 +63,21 @@ def test_backend_cuda_on_cpu_tensors_raises(op):
 def test_direct_calls_name_the_cpu_argument():
     ids, seed = torch.zeros(4, dtype=torch.long), torch.zeros(1, dtype=torch.long)
     with pytest.raises(ValueError, match="logits must be a CUDA tensor.*got device cpu"):
-        ef_cuda.mlm_loss_and_sample(torch.randn(4, 10), ids, torch.ones(4), seed, 1.0, False)
+        cu_mlm.mlm_loss_and_sample(torch.randn(4, 10), ids, torch.ones(4), seed, 1.0, False)
     with pytest.raises(ValueError, match="hidden must be a CUDA tensor"):
-        ef_cuda.masked_gather(torch.randn(2, 3, 4), torch.zeros(2, 1, dtype=torch.long))
+        cu_gather.masked_gather(torch.randn(2, 3, 4), torch.zeros(2, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="input_ids must be a CUDA tensor"):
-        ef_cuda.replace_tokens(torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long),
-                               torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.long))
+        cu_replace.replace_tokens(torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long),
+                                  torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.long))
 
 
-def test_sampler_choice_is_checked(monkeypatch):
-    assert ef_cuda.SAMPLER in ef_cuda.SAMPLERS and ef_cuda.SAMPLERS[0] == "cdf"  # the default: exact inverse CDF
-    monkeypatch.setattr(ef_cuda, "SAMPLER", "nope")
+def test_sampler_choice_is_checked():
+    assert env_sampler() in cu_mlm.SAMPLERS and cu_mlm.SAMPLERS[0] == "cdf"  # the default: exact inverse CDF
     ids, seed = torch.zeros(4, dtype=torch.long), torch.zeros(1, dtype=torch.long)
     with pytest.raises(ValueError, match="ELECTRA_FAST_SAMPLER.*nope"):
-        ef_cuda.mlm_loss_and_sample(torch.randn(4, 10), ids, torch.ones(4), seed, 1.0, False)
+        cu_mlm.mlm_loss_and_sample(torch.randn(4, 10), ids, torch.ones(4), seed, 1.0, False, sampler="nope")
     with pytest.raises(ValueError, match="ELECTRA_FAST_SAMPLER.*nope"):
-        ef_cuda.gumbel_sample(torch.randn(4, 10), seed, 1.0)
+        cu_gumbel.gumbel_sample(torch.randn(4, 10), seed, 1.0, sampler="nope")
 
 
 def test_probe_is_cheap_and_explains_itself():
@@ -109,24 +111,24 @@ def test_fake_kernels_and_autograd_wiring_on_meta():
     for dtype in DTYPES:
         logits = torch.empty(6, 11, device=d, dtype=dtype, requires_grad=True)
         ids, w, seed = torch.zeros(6, dtype=torch.long, device=d), torch.ones(6, device=d), _seed(d)
-        loss, sampled, correct, lse, wsum = ef_cuda._mlm_op(logits, ids, w, seed, 1.0, True, "cdf", 9)
+        loss, sampled, correct, lse, wsum = cu_mlm._mlm_op(logits, ids, w, seed, 1.0, True, "cdf", 9)
         assert (loss.shape, loss.dtype, sampled.shape, sampled.dtype, correct.dtype) == \
             (torch.Size([]), torch.float32, torch.Size([6]), torch.int64, torch.bool)
         loss.backward()
         assert logits.grad.shape == logits.shape and logits.grad.dtype == dtype
-        assert ef_cuda._gumbel_op(logits.detach(), seed, 0.5, ids, "gumbel", 11).shape == (6,)
+        assert cu_gumbel._gumbel_op(logits.detach(), seed, 0.5, ids, "gumbel", 11).shape == (6,)
 
         bce_logits = torch.empty(3, 7, device=d, dtype=dtype, requires_grad=True)
-        bce = ef_cuda._bce_op(bce_logits, torch.empty(3, 7, device=d, dtype=torch.bool),
+        bce = cu_bce._bce_op(bce_logits, torch.empty(3, 7, device=d, dtype=torch.bool),
                               torch.empty(3, 7, device=d, dtype=torch.int64))[0]
         bce.backward()
         assert bce.dtype == torch.float32 and bce_logits.grad.dtype == dtype
 
         hidden = torch.empty(2, 9, 5, device=d, dtype=dtype, requires_grad=True)
-        out = ef_cuda._gather_op(hidden, torch.zeros(2, 4, dtype=torch.long, device=d))
+        out = cu_gather._gather_op(hidden, torch.zeros(2, 4, dtype=torch.long, device=d))
         out.sum().backward()
         assert out.shape == (2, 4, 5) and hidden.grad.shape == hidden.shape and hidden.grad.dtype == dtype
-    disc, rep = ef_cuda._replace_op(torch.empty(2, 9, dtype=torch.int32, device=d),
+    disc, rep = cu_replace._replace_op(torch.empty(2, 9, dtype=torch.int32, device=d),
                                     torch.zeros(2, 4, dtype=torch.long, device=d), torch.ones(2, 4, device=d),
                                     torch.zeros(2, 4, dtype=torch.long, device=d))
     assert disc.dtype == torch.int32 and rep.dtype == torch.bool and rep.shape == (2, 9)
@@ -139,7 +141,7 @@ def test_fake_kernels_and_autograd_wiring_on_meta():
 
 ENGINES = [pytest.param("torch", id="cpu"), gpu_param("cuda")]
 # With each sampler of the CUDA backend (as ELECTRA_FAST_SAMPLER would select it at import); the reference has one.
-SAMPLED = [pytest.param("torch", None, id="cpu")] + [gpu_param("cuda", s, id=f"cuda-{s}") for s in ef_cuda.SAMPLERS]
+SAMPLED = [pytest.param("torch", None, id="cpu")] + [gpu_param("cuda", s, id=f"cuda-{s}") for s in cu_mlm.SAMPLERS]
 
 
 @pytest.fixture
@@ -207,7 +209,7 @@ def _gumbel_draw(backend, logits, generator, temperature, v, disallow=None):
     m, width = logits.shape
     if backend == "cuda":
         seed = draw_seed(logits.device, generator)
-        scores = logits[:, :v].float() / temperature + ef_cuda.gumbel_noise(seed, m, width)[:, :v]
+        scores = logits[:, :v].float() / temperature + cu_gumbel.gumbel_noise(seed, m, width)[:, :v]
     else:
         scores = gumbel_scores(logits[:, :v], uniform((m, v), logits.device, generator), temperature)
     if disallow is not None:
@@ -252,8 +254,7 @@ def test_mlm_loss_and_sample_matches_reference(backend, sampler, device, with_sa
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_disallow", [False, True])
 @pytest.mark.parametrize("backend", ENGINES)
-def test_gumbel_sample_matches_reference(backend, device, monkeypatch, dtype, with_disallow):
-    monkeypatch.setattr(ef_cuda, "SAMPLER", "gumbel")  # the sampler whose draws can be replayed
+def test_gumbel_sample_matches_reference(backend, device, dtype, with_disallow):
     m, v, temperature = _size(device, 4096, 256), VOCAB, 2.0
     logits = (torch.randn(m, v, device=device) * 2).to(dtype)
     disallow = None
@@ -261,7 +262,8 @@ def test_gumbel_sample_matches_reference(backend, device, monkeypatch, dtype, wi
         disallow = torch.where(torch.rand(m, device=device) < 0.5, logits.float().argmax(1), -1)
     _poison_allocator(m * 8 * 4, device)
     sampled = ops.gumbel_sample(logits, temperature=temperature, disallow=disallow,
-                                generator=torch.Generator(device).manual_seed(5), backend=backend)
+                                generator=torch.Generator(device).manual_seed(5), backend=backend,
+                                sampler="gumbel")  # the sampler whose draws can be replayed
     want = _gumbel_draw(backend, logits, torch.Generator(device).manual_seed(5), temperature, v, disallow)
     assert torch.equal(sampled, want)
     if with_disallow:
@@ -301,11 +303,10 @@ def test_sampling_distribution(backend, sampler, device, with_sampler, op, dtype
 
 @pytest.mark.parametrize("temperature, disallow", [(1.0, False), (0.8, True)])
 @pytest.mark.parametrize("backend", ENGINES)
-def test_cdf_sampling_across_warps_and_tiles(backend, device, monkeypatch, temperature, disallow):
+def test_cdf_sampling_across_warps_and_tiles(backend, device, temperature, disallow):
     """The inverse-CDF draw's levels (warp, thread tile, lane share, column) at a width where every thread holds
     several vectors: V = 2000 fp32 (500 vectors over 64 threads, two warps), the row max in the last tile, the mass
     spread so every tile carries some; NaN padding. (The reference on the CPU: V = 500, fewer draws.)"""
-    monkeypatch.setattr(ef_cuda, "SAMPLER", "cdf")
     v, width, m = _size(device, (2000, 2048, 100_000), (500, 512, 25_000))
     banned = v * 5 // 8
     row = torch.full((width,), float("nan"))
@@ -314,10 +315,11 @@ def test_cdf_sampling_across_warps_and_tiles(backend, device, monkeypatch, tempe
     logits = row.to(device).expand(m, width).contiguous()
     ids = torch.full((m,), banned, device=device)
     if disallow:
-        sampled = ops.gumbel_sample(logits, temperature=temperature, disallow=ids, backend=backend, vocab_size=v)
+        sampled = ops.gumbel_sample(logits, temperature=temperature, disallow=ids, backend=backend, vocab_size=v,
+                                    sampler="cdf")
     else:
         sampled = ops.mlm_loss_and_sample(logits, ids, torch.ones(m, device=device), temperature=temperature,
-                                          backend=backend, vocab_size=v)[1]
+                                          backend=backend, vocab_size=v, sampler="cdf")[1]
     counts = torch.bincount(sampled, minlength=width).double().cpu()
     assert counts.sum() == m and counts[v:].sum() == 0
     probs = torch.softmax(row[:v].double() / temperature, 0)
@@ -532,13 +534,13 @@ def test_cuda_graph_replays_draw_fresh_samples(backend, device):
 
 
 def _pipeline(hidden, positions, weights, targets, w_out, input_ids, disc_logits):
-    # The backend's own entry points, so this checks electra_fast.cuda's ops (fake kernels, autograd) under
+    # The backend's own entry points, so this checks electra_fast.csrc's ops (fake kernels, autograd) under
     # dynamo independently of the backend switch.
-    gathered = ef_cuda.masked_gather(hidden, positions)
+    gathered = cu_gather.masked_gather(hidden, positions)
     logits = gathered.flatten(0, 1) @ w_out
-    loss, sampled, _ = ef_cuda.mlm_loss_and_sample(logits, targets, weights.flatten(), _seed(), 1.0, False)
-    _, is_replaced = ef_cuda.replace_tokens(input_ids, positions, weights, sampled)
-    return loss + ef_cuda.rtd_bce_loss(disc_logits, is_replaced, torch.ones_like(disc_logits)), sampled
+    loss, sampled, _ = cu_mlm.mlm_loss_and_sample(logits, targets, weights.flatten(), _seed(), 1.0, False)
+    _, is_replaced = cu_replace.replace_tokens(input_ids, positions, weights, sampled)
+    return loss + cu_bce.rtd_bce_loss(disc_logits, is_replaced, torch.ones_like(disc_logits)), sampled
 
 
 @requires_cuda
@@ -575,15 +577,15 @@ def test_opcheck(ext):
     positions = torch.randint(0, 40, (2, 7), device="cuda")
     bce_logits = torch.randn(2, 40, device="cuda", requires_grad=True)
     cases = [
-        (ef_cuda._mlm_op, (logits, ids, w, seed, 0.8, True, "cdf", v)),
-        (ef_cuda._mlm_op, (logits, ids.clamp(max=v - 45), w, seed, 1.0, False, "gumbel", v - 44)),
-        (ef_cuda._gumbel_op, (logits.detach(), seed, 1.0, ids, "gumbel", v)),
-        (ef_cuda._gumbel_op, (logits.detach(), seed, 0.5, None, "cdf", v - 44)),
-        (ef_cuda._gather_op, (hidden, positions)),
-        (ef_cuda._scatter_add_op, (torch.randn(2, 7, 16, device="cuda"), positions, 40)),
-        (ef_cuda._replace_op, (torch.randint(0, v, (2, 40), device="cuda"), positions, torch.ones(2, 7, device="cuda"),
-                               torch.randint(0, v, (2, 7), device="cuda"))),
-        (ef_cuda._bce_op, (bce_logits, torch.rand(2, 40, device="cuda") < 0.5, torch.ones(2, 40, device="cuda"))),
+        (cu_mlm._mlm_op, (logits, ids, w, seed, 0.8, True, "cdf", v)),
+        (cu_mlm._mlm_op, (logits, ids.clamp(max=v - 45), w, seed, 1.0, False, "gumbel", v - 44)),
+        (cu_gumbel._gumbel_op, (logits.detach(), seed, 1.0, ids, "gumbel", v)),
+        (cu_gumbel._gumbel_op, (logits.detach(), seed, 0.5, None, "cdf", v - 44)),
+        (cu_gather._gather_op, (hidden, positions)),
+        (cu_gather._scatter_add_op, (torch.randn(2, 7, 16, device="cuda"), positions, 40)),
+        (cu_replace._replace_op, (torch.randint(0, v, (2, 40), device="cuda"), positions,
+                                  torch.ones(2, 7, device="cuda"), torch.randint(0, v, (2, 7), device="cuda"))),
+        (cu_bce._bce_op, (bce_logits, torch.rand(2, 40, device="cuda") < 0.5, torch.ones(2, 40, device="cuda"))),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
@@ -600,7 +602,7 @@ def test_row_offsets_beyond_int32(ext):
     targets = torch.randint(0, v, (m,), device="cuda")
     weights = torch.zeros(m, device="cuda")
     weights[-64:] = 1.0  # only the rows past 2^31 count
-    loss, _, correct = ef_cuda.mlm_loss_and_sample(logits, targets, weights, _seed(), 1.0, False)
+    loss, _, correct = cu_mlm.mlm_loss_and_sample(logits, targets, weights, _seed(), 1.0, False)
     loss.backward()
     tail = logits.detach()[-64:].double().requires_grad_(True)
     ref_loss, _, ref_correct = ops.mlm_loss_and_sample(tail, targets[-64:], weights[-64:], backend="torch")
@@ -610,7 +612,7 @@ def test_row_offsets_beyond_int32(ext):
     _close(logits.grad[-64:], tail.grad, torch.bfloat16, "gradient past 2^31")
     assert not logits.grad[:-64].any()  # weight-0 rows: zero gradient, written
     # At T -> 0 the sample is a maximal logit of its row.
-    sampled = ef_cuda.gumbel_sample(logits.detach(), _seed(), 1e-6, None)
+    sampled = cu_gumbel.gumbel_sample(logits.detach(), _seed(), 1e-6, None)
     picked = logits.detach()[-64:].gather(1, sampled[-64:, None])[:, 0]
     assert torch.equal(picked, logits.detach()[-64:].max(1).values)
     del logits

@@ -95,7 +95,7 @@ def test_cuda_graph_step_with_dropout_takes_flash_varlen_and_trains(device):
             pytest.skip("flash attention needs sm_80 or later (and a torch built with it)")
         assert isinstance(padding_mask(mask, "auto", dtype=torch.bfloat16, dropout=True, head_dim=32), VarlenMask)
     else:
-        model.generator.attention_impl = model.discriminator.attention_impl = "varlen"
+        model.options = model.options.replace(attention="varlen")
     _, step = graph_step(model, device, dtype=torch.bfloat16)
     before = held_out(model, device)
     losses = []
@@ -146,7 +146,8 @@ def test_cuda_graph_step_draws_fresh_samples_and_trains(device, dtype):
 def test_cuda_graph_accumulation_replays_equal_the_eager_step(device):
     """Seeded micro-step replays draw what the eager step draws: same weights after 3 steps of accum=2 (on the
     CPU: the capturable optimizer's step against the plain fused one, both eager)."""
-    from electra_fast.train.step import TrainStep, warmup_linear_decay
+    from electra_fast.train.schedules import warmup_linear_decay
+    from electra_fast.train.step import TrainStep
 
     model, ref = make(device), make(device)
     ref.load_state_dict(model.state_dict())

@@ -171,7 +171,7 @@ def test_bad_arguments_are_named():
 
 def test_encoder_layer_uses_the_kernel(poison):
     """The model's layers run the fused op on the Triton backend: same output and gradients as the torch path."""
-    from electra_fast.model.encoder import Discriminator, preset_configs
+    from electra_fast.model import Discriminator, preset_configs
 
     torch.manual_seed(0)
     model = Discriminator(preset_configs("tiny", vocab_size=50, num_hidden_layers=1, hidden_dropout_prob=0.0,

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.transformers
 from transformers import ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining  # noqa: E402
 
 from electra_fast.io import hf  # noqa: E402
-from electra_fast.model.encoder import Discriminator, ElectraModelConfig, Generator  # noqa: E402
+from electra_fast.model import Discriminator, ElectraModelConfig, Generator  # noqa: E402
 from electra_fast.pretraining.pretrainer import ElectraPretrainer  # noqa: E402
 
 V, L = 113, 24

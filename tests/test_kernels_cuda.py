@@ -16,7 +16,7 @@ from electra_fast import ops
 from helpers import chi2_critical, half_at_argmax, pooled_chi2, replayable, use_sampler, use_small_tiles
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot run")
-MLS = importlib.import_module("electra_fast.kernels.mlm_loss_sample")
+MLS = importlib.import_module("electra_fast.kernels.mlm_loss_and_sample")
 DEVICES = [interpreter_param("cpu"), gpu_param("cuda", triton=True)]
 VOCAB = {"cpu": 37, "cuda": 30522}
 MLM_ROWS = {"small": {"cpu": 5, "cuda": 128 * 19}, "base": {"cpu": 9, "cuda": 64 * 79}}
@@ -81,7 +81,7 @@ def test_sampling_distribution_at_full_vocabulary(monkeypatch, backend, sampler,
     logit; bf16 logits, T = 0.9. The chi-square counts every hot id on its own and the cold ones in runs of
     neighbouring ids (pooled_chi2), so a tile or a stretch of the vocabulary sampled wrongly shows."""
     if backend == "cuda":
-        ef_cuda = importlib.import_module("electra_fast.cuda")
+        ef_cuda = importlib.import_module("electra_fast.csrc.mlm_loss_and_sample")
         if not ef_cuda.is_available():
             pytest.skip(f"CUDA backend unavailable: {ef_cuda.unavailable_reason()}")
     use_sampler(monkeypatch, backend, sampler)

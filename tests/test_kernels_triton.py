@@ -22,8 +22,9 @@ from helpers import chi2_critical, use_small_tiles  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 K = {name: importlib.import_module(f"electra_fast.kernels.{name}") for name in
-     ("mlm_loss_sample", "gumbel_sample", "masked_gather", "replace_tokens", "rtd_bce", "rtd_head", "varlen_plan")}
-MLS = K["mlm_loss_sample"]
+     ("mlm_loss_and_sample", "gumbel_sample", "masked_gather", "replace_tokens", "rtd_bce_loss", "rtd_head_loss",
+      "varlen_plan")}
+MLS = K["mlm_loss_and_sample"]
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rtol=2e-3, atol=2e-4)}
 
 
@@ -96,16 +97,15 @@ def test_mlm_extreme_logits_are_finite():
 
 
 @pytest.mark.parametrize("sampler", MLS.SAMPLERS)
-def test_mlm_sampler_choice_keeps_loss_and_disallow(monkeypatch, sampler):
-    monkeypatch.setattr(MLS, "SAMPLER", sampler)
+def test_mlm_sampler_choice_keeps_loss_and_disallow(sampler):
     m, v = 6, 13
     logits, targets, weights = rand(m, v), torch.randint(0, v, (m,), device=DEVICE), torch.rand(m, device=DEVICE)
-    loss, sampled, _ = ops.mlm_loss_and_sample(logits, targets, weights, disallow_correct=True, backend="triton")
+    loss, sampled, _ = ops.mlm_loss_and_sample(logits, targets, weights, disallow_correct=True, backend="triton",
+                                               sampler=sampler)
     torch.testing.assert_close(loss, ops.mlm_loss_and_sample(logits, targets, weights, backend="torch")[0])
     assert not (sampled == targets).any()
-    monkeypatch.setattr(MLS, "SAMPLER", "nope")
     with pytest.raises(ValueError, match="ELECTRA_FAST_SAMPLER.*nope"):
-        ops.mlm_loss_and_sample(logits, targets, weights, backend="triton")
+        ops.mlm_loss_and_sample(logits, targets, weights, backend="triton", sampler="nope")
 
 
 def padded(real, width, value=1e4):
@@ -160,8 +160,7 @@ BASE = torch.tensor([0.3, -0.4, 0.1, 0.2, -0.5, 0.0, 0.4, -0.2, 0.0, 2.2])
     ("gumbel", "cdf", 0.8, True, 19),   # own running max for the scaled scores, a disallowed id, padding (+1e4)
     ("mlm", "gumbel", 1.7, False, 16),  # Gumbel-max with randint4x noise, padding to a multiple of 16
 ])
-def test_sampling_distribution_is_softmax(monkeypatch, op, sampler, temperature, disallow, width):
-    monkeypatch.setattr(MLS, "SAMPLER", sampler)
+def test_sampling_distribution_is_softmax(op, sampler, temperature, disallow, width):
     draws, v = 500, BASE.numel()
     # fp16 logits (sampling still in fp32); columns >= v hold +1e4 and must never be drawn.
     logits = padded(BASE.to(DEVICE).expand(draws, v), width).to(torch.float16)
@@ -169,10 +168,11 @@ def test_sampling_distribution_is_softmax(monkeypatch, op, sampler, temperature,
     gen = torch.Generator(DEVICE).manual_seed(2024)
     if op == "mlm":
         ids = ops.mlm_loss_and_sample(logits, banned, torch.ones(draws, device=DEVICE), temperature=temperature,
-                                      disallow_correct=disallow, generator=gen, backend="triton", vocab_size=v)[1]
+                                      disallow_correct=disallow, generator=gen, backend="triton", vocab_size=v,
+                                      sampler=sampler)[1]
     else:
         ids = ops.gumbel_sample(logits, temperature=temperature, disallow=banned if disallow else None,
-                                generator=gen, backend="triton", vocab_size=v)
+                                generator=gen, backend="triton", vocab_size=v, sampler=sampler)
     probs = torch.softmax(logits[0, :v].double().cpu() / temperature, 0)
     if disallow:
         probs[3] = 0
@@ -351,13 +351,14 @@ def test_opcheck_triton_custom_ops():
         (K["replace_tokens"]._replace_tokens_op, (torch.randint(0, 9, (b, seq_len), device=DEVICE), pos,
                                                   torch.rand(b, n, device=DEVICE),
                                                   torch.randint(0, 9, (b, n), device=DEVICE))),
-        (K["rtd_bce"]._rtd_bce_op, (rand(b, seq_len).requires_grad_(), torch.rand(b, seq_len, device=DEVICE) > 0.5,
-                                    torch.ones(b, seq_len, dtype=torch.long, device=DEVICE))),
-        (K["rtd_bce"]._backward_op, (rand(b, seq_len), torch.tensor(2.0, device=DEVICE),
-                                     torch.tensor(0.1, device=DEVICE), torch.float16)),
-        (K["rtd_head"]._head_op, (rand(b, seq_len, h).requires_grad_(), rand(1, h).requires_grad_(),
-                                  rand(1).requires_grad_(), torch.rand(b, seq_len, device=DEVICE),
-                                  torch.ones(b, seq_len, device=DEVICE))),
+        (K["rtd_bce_loss"]._rtd_bce_op, (rand(b, seq_len).requires_grad_(),
+                                         torch.rand(b, seq_len, device=DEVICE) > 0.5,
+                                         torch.ones(b, seq_len, dtype=torch.long, device=DEVICE))),
+        (K["rtd_bce_loss"]._backward_op, (rand(b, seq_len), torch.tensor(2.0, device=DEVICE),
+                                          torch.tensor(0.1, device=DEVICE), torch.float16)),
+        (K["rtd_head_loss"]._head_op, (rand(b, seq_len, h).requires_grad_(), rand(1, h).requires_grad_(),
+                                       rand(1).requires_grad_(), torch.rand(b, seq_len, device=DEVICE),
+                                       torch.ones(b, seq_len, device=DEVICE))),
         (K["varlen_plan"]._varlen_plan_op, (torch.rand(b, seq_len, device=DEVICE) > 0.3,)),
     ]
     for op, args in cases:
@@ -381,8 +382,8 @@ def test_kernels_compile_fullgraph_and_match_eager():
                                                         seed, 1.0, False, v)
         disc_ids, labels = K["replace_tokens"].replace_tokens(ids, pos, w, sampled.view(b, n))
         disc_hidden = torch.tanh(emb[disc_ids])
-        disc, acc = K["rtd_head"].rtd_head_loss(disc_hidden, head_w, head_b, labels, torch.ones_like(ids))
-        bce = K["rtd_bce"].rtd_bce_loss(disc_hidden.sum(-1), labels, torch.ones_like(ids))
+        disc, acc = K["rtd_head_loss"].rtd_head_loss(disc_hidden, head_w, head_b, labels, torch.ones_like(ids))
+        bce = K["rtd_bce_loss"].rtd_bce_loss(disc_hidden.sum(-1), labels, torch.ones_like(ids))
         return mlm + 50.0 * disc + bce, sampled, acc, correct
 
     params = (hidden, emb, head_w, head_b)

@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_leaves
 from electra_fast import ops
 from helpers import use_small_tiles
 lm_ops = importlib.import_module("electra_fast.ops.lm_head_loss_and_sample")
+contract = importlib.import_module("electra_fast.ops._contract")
 from electra_fast.ops.lm_head_loss_and_sample import _chunk_op, _loss_with_grads
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -226,7 +227,7 @@ def shape_at(name, f):
 def scale_default_chunk(monkeypatch, f):
     """The default chunk rule for a head scaled by f (`shape_at`): CHUNK_BYTES times f**2; untouched at f = 1."""
     if f != 1:
-        monkeypatch.setattr(lm_ops, "CHUNK_BYTES", round(lm_ops.CHUNK_BYTES * f * f))
+        monkeypatch.setattr(contract, "CHUNK_BYTES", round(contract.CHUNK_BYTES * f * f))
 
 
 def head_inputs(m, e, v, w, device="cpu", dtype=torch.float32):
@@ -312,7 +313,7 @@ def test_reference_default_chunking_launches_no_more_kernels_than_before():
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    return use_small_tiles(monkeypatch, ["mlm_loss_sample"])  # several tiles per row, a partial last one
+    return use_small_tiles(monkeypatch, ["mlm_loss_and_sample"])  # several tiles per row, a partial last one
 
 
 @needs_triton
@@ -332,15 +333,14 @@ def test_triton_matches_unfused_triton_and_reference(poison, small_blocks, chunk
 
 @needs_triton
 @pytest.mark.parametrize("sampler", ["cdf", "gumbel"])
-def test_triton_samples_do_not_depend_on_the_chunking(small_blocks, monkeypatch, sampler):
-    monkeypatch.setattr(small_blocks, "SAMPLER", sampler)
+def test_triton_samples_do_not_depend_on_the_chunking(small_blocks, sampler):
     hidden, weight, bias, targets, weights = (t.detach() for t in make(m=11, device=TRITON_DEVICE))
     draws = [ops.lm_head_loss_and_sample(hidden, weight, bias, targets, weights, vocab_size=37, chunk_size=c,
                                          generator=torch.Generator(TRITON_DEVICE).manual_seed(77),
-                                         backend="triton")[1] for c in (1, 4, 11)]
+                                         backend="triton", sampler=sampler)[1] for c in (1, 4, 11)]
     assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])
     other = ops.lm_head_loss_and_sample(hidden, weight, bias, targets, weights, vocab_size=37, backend="triton",
-                                        generator=torch.Generator(TRITON_DEVICE).manual_seed(78))[1]
+                                        generator=torch.Generator(TRITON_DEVICE).manual_seed(78), sampler=sampler)[1]
     assert not torch.equal(other, draws[0])
 
 
@@ -351,7 +351,7 @@ def test_triton_bf16_matches_unfused(small_blocks):
 
 @needs_triton
 def test_triton_opcheck_and_compile(small_blocks):
-    lm = importlib.import_module("electra_fast.kernels.lm_head")
+    lm = importlib.import_module("electra_fast.kernels.lm_head_loss_and_sample")
     hidden, weight, bias, targets, weights = (t.detach() for t in make(m=6, e=4, width=16, v=13,
                                                                        device=TRITON_DEVICE))
     seed = torch.tensor([5], device=TRITON_DEVICE)
@@ -403,7 +403,7 @@ def count_triton_launches(monkeypatch, live):
     """Count each launch of the MLM kernels (one Triton kernel each) in `live.kernels`. The interpreter's launch
     leaves its copies of the arguments in a reference cycle (a recursive closure) until the garbage collector runs;
     a GPU launch keeps nothing, so the cycle is collected right after each launch."""
-    mls = importlib.import_module("electra_fast.kernels.mlm_loss_sample")
+    mls = importlib.import_module("electra_fast.kernels.mlm_loss_and_sample")
     for name in ("launch_sampler", "launch_backward", "launch_weighted_mean"):
         def launch(*args, _launch=getattr(mls, name), _name=name, **kwargs):
             live.kernels[_name] += 1
@@ -462,7 +462,7 @@ def test_triton_default_chunking_launches_no_more_kernels_than_before(monkeypatc
             head_step(inputs, 37, "triton", chunk_size=chunk_size)
         return sum(live.kernels.values())
     assert fixed_and_per_chunk(count) == (TRITON_FIXED, TRITON_PER_CHUNK)
-    kernel = importlib.import_module("electra_fast.kernels.lm_head")
+    kernel = importlib.import_module("electra_fast.kernels.lm_head_loss_and_sample")
     for m, _ in REAL.values():
         before = math.ceil(m / (2 ** 24 // REAL_W))
         for dtype, at_most in ((torch.float32, before), (torch.bfloat16, math.ceil(before / 2))):

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from electra_fast.model.encoder import PRESETS, Discriminator, ElectraEmbeddings, ElectraModelConfig, Generator, \
+from electra_fast.model import PRESETS, Discriminator, ElectraEmbeddings, ElectraModelConfig, Generator, \
     num_parameters, preset_configs
 from electra_fast.pretraining.pretrainer import ElectraPretrainer
 from helpers import chi2_critical
@@ -55,7 +55,8 @@ def test_preset_overrides_and_errors():
     (dict(pad_token_id=97), "pad_token_id"),
     (dict(hidden_dropout_prob=1.0), "hidden_dropout_prob"),
     (dict(pad_vocab_multiple=0), "pad_vocab_multiple"),
-    (dict(initializer="xavier"), "initializer must be one of \\('reference', 'normal'\\), got 'xavier'"),
+    (dict(initializer="xavier"), "initializer must be one of \\('truncated_normal', 'normal'\\) \\(or the older "
+                                 "'reference'\\), got 'xavier'"),
 ])
 def test_config_rejects_bad_values(changes, match):
     with pytest.raises(ValueError, match=match):
@@ -131,7 +132,7 @@ def assert_fixed_parts(disc, gen):
 
 def test_reference_init_is_truncated_normal_and_glorot_where_the_reference_is():
     torch.manual_seed(0)
-    assert tiny_config().initializer == "reference"  # the default
+    assert tiny_config().initializer == "truncated_normal"  # the default
     disc, gen = init_models("reference")
     std = 0.02
     word = disc.embeddings.word.weight[:4000]

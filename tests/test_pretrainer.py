@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import electra_fast.pretraining.pretrainer as pt
-from electra_fast.model.encoder import ElectraModelConfig
+import electra_fast.pretraining.rtd_step as pt
+from electra_fast.model.config import ElectraModelConfig
 from electra_fast.ops import mask_tokens
 from electra_fast.pretraining.pretrainer import ElectraPretrainer, embeddings_shared, param_groups, rtd_step
 
@@ -206,7 +206,7 @@ def test_from_preset_options():
     assert model.vocab_size == V and model.generator.config.hidden_size == 64
     assert model.discriminator.config.num_hidden_layers == model.generator.config.num_hidden_layers == 1
     assert ElectraPretrainer.from_preset("tiny", vocab_size=V, **IDS, gdes=True).gdes
-    with pytest.raises(ValueError, match="masking must be one of .*'distinct', 'reference'.* got 'exact'"):
+    with pytest.raises(ValueError, match="masking must be one of .*'distinct', 'with_replacement'.* got 'exact'"):
         ElectraPretrainer.from_preset("tiny", vocab_size=V, **IDS, masking="exact")
 
 
@@ -226,7 +226,7 @@ def test_reference_masking_step_and_its_setting_saved(tmp_path):
     assert not (out["is_replaced"] & ~hit).any()  # only drawn positions change
     assert torch.isfinite(model(ids).loss)
     model.save_pretrained(tmp_path)
-    assert ElectraPretrainer.from_pretrained(str(tmp_path)).masking == "reference"
+    assert ElectraPretrainer.from_pretrained(str(tmp_path)).masking == "with_replacement"
 
 
 def test_param_groups_split_decay():

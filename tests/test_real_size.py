@@ -114,7 +114,7 @@ def test_mlm_loss_and_sample_matches_fp64(poison, monkeypatch, device, m, v, wid
     the CPU twin: 8-column tiles over W = 60, V = 57. Padding columns hold NaN: they must reach nothing."""
     backend = default_path(device, "mlm_loss_and_sample", BF16)
     if device == "cpu":
-        use_small_tiles(monkeypatch, ("mlm_loss_sample",))
+        use_small_tiles(monkeypatch, ("mlm_loss_and_sample",))
     logits = torch.full((m, width), float("nan"), device=device, dtype=BF16)
     logits[:, :v] = (torch.randn(m, v, device=device) * LOGIT_STD).to(BF16)
     peaked = torch.tensor([0, m // 3, m // 2, m - 1], device=device)
@@ -156,7 +156,7 @@ def test_lm_head_loss_and_sample_matches_fp64(poison, monkeypatch, device, m, e,
     the loss, the samples or the gradients, they would dominate."""
     backend = default_path(device, "lm_head_loss_and_sample", BF16)
     if device == "cpu":
-        use_small_tiles(monkeypatch, ("mlm_loss_sample",))
+        use_small_tiles(monkeypatch, ("mlm_loss_and_sample",))
     hidden = torch.randn(m, e, device=device).to(BF16)
     weight = (torch.randn(width, e, device=device) * LOGIT_STD / e ** 0.5).to(BF16)
     bias = (torch.randn(width, device=device) * 0.5).to(BF16)
@@ -183,7 +183,7 @@ def test_lm_head_loss_and_sample_matches_fp64(poison, monkeypatch, device, m, e,
     grad_out = torch.tensor(1.7, device=device)
     grads = torch.autograd.grad(loss, leaves, grad_out)
     if device == "cuda":  # the 16-bit weight gradient went through one addmm(out_dtype=fp32), not its fallback
-        assert importlib.import_module("electra_fast.kernels.lm_head")._ADDMM_OUT_DTYPE[0]
+        assert importlib.import_module("electra_fast.kernels.lm_head_loss_and_sample")._ADDMM_OUT_DTYPE[0]
 
     logits64 = (h64 @ w64.T + b64)[:, :v]
     lse = logits64.logsumexp(1)

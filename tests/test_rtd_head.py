@@ -148,7 +148,7 @@ def test_counts_match_naive_loops_and_the_logit_metrics(backend, request):
     if backend == "triton":
         request.getfixturevalue("poison")
         monkeypatch = request.getfixturevalue("monkeypatch")
-        use_small_tiles(monkeypatch, ["rtd_head"])  # several tiles and programs at this tiny shape
+        use_small_tiles(monkeypatch, ["rtd_head_loss"])  # several tiles and programs at this tiny shape
     device = TRITON_DEVICE if backend == "triton" else "cpu"
     hidden, weight, bias, labels, mask = (t.detach().to(device) for t in make(b=4, seq_len=9, h=5,
                                                                                dtype=torch.float32))

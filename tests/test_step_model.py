@@ -40,7 +40,7 @@ def test_launch_budget_of_our_eager_small_step(small_ours):
 def test_step_flops_match_the_mfu_formula(small_ours):
     """Counted matmul + attention FLOPs = 6 x params x tokens + attention + heads (bench_e2e's formula) within 2%,
     and FlopCounterMode over the same step agrees with the per-op count."""
-    from electra_fast.model.encoder import preset_configs
+    from electra_fast.model.config import preset_configs
 
     gen_cfg, disc_cfg = preset_configs("small", vocab_size=30522)
     formula = bench_e2e.model_flops_per_step(gen_cfg, disc_cfg, 128, 128, 0.15)

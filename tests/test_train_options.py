@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("tokenizers")
 
-import electra_fast.pretraining.pretrainer as pretrainer_mod  # noqa: E402
+import electra_fast.pretraining.rtd_step as pretrainer_mod  # noqa: E402
 import electra_fast.train.loop as train_mod  # noqa: E402
 from electra_fast.io.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
 from electra_fast.cli import main  # noqa: E402
@@ -59,9 +59,9 @@ def test_reference_optimizer_and_masking_train_and_resume_exactly(dataset, tmp_p
     a, b = checkpoint(cfg.output_dir, 4), checkpoint(cfg2.output_dir, 4)
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
-    with pytest.raises(train_mod.InputError, match="--optimizer adamw differs from the checkpoint's reference"):
+    with pytest.raises(train_mod.InputError, match="--optimizer adamw differs from the checkpoint's electra_adam"):
         train(dataclasses.replace(cfg2, optimizer="adamw", steps=6), resume=b)
-    with pytest.raises(train_mod.InputError, match="--masking distinct differs from the checkpoint's reference"):
+    with pytest.raises(train_mod.InputError, match="--masking distinct differs from the checkpoint's with_replacement"):
         train(dataclasses.replace(cfg2, masking="distinct", steps=6), resume=b)
 
 
@@ -124,3 +124,54 @@ def test_ctrl_c_names_the_command_that_resumes(tmp_path, monkeypatch, capsys):
     assert main(["pretrain", "-o", out, "--steps", "5"]) == 130
     assert capsys.readouterr().err == (f"electra-fast: interrupted; `electra-fast pretrain --resume -o '{out}'` "
                                        "continues from the last checkpoint\n")
+
+
+def test_kernel_options_reach_the_model_and_stay_out_of_the_saved_settings(dataset, tmp_path):
+    from electra_fast.options import KernelOptions
+
+    opts = dict(backend="torch", sampler="gumbel", attention="sdpa", fused_lm_head=False)
+    cfg = config(dataset, tmp_path / "run", steps=2, **opts)
+    assert cfg.kernel_options() == KernelOptions(**opts)
+    assert train(cfg)["model"].options == KernelOptions(**opts)
+    saved = checkpoint(cfg.output_dir, 2)
+    assert not set(opts) & set(saved["config"])  # a resume may run the kernels another way
+    resumed = train(dataclasses.replace(cfg, steps=3, backend=None, fused_lm_head=True), resume=saved)
+    assert resumed["model"].options == KernelOptions(sampler="gumbel", attention="sdpa", fused_lm_head=True)
+    with pytest.raises(train_mod.InputError, match=r"--backend must be one of \('torch', 'triton', 'cuda'\), "
+                                                   r"got 'tpu'"):
+        train(dataclasses.replace(cfg, backend="tpu"))
+    with pytest.raises(train_mod.InputError, match="--backend cuda cannot run on cpu here"):  # before any step
+        train(dataclasses.replace(cfg, backend="cuda", output_dir=str(tmp_path / "cuda")))
+
+
+def test_older_spellings_are_mapped_and_their_checkpoints_resume(dataset, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    args = ["pretrain", "--data", dataset, "-o", out, "--steps", "2", "--batch-size", "8", "--seq-len", "32",
+            "--threads", "1", "--no-progress", "--no-export", "--device", "cpu", "--save-interval", "2"]
+    assert main(args + ["--optimizer", "reference", "--masking", "reference", "--backend", "torch"]) == 0
+    saved = checkpoint(out, 2)
+    assert (saved["config"]["optimizer"], saved["config"]["masking"]) == ("electra_adam", "with_replacement")
+    # A checkpoint written before the new names: its settings name the same choices.
+    saved["config"].update(optimizer="reference", masking="reference")
+    saved["model_spec"]["settings"]["masking"] = "reference"
+    cfg = config(dataset, out, steps=3, optimizer="electra_adam", masking="with_replacement")
+    assert train(cfg, resume=saved)["step"] == 3
+    with pytest.raises(train_mod.InputError, match=r"--optimizer must be one of \('adamw', 'electra_adam'\) "
+                                                   r"\(or the older 'reference'\), got 'adam'"):
+        train(dataclasses.replace(cfg, optimizer="adam"))
+
+
+def test_first_step_token_ids_are_checked(dataset, tmp_path, monkeypatch):
+    from electra_fast.data.loader import PretrainingData
+
+    gather = PretrainingData.gather
+
+    def out_of_vocabulary(self, indices, **kwargs):
+        batch = gather(self, indices, **kwargs)
+        batch["input_ids"][0, 1] = 1 << 20
+        return batch
+
+    monkeypatch.setattr(PretrainingData, "gather", out_of_vocabulary)
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, vocab_size=\d+\), got values in "
+                                         r"\[\d+, 1048576\]"):
+        train(config(dataset, tmp_path / "run", steps=1))

@@ -7,7 +7,8 @@ import torch
 
 from electra_fast.train.optim import AdamWeightDecay
 from electra_fast.pretraining.pretrainer import ElectraPretrainer, param_groups
-from electra_fast.train.step import METRICS, DynamicLossScale, TrainStep, warmup_linear_decay
+from electra_fast.train.schedules import warmup_linear_decay
+from electra_fast.train.step import METRICS, DynamicLossScale, TrainStep
 from electra_fast.train.loop import chunk_seed
 from helpers import lr_factor
 

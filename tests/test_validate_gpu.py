@@ -195,7 +195,7 @@ def test_scheduler_marks_every_stage_and_keeps_what_a_cut_stage_wrote(vg, tmp_pa
 def test_stale_build_lock_is_removed_only_when_no_build_is_alive(vg, tmp_path, monkeypatch, capsys):
     from torch.utils.file_baton import FileBaton
 
-    from electra_fast import cuda as ef_cuda
+    from electra_fast.csrc import _extension as ef_cuda
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     build_dir = ef_cuda.jit_build_directory()  # where torch's `load` builds and locks

@@ -12,13 +12,10 @@ from typing import Dict, List, Optional
 
 import torch
 
+from electra_fast.checks import check_int
+from electra_fast.data.tokenizer import tokenizer_ids
+
 _FIELDS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-def _positive_int(value, name: str) -> Optional[int]:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-    return value
 
 
 class ElectraDataCollator:
@@ -30,7 +27,7 @@ class ElectraDataCollator:
 
     Args:
         tokenizer: where the [PAD] id comes from: a `tokenizers.Tokenizer`, a transformers tokenizer, or a
-            tokenizer.json / vocab.txt / directory (see `electra_fast.pretraining.pretrainer.tokenizer_ids`). Only the id is
+            tokenizer.json / vocab.txt / directory (see `electra_fast.data.tokenizer.tokenizer_ids`). Only the id is
             kept.
         pad_token_id: the id padding gets; wins over the tokenizer's. One of the two is needed: there is no default.
         pad_to_multiple_of: L is the longest row rounded up to a multiple of this (8 suits tensor cores and bounds
@@ -48,14 +45,10 @@ class ElectraDataCollator:
             if tokenizer is None:
                 raise ValueError("ElectraDataCollator needs tokenizer= or pad_token_id= (the id of [PAD]), got "
                                  "neither")
-            from electra_fast.pretraining.pretrainer import tokenizer_ids
-
             pad_token_id = tokenizer_ids(tokenizer)["pad_token_id"]
-        if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or pad_token_id < 0:
-            raise ValueError(f"pad_token_id must be an int >= 0, got {pad_token_id!r}")
-        self.pad_token_id = pad_token_id
-        self.pad_to_multiple_of = _positive_int(pad_to_multiple_of, "pad_to_multiple_of")
-        self.max_length = _positive_int(max_length, "max_length")
+        self.pad_token_id = check_int(pad_token_id, "pad_token_id", low=0)
+        self.pad_to_multiple_of = check_int(pad_to_multiple_of, "pad_to_multiple_of", low=1, allow_none=True)
+        self.max_length = check_int(max_length, "max_length", low=1, allow_none=True)
 
     def _length(self, longest: int) -> int:
         if self.max_length is not None:

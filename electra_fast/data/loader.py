@@ -18,6 +18,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 
+from electra_fast.checks import check_int
 from electra_fast.data.prepare import read_index
 from electra_fast.data.tokenizer import load_tokenizer
 from electra_fast.errors import InputError
@@ -104,8 +105,7 @@ class BatchPlan:
         if num_examples < global_batch:
             raise InputError(f"the dataset has {num_examples} examples, fewer than one batch of {global_batch}: "
                              "use more data or a smaller --batch-size")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        check_int(rank, f"rank (of world_size={world_size})", low=0, high=world_size - 1)
         self.num_examples, self.global_batch = num_examples, global_batch
         self.world_size, self.rank, self.accum_steps, self.seed = world_size, rank, accum_steps, seed
         self.micro_batch = global_batch // parts

@@ -4,8 +4,9 @@ Between two steps (two graph replays) the training loop should only launch work:
 examples, pinning and the copy to the GPU all run while the current step computes. A thread makes batches in
 order into a queue of `depth` (2: double buffering), pinned when the device is CUDA; the consumer starts each
 batch's copy on a side stream one step ahead (when the batch before it is handed out) and makes the compute stream
-wait for that copy only, through an event, when the batch is used. Pinned blocks come from torch's caching host allocator, which does not reuse a block before the
-copy out of it has finished. On a CPU device it is the same thread-ahead pipeline without streams.
+wait for that copy only, through an event, when the batch is used. Pinned blocks come from torch's caching host
+allocator, which does not reuse a block before the copy out of it has finished. On a CPU device it is the same
+thread-ahead pipeline without streams.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import threading
 from typing import Callable, Dict, Iterable, Iterator
 
 import torch
+
+from electra_fast.checks import check_int
 
 _DONE = object()
 
@@ -27,8 +30,7 @@ class Prefetcher:
     """
 
     def __init__(self, items: Iterable, make: Callable[[object], Dict[str, torch.Tensor]], device, depth: int = 2):
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"depth must be a positive integer, got {depth!r}")
+        check_int(depth, "depth", low=1)
         self.device = torch.device(device)
         self._cuda = self.device.type == "cuda"
         self._queue: queue.Queue = queue.Queue(maxsize=depth)

@@ -26,6 +26,7 @@ from typing import Iterable, List, Optional
 
 import numpy as np
 
+from electra_fast.checks import check_int
 from electra_fast.data.tokenizer import TOKENIZER_FILE, save_tokenizer, special_ids, vocab_fingerprint
 from electra_fast.errors import InputError, ensure_writable, lock_directory
 
@@ -40,8 +41,7 @@ class ExampleBuilder:
     """Packs tokenized sentences into examples, exactly as the reference `ExampleBuilder` (with its RNG calls)."""
 
     def __init__(self, max_length: int, cls_id: int, sep_id: int, rng: random.Random):
-        if max_length < 5:
-            raise InputError(f"--seq-len must be at least 5, got {max_length}")
+        check_int(max_length, "--seq-len", low=5, error=InputError)
         self.max_length = max_length
         self.cls_id, self.sep_id = cls_id, sep_id
         self.rng = rng

@@ -10,6 +10,7 @@ import json
 import os
 from typing import Dict, Iterable
 
+from electra_fast.checks import check_int
 from electra_fast.errors import InputError
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -90,8 +91,7 @@ def train_tokenizer(lines: Iterable[str], vocab_size: int = 30522, lowercase: bo
 
 
 def _check_vocab_size(vocab_size: int) -> None:
-    if vocab_size < len(SPECIAL_TOKENS) + 1:
-        raise InputError(f"--vocab-size must be larger than {len(SPECIAL_TOKENS)}, got {vocab_size}")
+    check_int(vocab_size, "--vocab-size", low=len(SPECIAL_TOKENS) + 1, error=InputError)
 
 
 def _train(tok, trainer, lines: Iterable[str]):
@@ -110,6 +110,40 @@ def special_ids(tok, where: str = "tokenizer") -> Dict[str, int]:
         raise InputError(f"{where} lacks the special token(s) {missing}: use a BERT-style WordPiece vocabulary "
                          f"with {list(SPECIAL_TOKENS)}")
     return ids
+
+
+def tokenizer_ids(tokenizer) -> dict:
+    """`{"vocab_size", "mask_token_id", "special_token_ids", "pad_token_id"}` from a tokenizer.
+
+    `tokenizer`: a `tokenizers.Tokenizer` or a path (tokenizer.json, vocab.txt, or a directory holding one, as
+    `save_tokenizer` writes) with BERT's special tokens, whose ids never masked are [PAD], [CLS], [SEP] and [MASK]
+    ([UNK] stays maskable, as in the reference); or a transformers tokenizer, whose special tokens other than its
+    unknown token are never masked.
+    """
+    if isinstance(tokenizer, (str, os.PathLike)):
+        path = os.fspath(tokenizer)
+        try:
+            tokenizer = load_tokenizer(path)
+        except ValueError:  # not BERT's special tokens: transformers' tokenizer_config.json names them by role
+            if not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+                raise
+            from electra_fast.model.hf_format import require_transformers
+
+            tokenizer = require_transformers().AutoTokenizer.from_pretrained(path)
+    if hasattr(tokenizer, "all_special_ids"):  # transformers
+        missing = [name for name in ("mask_token_id", "pad_token_id") if getattr(tokenizer, name, None) is None]
+        if missing:
+            raise ValueError(f"tokenizer {type(tokenizer).__name__} has no {' or '.join(missing)}: ELECTRA needs a "
+                             "mask and a padding token; pass mask_token_id=, special_token_ids=, pad_token_id=")
+        return {"vocab_size": len(tokenizer), "mask_token_id": tokenizer.mask_token_id,
+                "special_token_ids": sorted(set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}),
+                "pad_token_id": tokenizer.pad_token_id}
+    if not hasattr(tokenizer, "token_to_id"):
+        raise TypeError("tokenizer must be a tokenizers.Tokenizer, a transformers tokenizer or a path, got "
+                        f"{type(tokenizer).__name__}")
+    ids = special_ids(tokenizer)
+    return {"vocab_size": tokenizer.get_vocab_size(with_added_tokens=True), "mask_token_id": ids["mask"],
+            "special_token_ids": [ids[k] for k in ("pad", "cls", "sep", "mask")], "pad_token_id": ids["pad"]}
 
 
 def vocab_fingerprint(tok) -> str:

@@ -1,7 +1,7 @@
 """Self-attention over padded batches without a dense additive mask where it can be avoided (issue 11.2).
 
 The encoder prepares the padding mask once per forward (`padding_mask`), the layers call `attend` on
-`[B, L, heads, D]` q, k, v. Paths (`_Encoder.attention_impl`):
+`[B, L, heads, D]` q, k, v. Paths (`KernelOptions.attention`, in the model config's `options`):
 - no mask at all (`attention_mask=None`: every token real, as the data loader can say from the host without a
   device sync): SDPA with `attn_mask=None`, so an H100 runs FlashAttention. Every impl takes this path.
 - "sdpa" (the reference): SDPA with an additive `[B, 1, 1, L]` bias, built once in the scores' dtype (not cast per
@@ -116,12 +116,13 @@ def _flash_runs(index: int, dtype: torch.dtype, head_dim: int) -> bool:
     return can_use_flash_attention(params)
 
 
-def varlen_mask(attention_mask: torch.Tensor, flash: bool, dtype: torch.dtype = torch.float32) -> VarlenMask:
-    """`[B, L]` 1/0 mask -> `VarlenMask` (one kernel on a GPU). `flash` False adds the SDPA key bias in `dtype`
-    for the packed order."""
+def varlen_mask(attention_mask: torch.Tensor, flash: bool, dtype: torch.dtype = torch.float32,
+                backend: Optional[str] = None) -> VarlenMask:
+    """`[B, L]` 1/0 mask -> `VarlenMask` (one kernel on a GPU, `ops.varlen_plan` on `backend`). `flash` False adds
+    the SDPA key bias in `dtype` for the packed order."""
     if attention_mask.dtype not in MASK_DTYPES:  # float, uint8, ... masks: what every other path accepts
         attention_mask = attention_mask != 0
-    order, inverse, cu_seqlens = varlen_plan(attention_mask)
+    order, inverse, cu_seqlens = varlen_plan(attention_mask, backend=backend)
     bias = None
     if not flash:
         lengths = (cu_seqlens[1::2] - cu_seqlens[:-1:2])[:, None]
@@ -159,7 +160,7 @@ def padding_block_mask(attention_mask: torch.Tensor, block_size: int = FLEX_BLOC
 
 
 def padding_mask(attention_mask: Optional[torch.Tensor], impl: str, *, dtype: torch.dtype, dropout: bool,
-                 head_dim: int) -> Optional[PaddingMask]:
+                 head_dim: int, backend: Optional[str] = None) -> Optional[PaddingMask]:
     """What `attend` takes, built once per encoder forward (module docstring).
 
     Args:
@@ -168,6 +169,7 @@ def padding_mask(attention_mask: Optional[torch.Tensor], impl: str, *, dtype: to
         dtype: the attention scores' dtype (the additive bias is made in it; flash needs fp16/bf16).
         dropout: whether attention dropout is active (training with p > 0): "flex" cannot apply it.
         head_dim: per-head width (flash takes multiples of 8 up to 256).
+        backend: the backend of the op that plans the "varlen" layout (`ops.varlen_plan`); None: its default.
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
@@ -179,7 +181,7 @@ def padding_mask(attention_mask: Optional[torch.Tensor], impl: str, *, dtype: to
     if impl == "sdpa":
         return attention_bias(attention_mask, dtype)
     if impl == "varlen":
-        return varlen_mask(attention_mask, flash, dtype)
+        return varlen_mask(attention_mask, flash, dtype, backend)
     if dropout:
         raise ValueError("attention_impl='flex' cannot apply attention dropout (FlexAttention has none): use "
                          "'varlen', 'sdpa' or 'auto' to train with attention_probs_dropout_prob > 0, or set it to 0")

@@ -1,153 +1,45 @@
-"""The slim ELECTRA model: one BERT-style encoder, a generator (MLM) and a discriminator (RTD), in one file.
+"""The slim ELECTRA model: one BERT-style encoder, a generator (MLM) and a discriminator (RTD).
 
 Design (SPEC sections 1-3):
 - ELECTRA's embedding scheme: word, position and token-type embeddings plus the embedding LayerNorm live in one
   `ElectraEmbeddings` module that the generator and the discriminator share (pass the same instance to both);
   each model owns its `embeddings_project` (E -> H) when E differs from its hidden size. Optional GDES
-  (DeBERTa-v3): the discriminator reads `stopgrad(E_gen) + E_delta` for every one of those parameters.
+  (DeBERTa-v3, `electra_fast.model.gdes`): the discriminator reads `stopgrad(E_gen) + E_delta` for every one of
+  those parameters.
 - Attention (`electra_fast.model.attention`) over one fused QKV projection (a single Linear of width 3H;
-  `electra_fast.io.hf` splits it into transformers' query/key/value): SDPA without any mask when `attention_mask`
-  is None (flash on GPU), else the padding mask built once per forward for all layers (`attention_impl`; where
-  flash runs, its variable-length kernel, each row's real tokens first for the whole layer stack).
+  `electra_fast.model.hf_format` splits it into transformers' query/key/value): SDPA without any mask when
+  `attention_mask` is None (flash on GPU), else the padding mask built once per forward for all layers (the path
+  is `config.options.attention`; where flash runs, its variable-length kernel, each row's real tokens first for the
+  whole layer stack).
 - The generator's LM head runs only at gathered slots (`Generator.forward(..., positions=)` or
   `encode` + `electra_fast.ops.masked_gather` + `lm_logits`), never at all L positions.
 - The vocabulary is padded inside the model to `padded_vocab_size` (a multiple of `pad_vocab_multiple`, 128 by
   default) so the logits' row stride is a multiple of 16 elements and the MLM kernels can use 16-byte loads. The
   padded rows of the word table (and of the GDES delta and the generator's output bias) start at zero and, since
   no id reaches them and the MLM loss ignores logit columns >= vocab_size, never get a gradient, so weight decay
-  keeps them at exactly zero. `vocab_size` is always the logical size; `electra_fast.io.hf` slices on export and pads
-  on import, so checkpoints hold the logical vocabulary only.
+  keeps them at exactly zero. `vocab_size` is always the logical size; `electra_fast.model.hf_format` slices on
+  export and pads on import, so checkpoints hold the logical vocabulary only.
 - bf16 under autocast: each encoder layer casts its parameters in one launch and runs in bf16, LayerNorm
   included (fp32 statistics); fp32 master weights and gradients are untouched (`electra_fast.model.layers`).
+- The ops the encoder calls run on `config.options.backend` (None: each op's default).
 GELU is the erf form, LayerNorm eps 1e-12, as the reference and transformers; weights initialised as the reference
 does (truncated normal, Glorot for two layers) or as transformers does (`ElectraModelConfig.initializer`).
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from electra_fast.model.attention import PaddingMask, VarlenMask, attend, attention_bias, padding_mask
+from electra_fast.model import hf_format
+from electra_fast.model.attention import PaddingMask, VarlenMask, attend, padding_mask
+from electra_fast.model.config import ElectraModelConfig
+from electra_fast.model.gdes import gdes_embedding, gdes_weight
+from electra_fast.model.heads import GeneratorHead, RTDHead
 from electra_fast.model.layers import autocast_parameters, compute_dtype, dropout_seed, residual_layer_norm
 from electra_fast.ops import masked_gather
-
-
-INITIALIZERS = ("reference", "normal")
-
-
-@dataclass
-class ElectraModelConfig:
-    """Shape and regularisation of one ELECTRA encoder (generator or discriminator).
-
-    Field names follow `transformers.ElectraConfig` so configs convert one to one (`electra_fast.io.hf`).
-    """
-    vocab_size: int
-    embedding_size: int
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    intermediate_size: int
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
-    initializer_range: float = 0.02
-    pad_token_id: int = 0
-    pad_vocab_multiple: int = 128  # rows of the vocabulary tables: vocab_size rounded up to this (1: no padding)
-    # Weight init (`_Encoder.init_weights`). "reference": google-research/electra's, the default because this
-    # library trains from scratch and its job is the reference's pretraining: every weight from
-    # tf.truncated_normal_initializer(initializer_range) (N(0, 0.02) redrawn beyond 2 std, so std 0.02 * 0.8796),
-    # except the layers built with tf.layers.dense's default Glorot-uniform kernel: the discriminator's final
-    # dense(H -> 1) and each model's embeddings_project. "normal": transformers' `_init_weights`, N(0, 0.02)
-    # everywhere; what matters there is loading a checkpoint, not the init. Both: zero biases, LayerNorm 1/0,
-    # zero pad row (padding_idx; no real token reads it) and zero padded vocabulary rows.
-    initializer: str = "reference"
-
-    def __post_init__(self):
-        for name in ("vocab_size", "embedding_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "max_position_embeddings", "type_vocab_size", "pad_vocab_multiple"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size must be a multiple of num_attention_heads ({self.num_attention_heads}), "
-                             f"got {self.hidden_size}")
-        if not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(f"pad_token_id must be in [0, vocab_size={self.vocab_size}), got {self.pad_token_id}")
-        if self.initializer not in INITIALIZERS:
-            raise ValueError(f"initializer must be one of {INITIALIZERS}, got {self.initializer!r}")
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-
-    @property
-    def padded_vocab_size(self) -> int:
-        """Rows of the word embedding, the GDES delta and the generator's output bias (and width of its logits):
-        `vocab_size` rounded up to a multiple of `pad_vocab_multiple`."""
-        return -(-self.vocab_size // self.pad_vocab_multiple) * self.pad_vocab_multiple
-
-    def replace(self, **changes) -> "ElectraModelConfig":
-        return dataclasses.replace(self, **changes)
-
-
-# Reference `util/training_utils.py` / `configure_pretraining.py` (SPEC 2). "discriminator": its config fields
-# (vocab_size and pad_token_id come from the tokenizer); "generator": what differs from the discriminator (the
-# generator keeps the discriminator's layer count, embeddings and everything else).
-PRESETS: dict[str, dict] = {
-    "tiny": dict(  # for tests: ~33k parameters per discriminator layer, a step takes milliseconds on a CPU
-        discriminator=dict(embedding_size=32, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           intermediate_size=128),
-        generator=dict(hidden_size=32, num_attention_heads=1, intermediate_size=64),
-        # lr: tuned for the demo (1000 steps of `electra-fast pretrain`, measured on held-out rows): at 1e-3 and 5e-4
-        # the generator outpaces a discriminator this small (ROC-AUC ~0.65 and 0.74, +0.000 and +0.005 accuracy over
-        # labelling every token original); at 3e-4, 0.88 and +0.032.
-        mask_prob=0.15, lr=3e-4, batch_size=16, seq_len=64),
-    "small": dict(
-        discriminator=dict(embedding_size=128, hidden_size=256, num_hidden_layers=12, num_attention_heads=4,
-                           intermediate_size=1024),
-        generator=dict(hidden_size=64, num_attention_heads=1, intermediate_size=256),
-        mask_prob=0.15, lr=5e-4, batch_size=128, seq_len=128),
-    "base": dict(
-        discriminator=dict(embedding_size=768, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                           intermediate_size=3072),
-        generator=dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024),
-        mask_prob=0.15, lr=2e-4, batch_size=256, seq_len=512),
-    "large": dict(
-        discriminator=dict(embedding_size=1024, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                           intermediate_size=4096),
-        generator=dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024),
-        mask_prob=0.25, lr=2e-4, batch_size=2048, seq_len=512),
-}
-GENERATOR_FIELDS = ("hidden_size", "num_attention_heads", "intermediate_size")
-
-
-def preset_configs(name: str, *, vocab_size: int = 30522, pad_token_id: int = 0, generator: Optional[dict] = None,
-                   **overrides) -> tuple[ElectraModelConfig, ElectraModelConfig]:
-    """`(generator_config, discriminator_config)` for a preset.
-
-    `overrides` are `ElectraModelConfig` fields for the discriminator (shared fields such as `embedding_size`
-    or `num_hidden_layers` reach the generator too); `generator` overrides the generator's own
-    `hidden_size` / `num_attention_heads` / `intermediate_size`.
-    """
-    if name not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
-    fields = {f.name for f in dataclasses.fields(ElectraModelConfig)}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise TypeError(f"unknown ElectraModelConfig field(s) {sorted(unknown)}; expected some of {sorted(fields)}")
-    gen_changes = {**PRESETS[name]["generator"], **(generator or {})}
-    bad = set(gen_changes) - set(GENERATOR_FIELDS)
-    if bad:
-        raise TypeError(f"generator overrides must be among {GENERATOR_FIELDS}, got {sorted(bad)}")
-    disc = ElectraModelConfig(vocab_size=vocab_size, pad_token_id=pad_token_id,
-                              **{**PRESETS[name]["discriminator"], **overrides})
-    return disc.replace(**gen_changes), disc
 
 
 class ElectraEmbeddings(nn.Module):
@@ -172,11 +64,12 @@ class ElectraEmbeddings(nn.Module):
             x = self.word(input_ids)
             position, token_type, weight, bias = (self.position.weight[:l], self.token_type.weight, self.norm.weight,
                                                   self.norm.bias)
-        else:  # two lookups rather than one into `word + delta`: no [V, E] sum per step
-            x = F.embedding(input_ids, self.word.weight.detach(), pad) + F.embedding(input_ids, delta.word.weight, pad)
-            position = self.position.weight[:l].detach() + delta.position.weight[:l]
-            token_type = self.token_type.weight.detach() + delta.token_type.weight
-            weight, bias = self.norm.weight.detach() + delta.norm.weight, self.norm.bias.detach() + delta.norm.bias
+        else:  # electra_fast.model.gdes: stopgrad(own) + delta's, parameter by parameter
+            x = gdes_embedding(input_ids, self.word.weight, delta.word.weight, pad)
+            position = gdes_weight(self.position.weight[:l], delta.position.weight[:l])
+            token_type = gdes_weight(self.token_type.weight, delta.token_type.weight)
+            weight = gdes_weight(self.norm.weight, delta.norm.weight)
+            bias = gdes_weight(self.norm.bias, delta.norm.bias)
         # A slice and a broadcast row instead of index lookups: the common case has no token types at all.
         x = x + (token_type[0] if token_type_ids is None else F.embedding(token_type_ids, token_type)) + position
         return F.layer_norm(x, self.norm.normalized_shape, weight, bias, self.norm.eps)
@@ -199,9 +92,10 @@ class EncoderLayer(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor, mask: Optional[PaddingMask], seed: Optional[torch.Tensor] = None,
-                salt: int = 0) -> torch.Tensor:
+                salt: int = 0, backend: Optional[str] = None) -> torch.Tensor:
         """`x [B, L, H]` and the encoder's `attention.padding_mask(...)` (built once for all layers); `seed`, `salt`:
-        the encoder's `layers.dropout_seed` and this layer's two salts `salt`, `salt + 1`."""
+        the encoder's `layers.dropout_seed` and this layer's two salts `salt`, `salt + 1`; `backend`: the fused
+        residual + LayerNorm's (the config's `options.backend`)."""
         b, l, h = x.shape
         # Under autocast: every parameter cast in one launch and the whole block in bf16 (`electra_fast.model.layers`).
         wqkv, bqkv, wo, bo, g1, b1, wi, bi, wf, bf, g2, b2 = autocast_parameters([
@@ -214,9 +108,9 @@ class EncoderLayer(nn.Module):
         q, k, v = F.linear(x, wqkv, bqkv).view(b, l, 3, self.num_heads, -1).unbind(2)
         a = attend(q, k, v, mask, self.attn_dropout if self.training else 0.0)
         p, train = self.dropout.p, self.training
-        x = residual_layer_norm(F.linear(a.reshape(b, l, h), wo, bo), x, g1, b1, p, eps, train, seed, salt)
+        x = residual_layer_norm(F.linear(a.reshape(b, l, h), wo, bo), x, g1, b1, p, eps, train, seed, salt, backend)
         return residual_layer_norm(F.linear(F.gelu(F.linear(x, wi, bi)), wf, bf), x, g2, b2, p, eps, train, seed,
-                                   salt + 1)
+                                   salt + 1, backend)
 
 
 class _Encoder(nn.Module):
@@ -237,7 +131,6 @@ class _Encoder(nn.Module):
                                    if config.embedding_size != config.hidden_size else None)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.attention_impl = "auto"  # or "sdpa" (dense additive mask), "varlen", "flex": electra_fast.model.attention
 
     def embed(self, input_ids, token_type_ids):
         return self.embeddings(input_ids, token_type_ids)
@@ -252,31 +145,32 @@ class _Encoder(nn.Module):
             x = self.embeddings_project(x)
         # The padding mask once for all layers, in the dtype the attention scores have (autocast's, if on).
         cfg = self.config
-        mask = padding_mask(attention_mask, self.attention_impl,
+        mask = padding_mask(attention_mask, cfg.options.resolved_attention,
                             dtype=compute_dtype(x.device.type, self.layers[0].qkv.weight.dtype),
                             dropout=self.training and cfg.attention_probs_dropout_prob > 0,
-                            head_dim=cfg.hidden_size // cfg.num_attention_heads)
+                            head_dim=cfg.hidden_size // cfg.num_attention_heads, backend=cfg.options.backend)
         varlen = isinstance(mask, VarlenMask)
         if varlen:  # real tokens first in every row, for all layers (electra_fast.model.attention, "varlen")
             x = mask.pack(x)
-        seed = dropout_seed(x, cfg.hidden_dropout_prob, self.training)  # one draw for every layer
+        backend = cfg.options.backend
+        seed = dropout_seed(x, cfg.hidden_dropout_prob, self.training, backend)  # one draw for every layer
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, seed, 2 * i)
+            x = layer(x, mask, seed, 2 * i, backend)
         return mask.unpack(x) if varlen else x
 
-    # initializer="reference": the layers google-research/electra builds with tf.layers.dense's default kernel
+    # initializer="truncated_normal": the layers google-research/electra builds with tf.layers.dense's default kernel
     # initializer (Glorot uniform) instead of its truncated normal.
     _glorot_uniform: tuple = ("embeddings_project",)
     _zero_init: tuple = ()  # submodules whose parameters all start at zero
 
     def init_weights(self) -> None:
-        """Linear/Embedding weights as `config.initializer` says: "reference", N(0, initializer_range) truncated
+        """Linear/Embedding weights as `config.initializer` says: "truncated_normal", N(0, initializer_range) truncated
         at 2 std, Glorot uniform for `_glorot_uniform` layers; "normal", N(0, initializer_range). Zero biases,
         LayerNorm 1/0, zero pad row, zero padded vocabulary rows (>= vocab_size), zero `_zero_init` modules.
 
         Embeddings passed in by the caller (shared with the other model) are left as they are.
         """
-        std, reference = self.config.initializer_range, self.config.initializer == "reference"
+        std, reference = self.config.initializer_range, self.config.initializer == "truncated_normal"
         for name, m in self.named_modules():
             top = name.split(".")[0]
             if not self._owns_embeddings and top == "embeddings":
@@ -305,17 +199,15 @@ class _Encoder(nn.Module):
                 self.embeddings.word.weight[self.config.vocab_size:].zero_()
 
     def save_pretrained(self, directory) -> None:
-        """Write `config.json` + `model.safetensors` in transformers' format (see `electra_fast.io.hf`)."""
-        from electra_fast.io import hf
-
-        hf.save(self, directory)
+        """Write `config.json` + `model.safetensors` in transformers' format (see `electra_fast.model.hf_format`)."""
+        hf_format.save(self, directory)
 
     @classmethod
     def from_pretrained(cls, path, embeddings: Optional[ElectraEmbeddings] = None, **kwargs):
-        """Load a transformers-format checkpoint (ours or one written by transformers' `save_pretrained`)."""
-        from electra_fast.io import hf
-
-        return hf.load(cls, path, embeddings=embeddings, **kwargs)
+        """Load a transformers-format checkpoint (ours or one written by transformers' `save_pretrained`): a local
+        directory or a hub id; `kwargs`: `gdes=` (Discriminator) and `ElectraModelConfig` fields that replace the
+        checkpoint's (see `electra_fast.model.hf_format.load`)."""
+        return hf_format.load(cls, path, embeddings=embeddings, **kwargs)
 
 
 def _check_embeddings(embeddings: ElectraEmbeddings, config: ElectraModelConfig) -> None:
@@ -327,28 +219,20 @@ def _check_embeddings(embeddings: ElectraEmbeddings, config: ElectraModelConfig)
                          f"max_position_embeddings, type_vocab_size) = {want}, got {got}")
 
 
-class GeneratorHead(nn.Module):
-    """dense(H_g -> E) -> gelu -> LayerNorm(E); the logits reuse the word embeddings plus this bias."""
-
-    def __init__(self, config: ElectraModelConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.embedding_size)
-        self.norm = nn.LayerNorm(config.embedding_size, eps=config.layer_norm_eps)
-        self.bias = nn.Parameter(torch.zeros(config.padded_vocab_size))
-
-
 class Generator(_Encoder):
     """The ELECTRA generator: a small masked-LM whose output layer is tied to the shared word embeddings."""
+    hf_architecture = hf_format.GENERATOR_ARCHITECTURE
 
     def __init__(self, config: ElectraModelConfig, embeddings: Optional[ElectraEmbeddings] = None):
         super().__init__(config, embeddings)
-        self.head = GeneratorHead(config)
+        self.head = GeneratorHead(config.hidden_size, config.embedding_size, config.padded_vocab_size,
+                                  config.layer_norm_eps)
         self.init_weights()
 
     def lm_head_parts(self, hidden: torch.Tensor):
         """`(features, weight, bias)` with `lm_logits(hidden) = F.linear(features, weight, bias)`: what the fused
         `ops.lm_head_loss_and_sample` takes (weight: the tied word table)."""
-        return self.head.norm(F.gelu(self.head.dense(hidden))), self.embeddings.word.weight, self.head.bias
+        return self.head.features(hidden), self.embeddings.word.weight, self.head.bias
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head on any `[..., H_g]` hidden states -> `[..., padded_vocab_size]` logits.
@@ -367,17 +251,8 @@ class Generator(_Encoder):
         """
         hidden = self.encode(input_ids, attention_mask, token_type_ids)
         if positions is not None:
-            hidden = masked_gather(hidden, positions)
+            hidden = masked_gather(hidden, positions, backend=self.config.options.backend)
         return self.lm_logits(hidden)[..., : self.config.vocab_size]
-
-
-class DiscriminatorHead(nn.Module):
-    """dense(H -> H) -> gelu -> dense(H -> 1)."""
-
-    def __init__(self, config: ElectraModelConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.out = nn.Linear(config.hidden_size, 1)
 
 
 class Discriminator(_Encoder):
@@ -391,13 +266,14 @@ class Discriminator(_Encoder):
     discriminator keeps following what the generator learns, starts equal to it whatever order the shared
     embeddings are built or loaded in, and one rule (`effective = shared + delta`) serves export and import.
     """
+    hf_architecture = hf_format.DISCRIMINATOR_ARCHITECTURE
     _glorot_uniform = ("embeddings_project", "head.out")
     _zero_init = ("embeddings_delta",)
 
     def __init__(self, config: ElectraModelConfig, embeddings: Optional[ElectraEmbeddings] = None,
                  gdes: bool = False):
         super().__init__(config, embeddings)
-        self.head = DiscriminatorHead(config)
+        self.head = RTDHead(config.hidden_size)
         self.embeddings_delta = ElectraEmbeddings(config) if gdes else None
         self.init_weights()
 
@@ -411,13 +287,12 @@ class Discriminator(_Encoder):
 
     def head_features(self, hidden: torch.Tensor) -> torch.Tensor:
         """`gelu(dense(hidden))`: what the final `head.out` projection (or a fused projection + loss) reads."""
-        return F.gelu(self.head.dense(hidden))
+        return self.head.features(hidden)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Replaced-token logits `[B, L]`."""
-        features = self.head_features(self.encode(input_ids, attention_mask, token_type_ids))
-        return self.head.out(features).squeeze(-1)
+        return self.head(self.encode(input_ids, attention_mask, token_type_ids))
 
 
 def num_parameters(module: nn.Module) -> int:
@@ -425,5 +300,4 @@ def num_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())  # parameters() yields a shared one once
 
 
-__all__ = ["ElectraModelConfig", "PRESETS", "preset_configs", "ElectraEmbeddings", "Generator", "Discriminator",
-           "num_parameters", "attention_bias"]
+__all__ = ["ElectraEmbeddings", "EncoderLayer", "Generator", "Discriminator", "num_parameters"]

@@ -58,20 +58,22 @@ def autocast_parameters(params: Sequence[torch.Tensor], device_type: str) -> Seq
     return _CastAll.apply(dtype, *params)
 
 
-def dropout_seed(x: torch.Tensor, p: float, training: bool) -> Optional[torch.Tensor]:
-    """One Philox seed for the `residual_layer_norm` calls of a forward that runs on `x`'s device and dtype, or
-    None where they draw nothing: no dropout, or the reference path (which uses torch's dropout)."""
+def dropout_seed(x: torch.Tensor, p: float, training: bool, backend: Optional[str] = None) -> Optional[torch.Tensor]:
+    """One Philox seed for the `residual_layer_norm` calls of a forward that runs on `x`'s device and dtype (and
+    `backend`), or None where they draw nothing: no dropout, or the reference path (which uses torch's dropout)."""
     if not training or p == 0:
         return None
     dtype = compute_dtype(x.device.type, x.dtype)
-    if resolve("dropout_add_layer_norm", None, x.device, dtype)[1] is None:
+    if resolve("dropout_add_layer_norm", backend, x.device, dtype)[1] is None:
         return None
     return draw_seed(x.device)
 
 
 def residual_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, p: float,
-                        eps: float, training: bool, seed: Optional[torch.Tensor] = None, salt: int = 0
-                        ) -> torch.Tensor:
+                        eps: float, training: bool, seed: Optional[torch.Tensor] = None, salt: int = 0,
+                        backend: Optional[str] = None) -> torch.Tensor:
     """`layer_norm(residual + dropout(x, p), weight, bias, eps)` in x's dtype, fused on CUDA; `seed` and a `salt`
-    distinct per call from `dropout_seed` (None: the call draws its own seed if it needs one)."""
-    return dropout_add_layer_norm(x, residual, weight, bias, p=p, eps=eps, training=training, seed=seed, salt=salt)
+    distinct per call from `dropout_seed` (None: the call draws its own seed if it needs one); `backend`: the op's
+    (`ops.dropout_add_layer_norm`; None: its default)."""
+    return dropout_add_layer_norm(x, residual, weight, bias, p=p, eps=eps, training=training, seed=seed, salt=salt,
+                                  backend=backend)

@@ -2,7 +2,9 @@
 
 Each op has a plain PyTorch reference (the CPU path and the test oracle), is registered with `torch.library`
 (fake kernel, autograd where differentiable) so `torch.compile(fullgraph=True)` traces it, and dispatches to a
-Triton or CUDA kernel through the backend switch in `_backend`.
+Triton or CUDA kernel through the backend switch in `_backend` (`electra_fast.kernels.<op>`, `electra_fast.csrc.<op>`).
+What an op shares with its kernel modules (constants, the autograd glue, fake kernels) is in `_contract`, which both
+import; the kernel modules never import an op's module.
 """
 from electra_fast.ops._backend import BACKENDS, available_backends, get_backend, set_backend
 from electra_fast.ops.gumbel_sample import gumbel_sample

@@ -1,22 +1,29 @@
 """Backend switch: which implementation of an op runs.
 
 Three backends: "torch" (the PyTorch reference; the CPU path and the test oracle), "triton"
-(`electra_fast.kernels`) and "cuda" (`electra_fast.cuda`, CUDA C++ from `csrc/`, built with ninja).
+(`electra_fast.kernels.<op>`) and "cuda" (`electra_fast.csrc.<op>`, launchers of the CUDA C++ in `csrc/`, built
+with ninja). Each backend holds one module per op, named after the op, whose function of that name is the op's
+kernel entry; a backend without a module for an op has no kernel for it.
 Choice, first match wins: the op's `backend=` argument, `set_backend()`, the `ELECTRA_FAST_BACKEND`
-environment variable, then the default: for CUDA tensors the first available of `DEFAULT_ORDER[op]`,
-for CPU tensors "torch". A backend asked for explicitly that cannot run raises (a globally forced one runs
-the reference for ops it has no kernel for); the default falls back silently. Triton runs on CPU tensors only under `TRITON_INTERPRET=1`, and only when asked for.
+environment variable (`electra_fast.options.env_backend`), then the default: for CUDA tensors the first available
+of `DEFAULT_ORDER[op]`, for CPU tensors "torch". A backend covers the ops it has a module for: asked for or forced,
+it runs the reference for the others, so one `KernelOptions(backend="cuda")` serves a whole step. A backend asked
+for that has the op but cannot run it here (wrong device, no toolchain) raises with the reason; the default falls
+back silently. Triton runs on CPU tensors only under `TRITON_INTERPRET=1`, and only when asked for.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 from typing import Optional
 
 import torch
 
-BACKENDS = ("torch", "triton", "cuda")
+from electra_fast.checks import check_choice
+from electra_fast.options import BACKENDS, env_backend
+
 # Per-op preference on CUDA tensors; benchmarks/RESULTS.md is where a change of order must be justified.
 DEFAULT_ORDER = {
     "mask_tokens": ("triton", "torch"),
@@ -30,25 +37,21 @@ DEFAULT_ORDER = {
     "dropout_add_layer_norm": ("triton", "torch"),
     "varlen_plan": ("triton", "torch"),
 }
-# The Triton kernels are one module per op: `electra_fast.kernels` itself has no `__init__` (kernels/_common.py says
-# why), so the module that holds an op's entry is named here.
-_TRITON_MODULES = {"mlm_loss_and_sample": "mlm_loss_sample", "lm_head_loss_and_sample": "lm_head",
-                   "rtd_bce_loss": "rtd_bce", "rtd_head_loss": "rtd_head"}
 
 
 def _module_name(backend: str, op: str) -> str:
+    """The module of `backend` that holds `op`'s kernel entry (`electra_fast.kernels` and `electra_fast.csrc` have no
+    `__init__`: kernels/_common.py says why)."""
     if backend == "triton":
-        return "electra_fast.kernels." + _TRITON_MODULES.get(op, op)
-    return "electra_fast.cuda"
+        return "electra_fast.kernels." + op
+    return "electra_fast.csrc." + op
 
 
 _forced: Optional[str] = None
 
 
 def _check_name(name: str, arg: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"{arg} must be one of {BACKENDS}, got {name!r}")
-    return name
+    return check_choice(name, arg, BACKENDS)
 
 
 def set_backend(name: Optional[str]) -> None:
@@ -61,14 +64,21 @@ def get_backend() -> Optional[str]:
     """The backend forced by `set_backend` or `ELECTRA_FAST_BACKEND`, or None for the default."""
     if _forced is not None:
         return _forced
-    env = os.environ.get("ELECTRA_FAST_BACKEND")
-    return _check_name(env, "ELECTRA_FAST_BACKEND") if env else None
+    return env_backend()
+
+
+def _has_module(backend: str, op: str) -> bool:
+    """Whether `backend` has a module for `op` at all (it may still fail to import, e.g. without Triton)."""
+    try:
+        return importlib.util.find_spec(_module_name(backend, op)) is not None
+    except ImportError:
+        return False
 
 
 def _module(backend: str, op: str):
     try:
         return importlib.import_module(_module_name(backend, op))
-    except ImportError:  # ModuleNotFoundError too: no Triton, or no Triton kernel for this op
+    except ImportError:  # ModuleNotFoundError too: no Triton, or no kernel module for this op
         return None
 
 
@@ -80,10 +90,12 @@ def _why_unavailable(backend: str, op: str, device: torch.device) -> Optional[st
         return f"Triton needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU); got device {device}"
     if backend == "cuda" and device.type != "cuda":
         return f"the CUDA backend needs CUDA tensors; got device {device}"
+    if not _has_module(backend, op):
+        return f"the {backend} backend has no kernel for {op}"
     mod = _module(backend, op)
     if mod is None:
         return f"{_module_name(backend, op)} could not be imported"
-    if backend == "cuda" and not mod.is_available():
+    if backend == "cuda" and not mod.is_available():  # every CUDA launcher module exposes the extension's probe
         return mod.unavailable_reason()
     if not hasattr(mod, op):
         return f"the {backend} backend has no kernel for {op}"
@@ -99,9 +111,8 @@ def _choose(op: str, asked: Optional[str], forced: Optional[str], device: torch.
         why = _why_unavailable(name, op, device)
         if why is None:
             return name
-        mod = _module(name, op)
-        if asked is None and mod is not None and not hasattr(mod, op):
-            return "torch"  # a globally forced backend covers the ops it has; the rest run the reference
+        if not _has_module(name, op):
+            return "torch"  # a backend covers the ops it has; the rest run the reference
         return f"!backend {name!r} cannot run {op}: {why}"
     if device.type != "cuda" or f64:
         return "torch"  # fp64 too: the kernels compute in fp32

@@ -6,10 +6,11 @@ precondition of the ops, which `torch.compile(fullgraph=True)` and CUDA graphs n
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch._subclasses.fake_tensor import is_fake
+
+from electra_fast.checks import check_choice, check_int, check_number
+from electra_fast.options import SAMPLERS  # defined there, with ELECTRA_FAST_SAMPLER; the kernels import it from here
 
 INT_DTYPES = (torch.int64, torch.int32)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -43,9 +44,7 @@ def check_same_device(tensors: dict) -> None:
 
 
 def check_temperature(temperature) -> float:
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 < temperature < math.inf:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    return float(temperature)
+    return check_number(temperature, "temperature", low=0, low_open=True)
 
 
 def check_logits(logits, name: str = "logits") -> torch.Tensor:
@@ -60,22 +59,16 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-SAMPLERS = ("cdf", "gumbel")  # the kernels' samplers: exact inverse CDF (default), Gumbel-max
-
-
 def check_sampler(sampler: str) -> str:
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler (ELECTRA_FAST_SAMPLER) must be one of {SAMPLERS}, got {sampler!r}")
-    return sampler
+    """One of the kernels' samplers, `SAMPLERS`: exact inverse CDF ("cdf", the default) or Gumbel-max ("gumbel")."""
+    return check_choice(sampler, "sampler (default: ELECTRA_FAST_SAMPLER)", SAMPLERS)
 
 
 def check_vocab_size(vocab_size, width: int) -> int:
     """The logical vocabulary V of `[M, W]` logits whose columns >= V are padding: None means V = W."""
     if vocab_size is None:
         return width
-    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or not 1 <= vocab_size <= width:
-        raise ValueError(f"vocab_size must be an int in [1, {width}] (the logits' width), got {vocab_size!r}")
-    return vocab_size
+    return check_int(vocab_size, "vocab_size", low=1, high=width)
 
 
 def check_ids(ids: torch.Tensor, name: str, limit: int, what: str) -> None:

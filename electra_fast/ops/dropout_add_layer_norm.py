@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from electra_fast.checks import check_int
 from electra_fast.ops._backend import draw_seed, resolve
 from electra_fast.ops._checks import FLOAT_DTYPES, check_same_device, check_shape, check_tensor
 
@@ -62,8 +63,7 @@ def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torc
         check_shape(t, name, (n,), "x's last dim")
     check_same_device({"x": x, "residual": residual, "weight": weight, "bias": bias, "seed": seed})
     p = _check_p(p)
-    if isinstance(salt, bool) or not isinstance(salt, int) or not 0 <= salt < 2**23:
-        raise ValueError(f"salt must be an int in [0, 2**23), got {salt!r}")
+    check_int(salt, "salt", low=0, high=2**23 - 1)
     if seed is not None:
         check_tensor(seed, "seed", dtypes=(torch.int64,))
         check_shape(seed, "seed", (1,), "a draw_seed tensor")

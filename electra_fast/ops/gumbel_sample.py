@@ -12,8 +12,9 @@ from typing import Optional
 import torch
 
 from electra_fast.ops._backend import draw_seed, resolve, uniform
-from electra_fast.ops._checks import INT_DTYPES, acc_dtype, check_logits, check_same_device, check_shape, check_tensor, \
-    check_temperature, check_vocab_size
+from electra_fast.ops._checks import INT_DTYPES, acc_dtype, check_logits, check_same_device, check_sampler, \
+    check_shape, check_tensor, check_temperature, check_vocab_size
+from electra_fast.options import env_sampler
 
 
 def gumbel_scores(logits: torch.Tensor, uniform: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -48,7 +49,7 @@ def _(logits, uniform, temperature, disallow, vocab_size):
 
 def gumbel_sample(logits: torch.Tensor, *, temperature: float = 1.0, disallow: Optional[torch.Tensor] = None,
                   generator: Optional[torch.Generator] = None, backend: Optional[str] = None,
-                  vocab_size: Optional[int] = None) -> torch.Tensor:
+                  vocab_size: Optional[int] = None, sampler: Optional[str] = None) -> torch.Tensor:
     """Draw one id per row from `softmax(logits[:, :vocab_size] / temperature)`.
 
     Args:
@@ -58,12 +59,16 @@ def gumbel_sample(logits: torch.Tensor, *, temperature: float = 1.0, disallow: O
         generator: torch RNG (default the global one; `torch.manual_seed` makes draws reproducible).
         vocab_size: the real vocabulary V <= W (None: V = W). Columns >= V are padding (e.g. a vocabulary padded to
             a multiple of 128 for 16-byte loads): never drawn, whatever they hold.
+        sampler: how the kernels draw: "cdf" (exact inverse CDF) or "gumbel" (Gumbel-max); None: `ELECTRA_FAST_SAMPLER`,
+            else "cdf" (`electra_fast.options`). The PyTorch reference always uses Gumbel-max.
 
     Returns: `[M]` int64 ids in `[0, V)`. No gradient flows through sampling.
     """
     check_logits(logits)
     vocab_size = check_vocab_size(vocab_size, logits.shape[1])
     temperature = check_temperature(temperature)
+    if sampler is not None:
+        check_sampler(sampler)
     if disallow is not None:
         check_tensor(disallow, "disallow", ndim=1, dtypes=INT_DTYPES)
         check_shape(disallow, "disallow", (logits.shape[0],), "one id per row of logits")
@@ -72,6 +77,7 @@ def gumbel_sample(logits: torch.Tensor, *, temperature: float = 1.0, disallow: O
     logits = logits.detach().contiguous()
     _, kernel = resolve("gumbel_sample", backend, logits.device, logits.dtype)
     if kernel is not None:
-        return kernel(logits, draw_seed(logits.device, generator), temperature, disallow, vocab_size)
+        return kernel(logits, draw_seed(logits.device, generator), temperature, disallow, vocab_size,
+                      sampler=env_sampler() if sampler is None else sampler)
     noise = uniform((logits.shape[0], vocab_size), logits.device, generator)
     return _gumbel_sample_op(logits, noise, temperature, disallow, vocab_size)

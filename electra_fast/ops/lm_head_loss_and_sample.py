@@ -28,24 +28,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from electra_fast.checks import check_int
 from electra_fast.ops._backend import draw_seed, resolve, uniform
-from electra_fast.ops._checks import FLOAT_DTYPES, acc_dtype, check_same_device, check_shape, check_ids, \
-    check_temperature, check_tensor, check_vocab_size
-from electra_fast.ops.mlm_loss_and_sample import WEIGHT_EPS, check_slot_targets, weighted_mean
-
-CHUNK_BYTES = 2 ** 26  # default bytes of a chunk's temporaries (64 MiB: 548 rows of fp32 logits at W = 30592)
-ROW_MULTIPLE = 8  # default chunks hold a multiple of 8 rows (aligned GEMM shapes); a last chunk may hold fewer
-
-
-def chunk_rows(m: int, bytes_per_row: int, chunk_size: Optional[int] = None) -> int:
-    """Rows per chunk: `chunk_size`, or else the fewest chunks whose temporaries (`bytes_per_row` per row) fit
-    CHUNK_BYTES, split into equal chunks (rounded up to ROW_MULTIPLE rows, so a chunk may exceed CHUNK_BYTES by
-    up to 7 rows) rather than full chunks and a small last one. At least 1, at most m."""
-    if chunk_size is None:
-        chunks = max(1, -(-m * bytes_per_row // CHUNK_BYTES))
-        rows = -(-m // chunks)
-        chunk_size = -(-rows // ROW_MULTIPLE) * ROW_MULTIPLE
-    return max(1, min(chunk_size, m))
+from electra_fast.ops._checks import FLOAT_DTYPES, acc_dtype, check_same_device, check_sampler, check_shape, \
+    check_ids, check_temperature, check_tensor, check_vocab_size
+from electra_fast.ops._contract import WEIGHT_EPS, attach_grads, chunk_rows
+# Shared with the kernel backends, and this op's too: the default chunking's budget and the autograd glue.
+from electra_fast.ops._contract import CHUNK_BYTES, ROW_MULTIPLE, _loss_with_grads  # noqa: F401
+from electra_fast.ops.mlm_loss_and_sample import check_slot_targets, weighted_mean
+from electra_fast.options import env_sampler
 
 
 def reference_bytes_per_row(vocab_size: int, dtype: torch.dtype) -> int:
@@ -106,39 +97,6 @@ def _(x, uniform, weight_acc, hidden_acc, targets, scale, neg_scale, ones, r0, t
     return None
 
 
-@torch.library.custom_op("electra_fast::loss_with_grads", mutates_args=())
-def _loss_with_grads(loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                     grad_hidden: torch.Tensor, grad_weight: torch.Tensor, grad_bias: torch.Tensor) -> torch.Tensor:
-    """`loss` (a copy), whose gradients w.r.t. hidden, weight and bias are the given ones times the incoming one."""
-    return loss.clone()
-
-
-@_loss_with_grads.register_fake
-def _(loss, hidden, weight, bias, grad_hidden, grad_weight, grad_bias):
-    return torch.empty_like(loss)
-
-
-def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[4:])
-    ctx.dtypes = [t.dtype for t in inputs[1:4]]
-
-
-def _backward(ctx, grad_loss):
-    # Written straight in the parameter's dtype: a 16-bit weight gets no second fp32 [W, E] copy beside the saved one.
-    grads = [torch.mul(g, grad_loss.to(g.dtype), out=torch.empty(g.shape, dtype=dt, device=g.device))
-             for g, dt in zip(ctx.saved_tensors, ctx.dtypes)]
-    return (None, *grads, None, None, None)
-
-
-_loss_with_grads.register_autograd(_backward, setup_context=_setup)
-
-
-def attach_grads(loss, hidden, weight, bias, grad_hidden, grad_weight, grad_bias) -> torch.Tensor:
-    """The shared autograd glue of every backend: `loss`, differentiable w.r.t. hidden, weight and bias with the
-    gradients computed in the forward (of a loss with d loss / d loss = 1)."""
-    return _loss_with_grads(loss, hidden, weight, bias, grad_hidden, grad_weight, grad_bias)
-
-
 def _reference(hidden, weight, bias, targets, weights, temperature, disallow_correct, generator, vocab_size, rows):
     m, e = hidden.shape
     acc = acc_dtype(hidden.dtype)
@@ -171,7 +129,8 @@ def _reference(hidden, weight, bias, targets, weights, temperature, disallow_cor
 def lm_head_loss_and_sample(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor,
                             weights: torch.Tensor, *, temperature: float = 1.0, disallow_correct: bool = False,
                             generator: Optional[torch.Generator] = None, vocab_size: Optional[int] = None,
-                            chunk_size: Optional[int] = None, backend: Optional[str] = None):
+                            chunk_size: Optional[int] = None, backend: Optional[str] = None,
+                            sampler: Optional[str] = None):
     """The generator's output projection, MLM loss and replacement samples, fused: the `[M, W]` logits are
     computed a chunk of rows at a time and never held whole.
 
@@ -190,6 +149,7 @@ def lm_head_loss_and_sample(hidden: torch.Tensor, weight: torch.Tensor, bias: to
         chunk_size: rows per chunk (default: the fewest equal chunks whose temporaries in the chosen backend fit
             about CHUNK_BYTES = 64 MiB; at V = 30522 about 274 rows for the fp32 reference, 548 for the Triton
             backend in fp32, 1096 in bf16). Results do not depend on it.
+        sampler: how the kernels draw, as `mlm_loss_and_sample`'s (None: `ELECTRA_FAST_SAMPLER`, else "cdf").
 
     Returns:
         `(loss, sampled, correct)`: fp32 scalar, differentiable w.r.t. hidden, weight and bias (the gradients are
@@ -211,9 +171,9 @@ def lm_head_loss_and_sample(hidden: torch.Tensor, weight: torch.Tensor, bias: to
     vocab_size = check_vocab_size(vocab_size, width)
     temperature = check_temperature(temperature)
     check_ids(targets, "targets", vocab_size, "vocab_size")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_int(chunk_size, "chunk_size", low=1, allow_none=True)
+    if sampler is not None:
+        check_sampler(sampler)
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
@@ -226,7 +186,8 @@ def lm_head_loss_and_sample(hidden: torch.Tensor, weight: torch.Tensor, bias: to
     _, kernel = resolve("lm_head_loss_and_sample", backend, hidden.device, hidden.dtype)
     if kernel is not None:  # the kernel sizes its default chunks by its own temporaries
         return kernel(hidden, weight, bias, targets, weights, draw_seed(hidden.device, generator), temperature,
-                      bool(disallow_correct), vocab_size, chunk_size)
+                      bool(disallow_correct), vocab_size, chunk_size,
+                      sampler=env_sampler() if sampler is None else sampler)
     rows = chunk_rows(m, reference_bytes_per_row(vocab_size, hidden.dtype), chunk_size)
     return _reference(hidden, weight, bias, targets, weights, temperature, bool(disallow_correct), generator,
                       vocab_size, rows)

@@ -15,10 +15,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from electra_fast.checks import check_int, check_number
 from electra_fast.ops._backend import draw_seed, resolve, uniform
 from electra_fast.ops._checks import INT_DTYPES, check_same_device, check_shape, check_tensor
-
-MASK_REPLACE_PROB = 0.85  # a chosen slot becomes [MASK] with this probability, else keeps its token
+from electra_fast.ops._contract import MASK_REPLACE_PROB
 
 
 def num_slots(seq_len: int, mask_prob: float) -> int:
@@ -115,18 +115,15 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] 
     check_tensor(attention_mask, "attention_mask", ndim=2)
     check_shape(attention_mask, "attention_mask", input_ids.shape, "same as input_ids")
     check_same_device({"input_ids": input_ids, "attention_mask": attention_mask})
-    if isinstance(mask_prob, bool) or not isinstance(mask_prob, (int, float)) or not 0 < mask_prob < 1:
-        raise ValueError(f"mask_prob must be a number in (0, 1), got {mask_prob!r}")
-    if isinstance(mask_token_id, bool) or not isinstance(mask_token_id, int) or mask_token_id < 0:
-        raise TypeError(f"mask_token_id must be a non-negative int, got {mask_token_id!r}")
+    mask_prob = check_number(mask_prob, "mask_prob", low=0, high=1, low_open=True, high_open=True)
+    check_int(mask_token_id, "mask_token_id", low=0, error=TypeError)
     if not isinstance(replacement, bool):
         raise TypeError(f"replacement must be a bool, got {replacement!r}")
     b, seq_len = input_ids.shape
     if seq_len == 0:
         raise ValueError(f"input_ids must have a non-empty sequence dimension, got shape {tuple(input_ids.shape)}")
-    n = num_slots(seq_len, mask_prob) if max_predictions is None else max_predictions
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= seq_len:
-        raise ValueError(f"max_predictions must be an int in [1, {seq_len}] (the sequence length), got {n!r}")
+    n = num_slots(seq_len, mask_prob) if max_predictions is None else \
+        check_int(max_predictions, "max_predictions", low=1, high=seq_len)
     device = input_ids.device
     if isinstance(special_token_ids, torch.Tensor):
         special = special_token_ids.to(device=device, dtype=input_ids.dtype).reshape(-1)

@@ -10,6 +10,7 @@ import torch
 
 from electra_fast.ops._backend import resolve
 from electra_fast.ops._checks import INT_DTYPES, check_ids, check_same_device, check_tensor
+from electra_fast.ops._contract import register_gather_autograd
 
 
 def masked_gather_reference(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -40,20 +41,6 @@ def _masked_scatter_add_op(grad: torch.Tensor, positions: torch.Tensor, seq_len:
 @_masked_scatter_add_op.register_fake
 def _(grad, positions, seq_len):
     return grad.new_empty((grad.shape[0], seq_len, grad.shape[2]))
-
-
-def register_gather_autograd(gather_op, scatter_add_op) -> None:
-    """Autograd of a `(hidden, positions)` gather op: its backward is `scatter_add_op(grad, positions, L)`.
-    Shared by the reference and the kernel backends."""
-    def setup(ctx, inputs, output):
-        ctx.save_for_backward(inputs[1])
-        ctx.seq_len = inputs[0].shape[1]
-
-    def backward(ctx, grad):
-        (positions,) = ctx.saved_tensors
-        return scatter_add_op(grad.contiguous(), positions, ctx.seq_len), None
-
-    gather_op.register_autograd(backward, setup_context=setup)
 
 
 register_gather_autograd(_masked_gather_op, _masked_scatter_add_op)

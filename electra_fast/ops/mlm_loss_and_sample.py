@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from electra_fast.ops._backend import draw_seed, resolve, uniform
-from electra_fast.ops._checks import FLOAT_DTYPES, INT_DTYPES, acc_dtype, check_logits, check_same_device, check_shape, \
-    check_ids, check_tensor, check_temperature, check_vocab_size
+from electra_fast.ops._checks import FLOAT_DTYPES, INT_DTYPES, acc_dtype, check_ids, check_logits, check_same_device, \
+    check_sampler, check_shape, check_tensor, check_temperature, check_vocab_size
+from electra_fast.ops._contract import WEIGHT_EPS, register_mlm_autograd
 from electra_fast.ops.gumbel_sample import disallow_ids, gumbel_scores
-
-WEIGHT_EPS = 1e-6  # the reference's denominator guard: a batch with no real slot gives loss 0, not NaN
+from electra_fast.options import env_sampler
 
 
 def weighted_mean(ce: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -95,30 +95,13 @@ def _(grad_loss, logits, targets, weights, lse, vocab_size):
     return torch.empty_like(logits)
 
 
-def register_mlm_autograd(mlm_op, backward_op) -> None:
-    """Autograd of an MLM op `(logits, targets, weights, ..., vocab_size) -> (loss, sampled, correct, *saved)` whose
-    backward is `backward_op(grad_loss, logits, targets, weights, *saved, vocab_size)`: the op's LAST input is the
-    int vocabulary size V (columns >= V are padding, their gradient must be exactly 0) and saved[0] is the per-row
-    lse. Shared by the reference and the kernel backends."""
-    def setup(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:3], *output[3:])
-        ctx.num_inputs, ctx.vocab_size = len(inputs), inputs[-1]
-
-    def backward(ctx, grad_loss, *_):
-        saved = ctx.saved_tensors
-        grad = backward_op(grad_loss.to(saved[3].dtype).contiguous(), *saved, ctx.vocab_size)
-        return (grad,) + (None,) * (ctx.num_inputs - 1)
-
-    mlm_op.register_autograd(backward, setup_context=setup)
-
-
 register_mlm_autograd(_mlm_op, _mlm_backward_op)
 
 
 def mlm_loss_and_sample(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, *,
                         temperature: float = 1.0, disallow_correct: bool = False,
                         generator: Optional[torch.Generator] = None, backend: Optional[str] = None,
-                        vocab_size: Optional[int] = None):
+                        vocab_size: Optional[int] = None, sampler: Optional[str] = None):
     """Masked-LM loss and Gumbel-max replacement samples from one set of logits.
 
     Args:
@@ -132,6 +115,8 @@ def mlm_loss_and_sample(logits: torch.Tensor, targets: torch.Tensor, weights: to
         vocab_size: the real vocabulary V <= W (None: V = W). Columns >= V are padding (e.g. a vocabulary padded to
             a multiple of 128, whose rows the kernels read with 16-byte loads): they never reach the loss, the
             log-sum-exp, `correct` or the sampler, whatever they hold, and their gradient is exactly 0.
+        sampler: how the kernels draw: "cdf" (exact inverse CDF, one draw per row) or "gumbel" (Gumbel-max); None:
+            `ELECTRA_FAST_SAMPLER`, else "cdf" (`electra_fast.options`). The PyTorch reference always uses Gumbel-max.
 
     Returns:
         `(loss, sampled, correct)`: fp32 scalar `sum(w * ce) / (sum(w) + 1e-6)`, differentiable w.r.t. logits;
@@ -143,12 +128,14 @@ def mlm_loss_and_sample(logits: torch.Tensor, targets: torch.Tensor, weights: to
     check_slot_targets(targets, weights, m, "logits")
     check_same_device({"logits": logits, "targets": targets, "weights": weights})
     temperature = check_temperature(temperature)
+    if sampler is not None:
+        check_sampler(sampler)
     check_ids(targets, "targets", vocab_size, "vocab_size")
     logits, targets, weights = logits.contiguous(), targets.long().contiguous(), weights.float().contiguous()
     _, kernel = resolve("mlm_loss_and_sample", backend, logits.device, logits.dtype)
     if kernel is not None:
         return kernel(logits, targets, weights, draw_seed(logits.device, generator), temperature,
-                      bool(disallow_correct), vocab_size)
+                      bool(disallow_correct), vocab_size, sampler=env_sampler() if sampler is None else sampler)
     noise = uniform((m, vocab_size), logits.device, generator)
     loss, sampled, correct, _ = _mlm_op(logits, targets, weights, noise, temperature, bool(disallow_correct),
                                         vocab_size)

@@ -25,7 +25,8 @@ def rtd_bce_reference(logits, labels, attention_mask):
 
 
 @torch.library.custom_op("electra_fast::rtd_bce_loss", mutates_args=())
-def _rtd_bce_op(logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _rtd_bce_op(logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     return rtd_bce_reference(logits, labels, attention_mask)
 
 

@@ -15,11 +15,10 @@ import torch
 
 from electra_fast.ops._backend import resolve
 from electra_fast.ops._checks import FLOAT_DTYPES, acc_dtype, check_same_device, check_shape, check_tensor
-from electra_fast.ops.rtd_bce_loss import rtd_bce_reference
-
 # What `counts` holds, over real tokens (attention_mask != 0), "positive" = replaced (label 1) or predicted so
 # (logit > 0): e.g. precision = true_positive / predicted, recall = true_positive / replaced.
-COUNTS = ("real", "correct", "predicted", "replaced", "true_positive")
+from electra_fast.ops._contract import COUNTS
+from electra_fast.ops.rtd_bce_loss import rtd_bce_reference
 
 
 def rtd_head_reference(hidden, weight, bias, labels, attention_mask):

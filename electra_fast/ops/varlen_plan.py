@@ -15,6 +15,7 @@ import torch
 
 from electra_fast.ops._backend import resolve
 from electra_fast.ops._checks import check_tensor
+from electra_fast.ops._contract import varlen_plan_fake
 
 MASK_DTYPES = (torch.int64, torch.int32, torch.bool)
 
@@ -37,12 +38,6 @@ def varlen_plan_reference(attention_mask: torch.Tensor):
 @torch.library.custom_op("electra_fast::varlen_plan", mutates_args=())
 def _varlen_plan_op(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return varlen_plan_reference(attention_mask)
-
-
-def varlen_plan_fake(attention_mask):
-    b, n = attention_mask.shape
-    index = attention_mask.new_empty((b, n), dtype=torch.int64)
-    return index, torch.empty_like(index), attention_mask.new_empty((2 * b + 1,), dtype=torch.int32)
 
 
 _varlen_plan_op.register_fake(varlen_plan_fake)

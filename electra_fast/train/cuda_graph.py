@@ -25,6 +25,7 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
+from electra_fast.checks import check_int
 from electra_fast.train.step import TrainStep
 
 
@@ -67,8 +68,7 @@ class CUDAGraphStep:
         if not all(group.get("capturable", False) for group in step.optimizer.param_groups):
             raise ValueError("the optimizer must be built with capturable=True (e.g. torch.optim.AdamW(..., "
                              "fused=True, capturable=True)); got capturable=False")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
-            raise ValueError(f"warmup_steps must be an int >= 1, got {warmup_steps!r}")
+        check_int(warmup_steps, "warmup_steps", low=1)
         if not torch.cuda.is_available():
             raise RuntimeError("CUDAGraphStep needs a CUDA GPU")
         for name, t in example.items():

@@ -1,9 +1,10 @@
 """The trainer's metrics: one JSON object per log interval (and per evaluation, with "split": "eval") in
-`metrics.jsonl` and, optionally, TensorBoard and Weights & Biases (train/... and eval/...)."""
+`metrics.jsonl` and, optionally, TensorBoard and Weights & Biases (train/... and eval/...); and its progress bar."""
 from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from typing import Optional
 
 from electra_fast.errors import InputError
@@ -87,4 +88,30 @@ class MetricsLog:
             self.wandb.finish()
 
 
-__all__ = ["MetricsLog"]
+class ProgressBar:
+    """A tqdm bar over the run's steps showing the last logged losses, accuracy, throughput and held-out AUC."""
+
+    def __init__(self, total: int, initial: int, desc: str):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+
+    def show(self, record: dict, eval_record: Optional[dict] = None) -> None:
+        """Show a training record (and the last evaluation's AUC), from the next refresh on."""
+        shown = OrderedDict(  # an OrderedDict keeps this order (keyword arguments get sorted)
+            loss=f"{record['loss']:.3f}", mlm=f"{record['mlm_loss']:.3f}", disc=f"{record['disc_loss']:.4f}",
+            disc_acc=f"{record['disc_accuracy']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if record["skipped_steps"]:
+            shown["skipped"] = record["skipped_steps"]
+        if eval_record is not None:
+            shown["eval_auc"] = f"{eval_record['disc_auc']:.3f}"
+        self.bar.set_postfix(shown, refresh=False)
+
+    def update(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+__all__ = ["MetricsLog", "ProgressBar"]

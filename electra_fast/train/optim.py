@@ -8,7 +8,7 @@ It is Adam with decoupled weight decay but **no bias correction**:
 so its steps differ from torch's AdamW, whose bias correction makes them 0.15x / 0.31x / 0.80x of the reference's
 at steps 10 / 100 / 1000. Together with the reference's
 10k-step warm-up this is what the published ELECTRA models were trained with; `electra-fast pretrain
---optimizer reference` picks it. The update is a handful of `torch._foreach_*` calls with no step counter and no
+--optimizer electra_adam` picks it. The update is a handful of `torch._foreach_*` calls with no step counter and no
 host read, so it is capturable in a CUDA graph as it is, and `lr` may be a 0-dim device tensor updated in place.
 
 Like torch's fused optimizers it reads the attributes `grad_scale` (divide the gradients by it) and `found_inf`
@@ -22,6 +22,8 @@ from __future__ import annotations
 from typing import Iterable, Union
 
 import torch
+
+from electra_fast.checks import check_number
 
 
 class AdamWeightDecay(torch.optim.Optimizer):
@@ -37,14 +39,12 @@ class AdamWeightDecay(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, lr: Union[float, torch.Tensor] = 1e-3, betas=(0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0):
-        if not isinstance(lr, torch.Tensor) and not lr >= 0:
-            raise ValueError(f"lr must be >= 0, got {lr!r}")
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"betas must lie in [0, 1), got {tuple(betas)}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps!r}")
-        if not weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        if not isinstance(lr, torch.Tensor):
+            check_number(lr, "lr", low=0)
+        for i, beta in enumerate(betas):
+            check_number(beta, f"betas[{i}]", low=0, high=1, high_open=True)
+        check_number(eps, "eps", low=0, low_open=True)
+        check_number(weight_decay, "weight_decay", low=0)
         # capturable: the update never reads the device on the host, whatever the settings (CUDAGraphStep checks it).
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, capturable=True))
 

@@ -31,25 +31,10 @@ from typing import Callable, ContextManager, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from electra_fast.checks import check_int, check_number
 from electra_fast.pretraining.pretrainer import PretrainerOutput
 
 METRICS = tuple(f.name for f in fields(PretrainerOutput))  # loss first
-
-
-def warmup_linear_decay(steps: int, warmup: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The LR factor of the reference (linear warm-up over `warmup` steps times linear decay to 0 over `steps`) as
-    a function of a 0-dim device step tensor (float64: the same numbers as the formula in Python floats)."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
-
-    def factor(step: torch.Tensor) -> torch.Tensor:
-        s = step.double()
-        decay = (1.0 - s / steps).clamp(min=0.0)
-        return decay * (s / warmup).clamp(max=1.0) if warmup > 0 else decay
-
-    return factor
 
 
 class DynamicLossScale:
@@ -58,12 +43,10 @@ class DynamicLossScale:
 
     def __init__(self, device, init_scale: float = 2.0 ** 16, growth: float = 2.0, backoff: float = 0.5,
                  growth_interval: int = 2000):
-        if not init_scale > 0:
-            raise ValueError(f"init_scale must be > 0, got {init_scale!r}")
-        if not (growth > 1 and 0 < backoff < 1):
-            raise ValueError(f"growth must be > 1 and backoff in (0, 1), got growth={growth!r}, backoff={backoff!r}")
-        if isinstance(growth_interval, bool) or not isinstance(growth_interval, int) or growth_interval < 1:
-            raise ValueError(f"growth_interval must be a positive int, got {growth_interval!r}")
+        check_number(init_scale, "init_scale", low=0, low_open=True)
+        check_number(growth, "growth", low=1, low_open=True)
+        check_number(backoff, "backoff", low=0, high=1, low_open=True, high_open=True)
+        check_int(growth_interval, "growth_interval", low=1)
         self.scale = torch.tensor(float(init_scale), device=device)
         self.good_steps = torch.zeros((), dtype=torch.int64, device=device)
         self.growth, self.backoff, self.growth_interval = growth, backoff, growth_interval
@@ -91,11 +74,13 @@ class TrainStep:
 
     Args:
         model: module called as `forward(**batch)`, returning a `PretrainerOutput` (or anything with its fields).
-        optimizer: one that reads `found_inf` (torch's fused AdamW/Adam/SGD, `electra_fast.train.optim.AdamWeightDecay`).
+        optimizer: one that reads `found_inf` (torch's fused AdamW/Adam/SGD,
+            `electra_fast.train.optim.AdamWeightDecay`).
         accum: micro-batches per step; each loss is divided by it.
         max_grad_norm: clip the global gradient norm (torch's rule: x min(1, max / (norm + 1e-6))), or None.
         lr_schedule: `factor(step_tensor) -> tensor` written as `lr = base_lr * factor` into every group's LR
             tensor before each optimizer step (groups must then hold 0-dim tensor LRs); None leaves the LR alone.
+            `electra_fast.train.schedules.warmup_linear_decay` is the reference's.
         amp_dtype: autocast dtype (torch.bfloat16, torch.float16) or None.
         loss_scale: a `DynamicLossScale` (fp16), or None.
         forward: what to call instead of `model` (a DDP wrapper); `compile=True` wraps it in `torch.compile`.
@@ -109,10 +94,9 @@ class TrainStep:
                  amp_dtype: Optional[torch.dtype] = None, loss_scale: Optional[DynamicLossScale] = None,
                  forward: Optional[Callable] = None, compile: bool = False,
                  grad_sync: Optional[Callable[[bool], ContextManager]] = None, metrics: Sequence[str] = METRICS):
-        if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
-            raise ValueError(f"accum must be a positive int, got {accum!r}")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+        check_int(accum, "accum", low=1)
+        if max_grad_norm is not None:
+            check_number(max_grad_norm, "max_grad_norm", low=0, low_open=True)
         if not getattr(optimizer, "_step_supports_amp_scaling", False):
             raise ValueError(f"optimizer must skip a step on its found_inf flag (torch.optim.AdamW(..., fused=True) "
                              f"or electra_fast.train.optim.AdamWeightDecay), got {type(optimizer).__name__} without it")
@@ -255,4 +239,4 @@ class TrainStep:
             self.loss_scale.good_steps.fill_(int(state["good_steps"]))
 
 
-__all__ = ["TrainStep", "DynamicLossScale", "warmup_linear_decay", "METRICS"]
+__all__ = ["TrainStep", "DynamicLossScale", "METRICS"]

@@ -3,25 +3,25 @@
 Design (Liger-Kernel's fused linear cross-entropy, plus the sample). One chunk of rows at a time, in one reused
 `[rows, W]` buffer in the input dtype:
 1. logits = bias + hidden[chunk] @ weight.T (cuBLAS, fp32 accumulation, the unfused head's output dtype);
-2. the MLM row kernel (`mlm_loss_sample._sample_rows_kernel`): lse, ce, argmax, sample, with `row_offset` so the
+2. the MLM row kernel (`mlm_loss_and_sample._sample_rows_kernel`): lse, ce, argmax, sample, with `row_offset` so the
    Philox counters are those of the whole-matrix launch (same seed -> same ids as the unfused op);
 3. the MLM backward kernel over the chunk, in place: `(softmax - onehot) * w / (sum(w) + 1e-6)`, exactly 0 in the
    padded columns. In place is safe: each element is read, then written, by one program. `grad_loss` is 1 here;
-   the backward scales by the real one (`ops.lm_head.attach_grads`);
+   the backward scales by the real one (`ops._contract.attach_grads`);
 4. grad_hidden[chunk] = g @ weight, grad_weight += g.T @ hidden[chunk] (fp32 accumulator: on CUDA one
    `addmm(out_dtype=float32)` into it), grad_bias += column sums of g (fp32).
 The normaliser 1 / (sum(w) + 1e-6) is known from the weights before any chunk, so the gradients are final. Peak
-extra memory: the chunk buffer (by default about `ops.lm_head.CHUNK_BYTES`, see `bytes_per_row`) plus grad_weight
+extra memory: the chunk buffer (by default about `ops._contract.CHUNK_BYTES`, see `bytes_per_row`) plus grad_weight
 in fp32, never the `[M, W]` logits (296 MB in fp32 at M = 2432, W = 30592) nor their gradient.
 """
 from __future__ import annotations
 
 import torch
 
-from electra_fast.ops.lm_head_loss_and_sample import attach_grads, chunk_rows
-from electra_fast.ops.mlm_loss_and_sample import WEIGHT_EPS
+from electra_fast.ops._checks import check_sampler
+from electra_fast.ops._contract import WEIGHT_EPS, attach_grads, chunk_rows
 
-from . import mlm_loss_sample as _mls
+from . import mlm_loss_and_sample as _mls
 
 _ADDMM_OUT_DTYPE = [True]  # whether CUDA's torch.addmm takes out_dtype= (torch >= 2.8); cleared on the first refusal
 
@@ -91,14 +91,14 @@ def _(hidden, weight, bias, targets, weights, seed, temperature, disallow_correc
 
 
 def lm_head_loss_and_sample(hidden, weight, bias, targets, weights, seed, temperature: float,
-                            disallow_correct: bool, vocab_size: int, chunk_size=None):
+                            disallow_correct: bool, vocab_size: int, chunk_size=None, sampler: str = "cdf"):
     """Backend entry (see electra_fast.ops.lm_head_loss_and_sample): contiguous hidden [M, E], weight [W, E] and
     bias [W] of one dtype, int64 targets, fp32 weights, a 1-element int64 seed tensor, the real vocabulary size and
-    the rows per chunk (None: `ops.lm_head.chunk_rows` of this backend's `bytes_per_row`). Returns
+    the rows per chunk (None: `ops._contract.chunk_rows` of this backend's `bytes_per_row`), the sampler. Returns
     (loss, sampled, correct); loss differentiable w.r.t. hidden, weight and bias."""
     rows = chunk_rows(hidden.shape[0], bytes_per_row(weight.shape[0], hidden.dtype), chunk_size)
     # The op itself has no autograd: the gradients it returns reach hidden, weight and bias through attach_grads.
     loss, sampled, correct, *grads = _lm_head_op(hidden.detach(), weight.detach(), bias.detach(), targets, weights,
                                                  seed, float(temperature), bool(disallow_correct),
-                                                 _mls.check_sampler(_mls.SAMPLER), int(vocab_size), int(rows))
+                                                 check_sampler(sampler), int(vocab_size), int(rows))
     return attach_grads(loss, hidden, weight, bias, *grads), sampled, correct

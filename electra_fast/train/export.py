@@ -1,17 +1,21 @@
 """What rebuilds a pretrainer from a training checkpoint (`model_spec` / `model_from_spec`), and `export`: a
-checkpoint to `discriminator/` and `generator/` directories in transformers format, each with the tokenizer."""
+checkpoint to `discriminator/` and `generator/` directories in transformers format, each with the tokenizer.
+
+A run's operations on its files: they build an `ElectraPretrainer`, so they sit above `electra_fast.pretraining`
+(`electra_fast.io` holds the checkpoint files themselves).
+"""
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 
-from electra_fast.pretraining.adapters import RTDDiscriminator
-from electra_fast.io.checkpoint import latest_checkpoint, load_checkpoint
-from electra_fast.data import save_tokenizer
-from electra_fast.data.tokenizer import tokenizer_from_str
+from electra_fast.data.tokenizer import save_tokenizer, tokenizer_from_str
 from electra_fast.errors import InputError, ensure_writable
-from electra_fast.model.encoder import Discriminator, ElectraModelConfig
+from electra_fast.io.checkpoint import latest_checkpoint, load_checkpoint
+from electra_fast.model.config import ElectraModelConfig
+from electra_fast.model.hf_format import require_transformers
+from electra_fast.pretraining.families import is_slim
+from electra_fast.pretraining.families.rtd_head import RTDDiscriminator
 from electra_fast.pretraining.pretrainer import ElectraPretrainer
 
 
@@ -23,8 +27,6 @@ def _transformers_spec(module) -> dict:
 
 
 def _transformers_model(spec: dict):
-    from electra_fast.io.hf import require_transformers
-
     tf = require_transformers()
     model = getattr(tf, spec["class"])(getattr(tf, spec["config_class"]).from_dict(spec["config"]))
     return RTDDiscriminator(model) if spec["rtd_head"] else model
@@ -33,10 +35,10 @@ def _transformers_model(spec: dict):
 def model_spec(model) -> dict:
     """What rebuilds the model's structure (configs + pretrainer settings), stored in checkpoints: the slim
     models' `ElectraModelConfig`s, or (`"arch": "transformers"`: DeBERTa-v3, BERT, ...) each model's transformers
-    class and config."""
-    if isinstance(model.discriminator, Discriminator):
-        return {"generator": dataclasses.asdict(model.generator.config),
-                "discriminator": dataclasses.asdict(model.discriminator.config), "settings": model.settings()}
+    class and config. Never the kernel options: a checkpoint resumes under any backend."""
+    if is_slim(model.discriminator):
+        return {"generator": model.generator.config.to_dict(),
+                "discriminator": model.discriminator.config.to_dict(), "settings": model.settings()}
     return {"arch": "transformers", "generator": _transformers_spec(model.generator),
             "discriminator": _transformers_spec(model.discriminator), "settings": model.settings()}
 

@@ -14,8 +14,10 @@ import os
 from typing import Optional
 
 from electra_fast.errors import InputError
-from electra_fast.model.encoder import PRESETS, Discriminator, Generator
-from electra_fast.pretraining.pretrainer import ElectraPretrainer, _tokenizer_beside, tokenizer_ids
+from electra_fast.model.config import PRESETS
+from electra_fast.model.encoder import Discriminator, Generator
+from electra_fast.pretraining.pretrainer import ElectraPretrainer
+from electra_fast.pretraining.token_ids import tokenizer_beside, tokenizer_ids
 
 
 def _discriminator_dir(directory: str) -> Optional[str]:
@@ -30,12 +32,13 @@ def init_tokenizer(directory: str) -> Optional[str]:
     if not os.path.isdir(directory):
         raise InputError(f"--init-from {directory!r} is not a directory: pass one holding generator/ and "
                          "discriminator/ (e.g. a run's output or `electra-fast export` -o), or a discriminator")
-    return _tokenizer_beside(directory)
+    return tokenizer_beside(directory)
 
 
 def init_model(directory: str, preset: str, tok, *, mask_prob: float, gdes: bool = False,
-               masking: str = "distinct") -> ElectraPretrainer:
-    """The pretrainer to continue from `directory` (see the module docstring), masking with `tok`'s ids."""
+               masking: str = "distinct", **settings) -> ElectraPretrainer:
+    """The pretrainer to continue from `directory` (see the module docstring), masking with `tok`'s ids;
+    `settings`: `ElectraPretrainer`'s other keyword arguments (`options`, `validate`, ...)."""
     disc_dir = _discriminator_dir(directory)
     if disc_dir is None:
         raise InputError(f"--init-from {directory!r} holds no discriminator (config.json in it or in its "
@@ -43,7 +46,7 @@ def init_model(directory: str, preset: str, tok, *, mask_prob: float, gdes: bool
                          "ElectraForPreTraining directory")
     ids = tokenizer_ids(tok)
     vocab_size = ids.pop("vocab_size")
-    settings = dict(mask_prob=mask_prob, masking=masking, **({"gdes": True} if gdes else {}))
+    settings = dict(settings, mask_prob=mask_prob, masking=masking, **({"gdes": True} if gdes else {}))
     try:
         if os.path.isfile(os.path.join(directory, "generator", "config.json")):
             model = ElectraPretrainer.from_pretrained(directory, tokenizer=tok, **settings)

@@ -17,8 +17,9 @@ Sampling draws exactly from softmax(logits / T), with two samplers (constexpr `C
   where per-element Philox + two logs made a naive kernel compute-bound (SPEC 5).
 - "gumbel": Gumbel-max, argmax(x / T - log(-log U)), one uniform per element, four per Philox call
   (`tl.randint4x`). Kept for comparison (benchmarks) and as the textbook method.
-`ELECTRA_FAST_SAMPLER=gumbel` (or `SAMPLER` here) picks the sampler. The Philox seed is read from a device tensor
-drawn with torch's RNG, so samples follow `torch.manual_seed`/`generator=` and CUDA-graph replays draw fresh ones.
+The entry takes the sampler as an argument (the public op's `sampler=`, by default `ELECTRA_FAST_SAMPLER` as
+`electra_fast.options` reads it). The Philox seed is read from a device tensor drawn with torch's RNG, so samples
+follow `torch.manual_seed`/`generator=` and CUDA-graph replays draw fresh ones.
 `gumbel_sample.py` runs this same row kernel with the loss switched off (`WITH_LOSS=False`).
 
 Padded vocabulary and 16-byte loads. Rows are `[W]` wide with only the first V columns real. Every load and store
@@ -31,20 +32,17 @@ tests/test_compile_sm90.py reads the widths in the sm_90 SASS.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from electra_fast.ops._checks import SAMPLERS, check_sampler  # noqa: F401  (SAMPLERS: part of this module's API)
-from electra_fast.ops.mlm_loss_and_sample import WEIGHT_EPS, register_mlm_autograd
+from electra_fast.ops._contract import WEIGHT_EPS, register_mlm_autograd
 
 from ._common import pow2
 
 BLOCK_V = 4096     # columns per tile in the forward pass (tests shrink it to cover many tiles at tiny V)
 BLOCK_BWD = 4096   # columns per program in the backward
-SAMPLER = os.environ.get("ELECTRA_FAST_SAMPLER", "cdf")
 
 
 @triton.jit
@@ -285,10 +283,10 @@ register_mlm_autograd(_mlm_op, _mlm_backward_op)
 
 
 def mlm_loss_and_sample(logits, targets, weights, seed, temperature: float, disallow_correct: bool,
-                        vocab_size: int):
+                        vocab_size: int, sampler: str = "cdf"):
     """Backend entry (see electra_fast.ops.mlm_loss_and_sample): contiguous logits [M, W] of which the first
-    `vocab_size` columns are the vocabulary, int64 targets, fp32 weights, a 1-element int64 seed tensor.
-    Returns (loss, sampled, correct); loss differentiable."""
+    `vocab_size` columns are the vocabulary, int64 targets, fp32 weights, a 1-element int64 seed tensor, the sampler
+    ("cdf" or "gumbel"). Returns (loss, sampled, correct); loss differentiable."""
     loss, sampled, correct, _, _ = _mlm_op(logits, targets, weights, seed, float(temperature), bool(disallow_correct),
-                                           check_sampler(SAMPLER), int(vocab_size))
+                                           check_sampler(sampler), int(vocab_size))
     return loss, sampled, correct

@@ -19,10 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from electra_fast.ops.rtd_head_loss import COUNTS
+from electra_fast.ops._contract import COUNTS
 
 from ._common import loadable, persistent_grid, pow2
-from .rtd_bce import _bce_terms
+from .rtd_bce_loss import _bce_terms
 
 # BLOCK_T * BLOCK_H per step. The [BLOCK_T, BLOCK_H] fp32 tile lives in registers: at 2048 a 4-warp program needs
 # 72 (H = 768) to 123 (H = 256) registers (ptxas, sm_90), so 4-7 programs share an SM and keep 16-21 KB of loads in
@@ -206,6 +206,6 @@ _head_op.register_autograd(_backward, setup_context=_setup)
 def rtd_head_loss(hidden, weight, bias, labels, attention_mask, with_counts: bool = False):
     """Backend entry (see electra_fast.ops.rtd_head_loss): contiguous hidden [B, L, H], weight [1, H] or [H],
     bias [1], labels and mask [B, L]. Returns (loss, accuracy) fp32 scalars, plus the fp32 `[5]` counts
-    (`ops.rtd_head.COUNTS`) with `with_counts`; loss differentiable w.r.t. hidden, weight and bias."""
+    (`ops._contract.COUNTS`) with `with_counts`; loss differentiable w.r.t. hidden, weight and bias."""
     loss, accuracy, *_, counts = _head_op(hidden, weight, bias, labels, attention_mask)
     return (loss, accuracy.detach(), counts.detach()) if with_counts else (loss, accuracy.detach())

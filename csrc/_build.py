@@ -1,8 +1,11 @@
 """How the CUDA extension in `csrc/` is built: its sources and flags, one definition for both build paths.
 
-`electra_fast/cuda.py` builds it just in time with `torch.utils.cpp_extension.load` (ninja); `setup.py` builds
+`csrc/_extension.py` builds it just in time with `torch.utils.cpp_extension.load` (ninja); `setup.py` builds
 it ahead of time when `ELECTRA_FAST_BUILD_CUDA=1`. This file imports only the standard library, so setup.py
-can load it by path before the package (or a CUDA build of torch) is importable.
+can load it by path before the package (or a CUDA build of torch) is importable; for that reason it also runs
+under a name other than `electra_fast.csrc._build` (it registers nothing, unlike the launchers).
+Each `.cu` file is named after the op whose kernels it holds; `mlm_loss_and_sample.cu` also holds the Gumbel-sample
+kernel (the same row kernel with the loss switched off).
 """
 from __future__ import annotations
 
@@ -11,12 +14,12 @@ import os
 
 JIT_NAME = "electra_fast_cuda"  # torch's extension cache: ~/.cache/torch_extensions/<python-torch>/electra_fast_cuda
 AOT_NAME = "electra_fast._cuda_ext"  # the module setup.py builds
-SOURCES = ("bindings.cpp", "mlm_sample.cu", "masked_gather.cu", "replace_tokens.cu", "rtd_bce.cu")
+SOURCES = ("bindings.cpp", "mlm_loss_and_sample.cu", "masked_gather.cu", "replace_tokens.cu", "rtd_bce_loss.cu")
 HEADERS = ("launch.cuh", "common.cuh", "philox.cuh", "inverse_cdf.cuh")
 
 CXX_FLAGS = ["-O3"]
 # No --use_fast_math: it would make every expf/logf approximate and flush denormals; the kernels choose the
-# fast intrinsics themselves where the accuracy allows (see csrc/philox.cuh, csrc/mlm_sample.cu).
+# fast intrinsics themselves where the accuracy allows (see csrc/philox.cuh, csrc/mlm_loss_and_sample.cu).
 # -lineinfo maps SASS to source lines for profilers (ncu) and costs nothing at run time.
 NVCC_FLAGS = ["-O3", "-lineinfo"]
 
