@@ -1,4 +1,4 @@
-"""End-to-end ELECTRA training step: electra-fast vs the way it is written with `transformers` today (SPEC 5).
+"""End-to-end ELECTRA training step: electra-fast vs the way it is written with `transformers` today.
 
 One step = forward, backward and a fused AdamW step of generator + discriminator, bf16 autocast, in one run:
 - `transformers`: ElectraForMaskedLM over all L positions, boolean indexing for the masked tokens, Gumbel-max
@@ -9,14 +9,15 @@ One step = forward, backward and a fused AdamW step of generator + discriminator
   our ops); modes eager and compiled (graph breaks allowed, as transformers' internals vary by version).
 - `ours`: `ElectraPretrainer.from_preset` (slim model); modes eager, compiled (`fullgraph=True`), graph (the
   eager step captured whole with `CUDAGraphStep`) and compiled+graph.
-Timing: CUDA events around `--iters` steps, median of `--repeats`, after `--warmup` steps; compile time (first
-steps' wall time minus their steady-state cost) reported apart. Peak memory covers parameters, optimizer state
-and activations during the timed steps (`peak_mem_gb`); `peak_mem_row_gb` is the whole row's, compile and capture
-and the first-step check included. The id-range check (`validate`, one host sync) is off for `ours`.
+Timing (docs/contracts.md#how-we-measure): CUDA events around `--iters` steps, median of `--repeats`, after `--warmup`
+steps; compile time (first steps' wall time minus their steady-state cost) reported apart. Peak memory covers
+parameters, optimizer state and activations during the timed steps (`peak_mem_gb`); `peak_mem_row_gb` is the whole
+row's, compile and capture and the first-step check included. The id-range check (`validate`, one host sync) is off for
+`ours`.
 First-step check (ours and hf-dropin; transformers' own step has nothing of ours to check): before its first step,
 each row runs that step's forward on the same weights and first batch with dropout off, keeps the masks and samples
 it drew, and compares its losses with an fp64 torch-backend reference step from those masks and samples
-(`first_step_check`, tolerance `CHECK_RTOL` / `CHECK_ATOL`). A row that differs is still timed but marked failed
+(e2e_check.py, tolerance `CHECK_RTOL` / `CHECK_ATOL`). A row that differs is still timed but marked failed
 ("error"), so no speed-up is reported for it. Every row records what ran: each op's backend (`backends`), the
 attention path each encoder took (`attention_taken`) and the sampler. The CUDA extension is built before any row.
 
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import csv
 import gc
 import json
@@ -42,11 +42,15 @@ import time
 import traceback
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import backends_text, device_name, prepare_backends, record_backends, sampler_of  # noqa: E402
+from common import backends_text, device_name, prepare_backends  # noqa: E402
+from e2e_check import first_step_check, forced_backend  # noqa: E402
+from e2e_models import CLS, PAD, SEP, build  # noqa: E402
+# the tests build and check a step through this module, as `--smoke` does
+from e2e_check import dropout_off  # noqa: E402,F401
+from e2e_models import MASK_ID, ours  # noqa: E402,F401
 
 SHAPES = {"small": ("small", 128, 128), "base": ("base", 64, 512),  # name -> (preset, batch, seq_len)
           "tiny": ("tiny", 8, 32)}  # --smoke: checks this script on a CPU
@@ -58,8 +62,6 @@ MODES = {"transformers": ("eager", "compiled"), "hf-dropin": ("eager", "compiled
          "ours": ("eager", "compiled", "graph", "compiled+graph")}
 # Dense bf16 peak by device-name substring, first match wins (datasheet figures; override with --peak-flops).
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
-MASK_ID, CLS, SEP, PAD = 103, 101, 102, 0
-SPECIAL = (0, 100, 101, 102, 103)
 
 
 # ------------------------------------------------------------------------------------------------ FLOPs / MFU
@@ -88,325 +90,6 @@ def peak_flops(name: str, override: float | None) -> float | None:
     if override:
         return override
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
-
-
-# ------------------------------------------------------------------------------------------------ the models
-def hf_models(gen_cfg, disc_cfg, device="cuda"):
-    from transformers import ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining
-
-    from electra_fast.model.hf_format import to_hf_config
-
-    gen = ElectraForMaskedLM(ElectraConfig(**to_hf_config(gen_cfg, "ElectraForMaskedLM")))
-    disc = ElectraForPreTraining(ElectraConfig(**to_hf_config(disc_cfg, "ElectraForPreTraining")))
-    disc.electra.embeddings = gen.electra.embeddings  # ELECTRA shares them; so does a careful user
-    return gen.to(device).train(), disc.to(device).train()
-
-
-def ours(preset: str, vocab: int):
-    """`ElectraPretrainer.from_preset` on the CPU with BERT's token ids (the batches' ids), id-range check off."""
-    from electra_fast.pretraining.pretrainer import ElectraPretrainer
-
-    return ElectraPretrainer.from_preset(preset, vocab_size=vocab, mask_token_id=MASK_ID, special_token_ids=SPECIAL,
-                                         pad_token_id=PAD, validate=False)
-
-
-def transformers_step_fn(gen, disc, mask_prob: float):
-    """The step as users write it today with transformers (all-position LM head, boolean indexing)."""
-    def step(ids, attention_mask):
-        real = attention_mask.bool()
-        candidates = real & (ids != CLS) & (ids != SEP) & (ids != MASK_ID) & (ids != PAD)
-        masked = candidates & (torch.rand(ids.shape, device=ids.device) < mask_prob)
-        to_mask = masked & (torch.rand(ids.shape, device=ids.device) < 0.85)
-        gen_ids = torch.where(to_mask, torch.full_like(ids, MASK_ID), ids)
-        logits = gen(input_ids=gen_ids, attention_mask=attention_mask).logits  # [B, L, V]: every position
-        masked_logits = logits[masked]  # boolean indexing: a host sync and a dynamic shape
-        targets = ids[masked]
-        mlm_loss = F.cross_entropy(masked_logits.float(), targets)
-        with torch.no_grad():
-            u = torch.rand(masked_logits.shape, device=ids.device)
-            sampled = (masked_logits.float() - torch.log(-torch.log(u + 1e-9) + 1e-9)).argmax(-1)
-        disc_ids = ids.clone()
-        disc_ids[masked] = sampled
-        labels = (disc_ids != ids).float()
-        disc_logits = disc(input_ids=disc_ids, attention_mask=attention_mask).logits
-        disc_loss = F.binary_cross_entropy_with_logits(disc_logits[real].float(), labels[real])
-        return mlm_loss + 50.0 * disc_loss
-
-    return step
-
-
-def make_optimizer(params, capturable: bool):
-    # A captured step reads the LR from a device tensor (a float would be frozen into the graph).
-    kw = dict(lr=torch.tensor(1e-4, device="cuda") if capturable else 1e-4, betas=(0.9, 0.999), eps=1e-6,
-              weight_decay=0.01)
-    try:
-        return torch.optim.AdamW(params, fused=True, capturable=capturable, **kw), "fused"
-    except (RuntimeError, ValueError, TypeError):  # fused + capturable unsupported in this torch
-        return torch.optim.AdamW(params, foreach=True, capturable=capturable, **kw), "foreach"
-
-
-def build(impl: str, mode: str, preset: str, vocab: int, device: str = "cuda", attention: str = "auto"):
-    """Returns (step function taking (ids, mask) and returning a loss tensor, notes dict, the `ElectraPretrainer`
-    the step trains, None for transformers). `attention`: the slim encoders' attention path (ours only)."""
-    from electra_fast.train.cuda_graph import CUDAGraphStep
-    from electra_fast.train.step import TrainStep
-    from electra_fast.model.config import preset_configs
-    from electra_fast.pretraining.pretrainer import ElectraPretrainer, param_groups
-
-    gen_cfg, disc_cfg = preset_configs(preset, vocab_size=vocab)
-    notes = {}
-    if impl == "ours":
-        model = ours(preset, vocab).to(device)
-        model.options = model.options.replace(attention=attention)  # both slim encoders' configs
-    else:
-        gen, disc = hf_models(gen_cfg, disc_cfg, device)
-        if impl == "transformers":
-            if mode == "compiled":
-                gen, disc = torch.compile(gen), torch.compile(disc)
-            params = {id(p): p for p in list(gen.parameters()) + list(disc.parameters())}.values()
-            opt, notes["adamw"] = make_optimizer(list(params), capturable=False)
-            loss_fn = transformers_step_fn(gen, disc, 0.15)
-
-            def hf_step(ids, mask):
-                opt.zero_grad(set_to_none=True)
-                with torch.autocast(device, dtype=torch.bfloat16):
-                    loss = loss_fn(ids, mask)
-                loss.backward()
-                opt.step()
-                return loss
-
-            notes["attention_taken"] = f"transformers:{gen.config._attn_implementation}"
-            return hf_step, notes, None
-        model = ElectraPretrainer(gen, disc, mask_token_id=MASK_ID, special_token_ids=SPECIAL, validate=False)
-        model = model.to(device)
-
-    graph = mode.endswith("graph")
-    opt, notes["adamw"] = make_optimizer(param_groups(model), capturable=graph)
-    net = model
-    if mode.startswith("compiled"):
-        # fullgraph for ours proves the one-graph claim; transformers' internals may differ between versions
-        net = torch.compile(model, fullgraph=impl == "ours")
-    if graph:
-        holder = {}
-
-        def graph_step(ids, mask):
-            batch = {"input_ids": ids} if mask is None else {"input_ids": ids, "attention_mask": mask}
-            if "step" not in holder:  # capture on the first call, so compile time is measured like the others
-                train_step = TrainStep(model, opt, max_grad_norm=None, amp_dtype=torch.bfloat16, forward=net)
-                holder["step"] = CUDAGraphStep(train_step, batch)
-            return holder["step"]([batch]).loss
-
-        return graph_step, notes, model
-
-    def step(ids, mask):
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device, dtype=torch.bfloat16):
-            out = net(ids, mask)
-        out.loss.backward()
-        opt.step()
-        return out.loss
-
-    return step, notes, model
-
-
-# ------------------------------------------------------------------------------------------------ first-step check
-# bf16 tolerance of the first-step check: the step computes in bf16 (unit roundoff 2^-9) and its losses are means
-# over many slots and tokens, so rounding moves them little. Measured on the CPU, bf16 step against the fp64
-# reference: at most 3.5e-4 relative (tiny preset: torch backend, and the Triton kernels in the interpreter; small
-# preset, 12 layers, B=16 L=128: torch backend). 5e-3 leaves over ten times that for base's width and the GPU's
-# kernels, while a wrong step moves a loss by more: 2.5% of slots mis-weighted, a loss term or a head weight off.
-CHECK_RTOL, CHECK_ATOL = 5e-3, 1e-3
-# At initialisation the discriminator's logits are near 0, where the BCE hardly depends on the labels (ln 2 either
-# way): the labels are checked through the step's `replaced_frac`, a ratio of the head's integer counts (fp32).
-COUNT_TOL = 1e-6
-CHECKED = ("mlm_loss", "disc_loss", "loss", "replaced_frac")
-
-
-@contextlib.contextmanager
-def dropout_off(model):
-    """Dropout probabilities 0 within the block, the modules staying in training mode, so that the encoders choose
-    the attention path of the training step (the padding mask depends on `training`). Dropout draws differ between
-    kernels and the reference and cannot be replayed; without them the losses are functions of weights, batch,
-    masks and samples only."""
-    saved = []
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            saved.append((m, "p", m.p))
-            m.p = 0.0
-        if isinstance(getattr(m, "attn_dropout", None), float):  # the slim encoder layer's attention dropout
-            saved.append((m, "attn_dropout", m.attn_dropout))
-            m.attn_dropout = 0.0
-    try:
-        yield
-    finally:
-        for m, name, value in saved:
-            setattr(m, name, value)
-
-
-@contextlib.contextmanager
-def forced_backend(name):
-    from electra_fast.ops import _backend, set_backend
-
-    before = _backend._forced
-    set_backend(name)
-    try:
-        yield
-    finally:
-        set_backend(before)
-
-
-@contextlib.contextmanager
-def _spied(module, name: str, record):
-    """`module.name` (a function) hands its arguments and result to `record(args, kwargs, out)` within the block."""
-    original = getattr(module, name)
-
-    def spy(*args, **kwargs):
-        out = original(*args, **kwargs)
-        record(args, kwargs, out)
-        return out
-
-    setattr(module, name, spy)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
-
-
-def _attention_label(mask) -> str:
-    from torch.nn.attention.flex_attention import BlockMask
-
-    from electra_fast.model.attention import VarlenMask
-
-    if mask is None:
-        return "sdpa:no-mask"
-    if isinstance(mask, VarlenMask):
-        return "varlen:flash" if mask.bias is None else "varlen:sdpa-bias"
-    return "flex" if isinstance(mask, BlockMask) else "sdpa:bias"
-
-
-def kernel_path(model, ids, mask, device: str) -> dict:
-    """One forward of the step's own path (the ops' backends as the step resolves them, bf16 autocast, dropout
-    off), recording what it took: its losses, the masks (`mask_tokens`' output) and the samples (`replace_tokens`'
-    input), each op's backend, the attention path of each encoder and the sampler."""
-    import electra_fast.model.encoder as model_module
-    import electra_fast.pretraining.rtd_step as pretrainer
-
-    calls: dict = {}
-    attention: list = []
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(dropout_off(model))
-        for name in ("mask_tokens", "replace_tokens"):
-            stack.enter_context(_spied(pretrainer, name, lambda a, k, out, name=name: calls.setdefault(name, (a, out))))
-        # the slim encoders build their padding mask here once per forward: its type is the attention path taken
-        stack.enter_context(_spied(model_module, "padding_mask",
-                                   lambda a, k, out: attention.append(_attention_label(out))))
-        backends = stack.enter_context(record_backends())
-        with torch.autocast(device, dtype=torch.bfloat16):
-            out = model(ids, mask)
-    if len(calls) < 2:
-        raise RuntimeError("the step did not call mask_tokens and replace_tokens: nothing to check it against")
-    masked_ids, positions, weights = calls["mask_tokens"][1]
-    sampled = calls["replace_tokens"][0][3].reshape(positions.shape)  # the step hands them over flat, [B x N]
-    disc_ids, is_replaced = calls["replace_tokens"][1]
-    mlm_backend = backends.get("lm_head_loss_and_sample", backends.get("mlm_loss_and_sample", "?"))
-    if attention:
-        taken = "|".join(dict.fromkeys(attention))
-    else:  # transformers encoders (hf-dropin): their own attention
-        taken = "transformers:" + getattr(getattr(model.discriminator, "config", None), "_attn_implementation", "?")
-    return {"losses": {k: float(getattr(out, k).detach()) for k in CHECKED},
-            "masked_ids": masked_ids, "positions": positions, "weights": weights, "sampled": sampled,
-            "disc_ids": disc_ids, "is_replaced": is_replaced, "backends": backends,
-            "attention_taken": taken, "sampler": sampler_of(mlm_backend.split("|")[0])}
-
-
-def reference_step(model, ids, mask, masked_ids, positions, weights, sampled) -> dict:
-    """The step's losses in fp64 through the torch backend on a copy of `model` (same weights, dropout off, the
-    dense-bias attention), from the given masks and samples: masked ids -> generator -> gathered slots -> LM head ->
-    weighted cross-entropy; samples written into the original ids -> discriminator -> BCE over real tokens."""
-    from electra_fast.ops.masked_gather import masked_gather_reference
-    from electra_fast.ops.mlm_loss_and_sample import weighted_mean
-    from electra_fast.ops.replace_tokens import replace_tokens_mean_reference, replace_tokens_reference
-    from electra_fast.pretraining.families import check_pair, pair_dims
-
-    ref = copy.deepcopy(model).double().eval()
-    ref.options = ref.options.replace(attention="sdpa")  # the slim encoders' dense-bias path
-    gen, disc = check_pair(ref.generator, ref.discriminator)
-    vocab = pair_dims(gen, disc)["vocab_size"]
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with forced_backend("torch"), torch.no_grad():
-            slots = masked_gather_reference(gen.encode(masked_ids, mask, None), positions)
-            logits = gen.lm_logits(slots.flatten(0, 1))[:, :vocab].double()
-            targets = ids.gather(1, positions).reshape(-1)
-            w = weights.reshape(-1).double()
-            ce = torch.logsumexp(logits, dim=1) - logits.gather(1, targets[:, None])[:, 0]
-            mlm = weighted_mean(ce, w)
-            replace = replace_tokens_mean_reference if ref.masking == "with_replacement" else replace_tokens_reference
-            disc_ids, is_replaced = replace(ids, positions, weights, sampled)
-            features, projection = disc.disc_head(disc.encode(disc_ids, mask, None))
-            z = F.linear(features, projection.weight, projection.bias).squeeze(-1).double()
-            real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask != 0
-            bce = F.binary_cross_entropy_with_logits(z, is_replaced.double(), reduction="none")
-            disc_loss = bce[real].mean()
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-    return {"losses": {"mlm_loss": float(mlm), "disc_loss": float(disc_loss),
-                       "loss": float(ref.mlm_weight * mlm + ref.disc_weight * disc_loss),
-                       "replaced_frac": float(is_replaced[real].double().mean())},
-            "disc_ids": disc_ids, "is_replaced": is_replaced}
-
-
-def _mask_problems(model, ids, mask, masked_ids, positions, weights, sampled, vocab: int) -> list:
-    """What the masks and samples break of the step's contract (module docstring of electra_fast.ops.mask_tokens):
-    real slots at distinct real, non-special positions, changed only to [MASK]; samples inside the vocabulary."""
-    problems = []
-    real_slot = weights > 0
-    if not bool(real_slot.any()):
-        problems.append("no real slot")
-    real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask != 0
-    special = torch.isin(ids, model.special_token_ids.to(ids.device))
-    slots_at = torch.zeros_like(ids).scatter_add_(1, positions, real_slot.to(ids.dtype))  # real slots per position
-    chosen = slots_at > 0
-    if not bool(torch.where(real_slot, (real & ~special).gather(1, positions), True).all()):
-        problems.append("a real slot at padding or a special token")
-    if bool((slots_at > 1).any()) and model.masking != "with_replacement":  # only that draw repeats positions
-        problems.append("two real slots at one position")
-    changed = masked_ids != ids
-    if not bool((masked_ids[changed] == model.mask_token_id).all()) or bool((changed & ~chosen).any()):
-        problems.append("masked ids changed beyond [MASK] at the slots")
-    if not bool(((sampled >= 0) & (sampled < vocab))[real_slot].all()):
-        problems.append("a sample outside the vocabulary")
-    return problems
-
-
-def first_step_check(model, ids, mask, device: str, compare: bool = True) -> dict:
-    """The losses of the row's step on its first batch and initial weights against `reference_step` from the
-    masks and samples the step drew itself. Returns the row's fields: `check` ("ok" or "failed: ..."), both sets
-    of losses, and the path that ran (`backends`, `attention_taken`, `sampler`). `compare=False`: the path only
-    (`check` "off")."""
-    from electra_fast.pretraining.families import check_pair, pair_dims
-
-    got = kernel_path(model, ids, mask, device)
-    ran = {"backends": got["backends"], "attention_taken": got["attention_taken"], "sampler": got["sampler"]}
-    if not compare:
-        return {"check": "off", **ran}
-    ref = reference_step(model, ids, mask, got["masked_ids"], got["positions"], got["weights"], got["sampled"])
-    vocab = pair_dims(*check_pair(model.generator, model.discriminator))["vocab_size"]
-    problems = _mask_problems(model, ids, mask, got["masked_ids"], got["positions"], got["weights"], got["sampled"],
-                              vocab)
-    for name, want in ref["losses"].items():
-        have = got["losses"][name]
-        atol, rtol = (COUNT_TOL, 0.0) if name == "replaced_frac" else (CHECK_ATOL, CHECK_RTOL)
-        if not abs(have - want) <= atol + rtol * abs(want):  # NaN fails too
-            problems.append(f"{name} {have:.6g} vs reference {want:.6g}")
-    if not torch.equal(got["disc_ids"], ref["disc_ids"]) or not torch.equal(got["is_replaced"].bool(),
-                                                                           ref["is_replaced"].bool()):
-        problems.append("replaced ids differ from the reference's")
-    return {"check": "ok" if not problems else "failed: " + "; ".join(problems),
-            "check_losses": got["losses"], "reference_losses": ref["losses"],
-            "check_tolerance": f"losses |d| <= {CHECK_ATOL} + {CHECK_RTOL} x |reference| (bf16 step, fp64 "
-                               f"reference), replaced_frac |d| <= {COUNT_TOL}", **ran}
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -487,7 +170,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed runs, the median reported (default 3; --smoke: 1)")
     p.add_argument("--backend", default=None, help="force an ops backend (torch/triton/cuda); default per op")
     p.add_argument("--attention", default="auto",
-                   help="comma list of attention paths for ours' padded batches (electra_fast.model.attention), a row each")
+                   help="comma list of attention paths for ours' padded batches (electra_fast.model.attention), "
+                        "a row each")
     p.add_argument("--peak-flops", type=float, default=None, help="peak bf16 FLOP/s (default: by GPU name)")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the first-step check of ours and hf-dropin against the fp64 torch reference (the "

@@ -1,5 +1,5 @@
-"""Kernel microbenchmarks (SPEC 5, issues 3 and 5): every available backend of each hot op vs the PyTorch reference
-eager and `torch.compile`d, at ELECTRA-small and -base shapes, forward and forward+backward.
+"""Kernel microbenchmarks (docs/contracts.md#how-we-measure): every available backend of each hot op vs the PyTorch
+reference eager and `torch.compile`d, at ELECTRA-small and -base shapes, forward and forward+backward.
 
 Reports the median time, GB/s over the bytes the op must move at the least (each input read once, each output
 written once; written beside each case) and the fraction of the device-to-device copy bandwidth measured in the
@@ -42,7 +42,7 @@ from electra_fast.ops.rtd_bce_loss import rtd_bce_reference  # noqa: E402
 from electra_fast.ops.rtd_head_loss import rtd_head_reference  # noqa: E402
 
 VOCAB = 30522
-SHAPES = {"small": (128, 128, 256), "base": (64, 512, 768), "tiny": (2, 32, 16)}  # B, L, H (SPEC 5); tiny: --smoke
+SHAPES = {"small": (128, 128, 256), "base": (64, 512, 768), "tiny": (2, 32, 16)}  # B, L, H; tiny: --smoke
 VOCABS = {"tiny": 500}  # vocabulary per shape, VOCAB unless named
 EMBED = {"small": 128, "base": 768, "tiny": 16}  # the LM head's width E (embedding size)
 PAD_VOCAB = 128  # the models pad the vocabulary to a multiple of 128 (logit rows 16-byte aligned): so do the cases

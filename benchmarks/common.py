@@ -1,6 +1,6 @@
-"""Shared measuring tools for the benchmarks (SPEC 5): median of CUDA-event timings after warm-up, inputs
-rotated through more than the L2 cache, the device-to-device copy bandwidth measured in the same run, and
-CSV/PNG output."""
+"""Shared measuring tools for the benchmarks (docs/contracts.md#how-we-measure): median of CUDA-event timings after
+warm-up, inputs rotated through more than the L2 cache, the device-to-device copy bandwidth measured in the same run,
+and CSV/PNG output."""
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,4 @@
-"""What one H100 training step must cost, computed on a CPU (issue 9.4, issue 11.5): FLOPs, kernel launches,
+"""What one H100 training step must cost, computed on a CPU: FLOPs, kernel launches,
 bytes moved, peak memory and a predicted step time, for `ours` and the `transformers` way as bench_e2e.py builds
 them, at small (B128 L128) and base (B64 L512). Nothing here is a measurement of a GPU.
 
@@ -46,325 +46,34 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import sys
-import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 from torch.utils.module_tracker import ModuleTracker
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_e2e  # noqa: E402
+import e2e_models  # noqa: E402
 from electra_fast.model import attention  # noqa: E402
 from electra_fast.pretraining.pretrainer import param_groups  # noqa: E402
+from cuda_emulation import cuda_like, varlen_flop_formulas  # noqa: E402
+# multi_tensor_launches: the tests check the launch rule through this module
+from step_counter import Launch, StepCounter, _tensors, multi_tensor_launches  # noqa: E402,F401
 
-PEAK_FLOPS = 989e12    # H100 SXM dense bf16 (SPEC 5)
-COPY_BW = 3.0e12       # H100 device-to-device copy, bytes read + written (measured, SPEC 5)
+PEAK_FLOPS = 989e12    # H100 SXM dense bf16
+COPY_BW = 3.0e12       # H100 device-to-device copy, bytes read + written (measured; benchmarks/RESULTS.md)
 HOST_LAUNCH_S = 4e-6   # host time per launch outside a graph
 GAP_S = 1e-6           # device time between two dependent kernels, graph or not
 MM_EFF = 0.7           # fraction of peak that cuBLAS / attention kernels reach at these shapes (assumed)
 BW_EFF = 0.8           # fraction of copy bandwidth that elementwise / reduction kernels reach (assumed)
 SHAPES = bench_e2e.SHAPES
 IMPLS = ("ours", "transformers")
-
-aten = torch.ops.aten
-# CUDA autocast's fp32 policy (aten/src/ATen/autocast_mode.cpp) for ops that CPU autocast leaves in bf16.
-CUDA_FP32_OPS = ("layer_norm", "group_norm", "softmax.int", "log_softmax.int", "exp", "log", "log1p", "expm1",
-                 "rsqrt", "reciprocal", "pow.Tensor_Scalar", "softplus", "logsumexp", "sum", "sum.dim_IntList",
-                 "cumsum", "prod", "norm.Scalar", "erfinv")
-NO_LAUNCH = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default, aten.new_empty.default,
-             aten.new_empty_strided.default, aten._local_scalar_dense.default, aten.lift_fresh.default,
-             aten.set_.source_Storage_storage_offset, aten.resize_.default}
-# cuda/MultiTensorApply.cuh
-CHUNK, MAX_BLOCKS, MAX_TENSORS = 65536, 320, {1: 110, 2: 64, 3: 48, 4: 36, 5: 30}
-
-
-# ------------------------------------------------------------------------------------------- counting rules
-def is_view(func) -> bool:
-    """Ops whose every output aliases an input without writing it launch nothing."""
-    rets = func._schema.returns
-    return bool(rets) and all(r.alias_info is not None and not r.alias_info.is_write for r in rets)
-
-
-def multi_tensor_launches(numels: list, depth: int) -> int:
-    """Kernel launches of CUDA's multi_tensor_apply over tensors of these sizes with `depth` lists."""
-    max_t, launches, tensors, blocks = MAX_TENSORS[min(max(depth, 1), 5)], 0, 0, 0
-    for n in numels:
-        if n == 0:
-            continue
-        tensors += 1
-        chunks = -(-n // CHUNK)
-        for c in range(chunks):
-            blocks += 1
-            last = c == chunks - 1
-            if blocks == MAX_BLOCKS or (tensors == max_t and last):
-                launches, blocks, tensors = launches + 1, 0, 0 if last else 1
-    return launches + (blocks > 0)
-
-
-def _tensors(tree) -> list:
-    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
-
-
-@dataclass
-class Launch:
-    """One kernel (or one op's worth of kernels) of the step."""
-    op: str
-    phase: str
-    group: str
-    launches: int
-    flops: float = 0.0
-    nbytes: int = 0
-    vocab: bool = False       # a matmul with the vocabulary as one of its dimensions: the LM head
-    attention: bool = False
-    fusible: bool = False     # elementwise / reduction / copy: what torch.compile fuses
-    reads: list = field(default_factory=list)   # storage ids
-    writes: list = field(default_factory=list)
-
-
-class StepCounter(TorchDispatchMode):
-    """Counts launches, FLOPs and bytes per op and tracks live storage bytes (see the module docstring)."""
-
-    def __init__(self, tracker: ModuleTracker, groups, vocab_sizes, bool_fraction: float):
-        super().__init__()
-        self.tracker, self.groups, self.vocab_sizes = tracker, groups, set(vocab_sizes)
-        self.bool_fraction = bool_fraction
-        self.flop_formulas = flop_registry
-        self.records: list[Launch] = []
-        self.counting, self.phase, self.syncs = False, "forward", 0
-        self.live = self.peak = 0
-        self._ids: dict = {}        # id(storage) -> serial, while the storage lives
-        self._serial = 0
-        self._track_memory = True
-        self._body = False
-
-    # -- memory
-    def storage_id(self, t: torch.Tensor) -> int:
-        st = t.untyped_storage()
-        key = id(st)
-        if key not in self._ids:
-            self._serial += 1
-            self._ids[key] = self._serial
-            nbytes = st.nbytes() if self._track_memory else 0
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(st, self._free, key, nbytes)
-        return self._ids[key]
-
-    def _free(self, key, nbytes):
-        self._ids.pop(key, None)
-        self.live -= nbytes
-
-    def alive_ids(self) -> set:
-        return set(self._ids.values())
-
-    # -- attribution
-    def group(self) -> str:
-        if self.phase == "optimizer":
-            return "optimizer"
-        names = sorted(self.tracker.parents - {"Global"}, key=len, reverse=True)
-        for name in names:
-            for pattern, label in self.groups:
-                if re.search(pattern, name):
-                    return label
-        return "step glue (masking, losses, sampling, tied LM projection)"
-
-    def record(self, op: str, launches: int, args, out, func=None, fusible=False):
-        if not self.counting or launches == 0:
-            return
-        ins, outs = _tensors(args), _tensors(out)
-        flops = 0.0
-        if func is not None and func._overloadpacket in self.flop_formulas:
-            flops = float(self.flop_formulas[func._overloadpacket](*args[0], **args[1], out_val=out))
-        written = list(outs)
-        if func is not None:  # mutated arguments are written as well as read
-            for a, v in zip(func._schema.arguments, list(args[0]) + [args[1].get(a.name) for a in
-                                                                     func._schema.arguments[len(args[0]):]]):
-                if a.alias_info is not None and a.alias_info.is_write:
-                    written += _tensors(v)
-        uniq = {id(t): t for t in ins}
-        nbytes = sum(_nbytes(t) for t in uniq.values()) + sum(_nbytes(t) for t in written)
-        dims = {d for t in ins + outs for d in t.shape}
-        self.records.append(Launch(op, self.phase, self.group(), launches, flops, nbytes,
-                                   vocab=flops > 0 and bool(dims & self.vocab_sizes),
-                                   attention="scaled_dot_product" in op or "flash_attention" in op,
-                                   fusible=fusible,
-                                   reads=[self.storage_id(t) for t in uniq.values()],
-                                   writes=[self.storage_id(t) for t in written]))
-
-    def triton_launch(self, fn, args):
-        self.record(f"triton:{getattr(fn, '__name__', None) or fn.fn.__name__}", 1, (args, {}), ())
-
-    # -- dispatch
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default, aten._index_put_impl_.default):
-            args = self._unmask(args)
-        if func.namespace not in ("aten", "prims", "prim", "profiler"):
-            return self._custom(func, args, kwargs)
-        out = func(*args, **kwargs)
-        if func is aten._local_scalar_dense.default:
-            self.syncs += self.counting
-        for t in _tensors(out):
-            self.storage_id(t)
-        self.record(str(func.overloadpacket.__name__), self._launches(func, args, kwargs, out), (args, kwargs), out,
-                    func, fusible=self._fusible(func))
-        return out
-
-    def _launches(self, func, args, kwargs, out) -> int:
-        name = func._schema.name
-        if func in NO_LAUNCH or is_view(func) or "_foreach_" in name or "_fused_" in name:
-            if "_foreach_" in name or "_fused_" in name:
-                lists = [a for a in list(args) + list(kwargs.values()) if isinstance(a, (list, tuple)) and a
-                         and isinstance(a[0], torch.Tensor)]
-                big = [lst for lst in lists if any(t.numel() > 1 for t in lst)]
-                depth = len(big) + (not func._schema.name.endswith("_") and "_fused_" not in name)
-                return multi_tensor_launches([t.numel() for t in big[0]], depth) if big else 1
-            return 0
-        outs = _tensors(out)
-        if not outs or not any(t.numel() for t in outs):
-            return 0
-        writes = any(a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments)
-        inputs = {t.untyped_storage()._cdata for t in _tensors((args, kwargs))}
-        return int(writes or not all(t.untyped_storage()._cdata in inputs for t in outs))  # else a view in effect
-
-    @staticmethod
-    def _fusible(func) -> bool:
-        return func._overloadpacket not in flop_registry and not any(
-            s in func._schema.name for s in ("_foreach_", "_fused_", "embedding", "scaled_dot_product", "nonzero"))
-
-    def _unmask(self, args):
-        """Boolean indices -> long indices of the expected count (one nonzero launch and a host sync each)."""
-        new = []
-        for idx in args[1]:
-            if idx is not None and idx.dtype == torch.bool:
-                n = round(self.bool_fraction * idx.numel())
-                new += [torch.empty(n, dtype=torch.long, device=idx.device) for _ in range(idx.dim())]
-                self.record("nonzero", 1, ((idx,), {}), ())
-                self.syncs += self.counting
-            else:
-                new.append(idx)
-        return (args[0], new, *args[2:])
-
-    def _custom(self, func, args, kwargs):
-        """A custom op: count what its body launches (ATen ops and Triton kernels), return its fake result."""
-        opdef = torch._library.custom_ops.OPDEFS.get(func._schema.name)
-        if opdef is not None and self.counting and not self._body:
-            track, self._track_memory, self._body = self._track_memory, False, True
-            try:
-                with self:
-                    opdef._init_fn(*args, **kwargs)
-            finally:
-                self._track_memory, self._body = track, False
-        elif self.counting:
-            self.record(func._schema.name, 1, (args, kwargs), ())
-        out = func(*args, **kwargs)
-        for t in _tensors(out):
-            self.storage_id(t)
-        return out
-
-
-# ----------------------------------------------------------------------------------------- CUDA emulation
-def _fp32_kernel(op):
-    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
-
-    def kernel(*args, **kwargs):
-        cast = [a.float() if isinstance(a, torch.Tensor) and a.dtype in (torch.bfloat16, torch.float16) else a
-                for a in args]
-        with torch._C._ExcludeDispatchKeyGuard(keys):
-            return op(*cast, **kwargs)
-    return kernel
-
-
-def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """The H100's choice: flash attention without a mask, memory-efficient attention with an additive one."""
-    if attn_mask is None:
-        return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, scale=scale)[0]
-    bias = attn_mask.to(query.dtype).expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
-    need_lse = query.requires_grad or key.requires_grad or value.requires_grad
-    return aten._scaled_dot_product_efficient_attention(query, key, value, bias, need_lse, dropout_p, is_causal,
-                                                        scale=scale)[0]
-
-
-def varlen_flop_formulas(cu_seqlens: torch.Tensor) -> dict:
-    """flop_counter's attention formulas for flash's variable-length kernels, one sequence at a time at the batch's
-    real lengths (its registry, given a fake `cu_seqlens`, counts every sequence at the maximum length: 2 x the
-    dense FLOPs for ours, 2B sequences of L)."""
-    lengths = [n for n in cu_seqlens.diff().tolist() if n]
-
-    def forward(query, *args, **kwargs):
-        shapes = [(1, query.shape[1], n, query.shape[2]) for n in lengths]
-        return sum(sdpa_flop_count(s, s, s) for s in shapes)
-
-    def backward(grad_out, query, *args, **kwargs):
-        shapes = [(1, query.shape[1], n, query.shape[2]) for n in lengths]
-        return sum(sdpa_backward_flop_count(s, s, s, s) for s in shapes)
-
-    forward._get_raw = backward._get_raw = True
-    return {aten._flash_attention_forward: forward, aten._flash_attention_backward: backward}
-
-
-def _dropout(x, p=0.5, training=True, inplace=False):
-    if not training or p == 0:
-        return x
-    return torch.native_dropout(x, p, True)[0]
-
-
-@contextlib.contextmanager
-def cuda_like(counter: StepCounter):
-    """CUDA's op stream on the CPU (module docstring): autocast fp32 policy, fused dropout, SDPA kernel choice,
-    Triton backend with its launches intercepted and counted."""
-    import triton.runtime.interpreter as interp
-    import triton.runtime.jit as jit
-    import warnings
-
-    from electra_fast.ops import get_backend, set_backend
-
-    lib = torch.library.Library("aten", "IMPL")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name in CUDA_FP32_OPS:
-            base, _, overload = name.partition(".")
-            lib.impl(name, _fp32_kernel(getattr(getattr(aten, base), overload or "default")), "AutocastCPU")
-    runs = {cls: cls.run for cls in (jit.JITFunction, interp.InterpretedFunction)}
-
-    def run(fn, *args, grid=None, warmup=False, **kwargs):
-        counter.triton_launch(fn, args)
-
-    saved = (F.dropout, F.scaled_dot_product_attention, get_backend(), os.environ.get("TRITON_INTERPRET"),
-             attention.flash_varlen_supported)
-    F.dropout, F.scaled_dot_product_attention = _dropout, _sdpa
-    attention.flash_varlen_supported = lambda device, dtype, head_dim: dtype in (torch.float16, torch.bfloat16)
-    os.environ["TRITON_INTERPRET"] = "1"  # lets the backend switch pick Triton for CPU tensors; nothing runs
-    set_backend("triton")
-    for cls in runs:
-        cls.run = run
-    try:
-        yield
-    finally:
-        for cls, fn in runs.items():
-            cls.run = fn
-        F.dropout, F.scaled_dot_product_attention = saved[0], saved[1]
-        attention.flash_varlen_supported = saved[4]
-        set_backend(saved[2])
-        if saved[3] is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved[3]
-        lib._destroy()
 
 
 # ------------------------------------------------------------------------------------------------ the step
@@ -394,12 +103,12 @@ def build(impl: str, preset: str, vocab: int):
     from electra_fast.model.config import preset_configs
     gen_cfg, disc_cfg = preset_configs(preset, vocab_size=vocab)
     if impl == "ours":
-        model = bench_e2e.ours(preset, vocab)
+        model = e2e_models.ours(preset, vocab)
         vocabs = {vocab, getattr(disc_cfg, "padded_vocab_size", vocab)}
         return model, lambda ids, mask: model(ids, mask).loss, vocabs
-    gen, disc = bench_e2e.hf_models(gen_cfg, disc_cfg, device="cpu")
+    gen, disc = e2e_models.hf_models(gen_cfg, disc_cfg, device="cpu")
     model = nn.ModuleDict({"generator": gen, "discriminator": disc})
-    return model, bench_e2e.transformers_step_fn(gen, disc, 0.15), {vocab}
+    return model, e2e_models.transformers_step_fn(gen, disc, 0.15), {vocab}
 
 
 @dataclass
@@ -424,7 +133,7 @@ def count_step(impl: str, shape: str, vocab: int = 30522, preset: str | None = N
     model, forward, vocabs = build(impl, preset, vocab)
     model.train()
     ids, mask = bench_e2e.make_batches(1, batch, seq_len, vocab, device="cpu")[0]
-    candidates = mask.bool() & ~torch.isin(ids, torch.tensor(bench_e2e.SPECIAL))
+    candidates = mask.bool() & ~torch.isin(ids, torch.tensor(e2e_models.SPECIAL))
     fraction = 0.15 * candidates.float().mean().item()
     formulas = varlen_flop_formulas(attention.varlen_mask(mask, flash=True).cu_seqlens)
 
@@ -438,7 +147,7 @@ def count_step(impl: str, shape: str, vocab: int = 30522, preset: str | None = N
     counter = StepCounter(tracker, GROUPS, vocabs, fraction)
     counter.flop_formulas = {**flop_registry, **formulas}
     with fake_mode:
-        opt, _ = bench_e2e.make_optimizer(param_groups(model), capturable=False)
+        opt, _ = e2e_models.make_optimizer(param_groups(model), capturable=False)
     with fake_mode, tracker, counter, cuda_like(counter):
         for t in _tensors((list(model.parameters()), list(model.buffers()), ids, mask)):
             counter.storage_id(t)
@@ -552,8 +261,9 @@ def measured_ms(path: str | None) -> dict:
     return {(r["shape"], r["impl"], r["mode"]): r["ms_per_step"] for r in rows if "ms_per_step" in r}
 
 
+# benchmarks/RESULTS.md, "Reference figures to beat": the transformers way, measured on an H100 (torch 2.11)
 REFERENCE_MS = {("small", "eager"): 68.1, ("small", "compiled"): 54.7, ("base", "eager"): 147.9,
-                ("base", "compiled"): 112.4}  # SPEC 5: the transformers way, measured on an H100 (torch 2.11)
+                ("base", "compiled"): 112.4}
 
 
 def markdown(rows: list, measured: dict) -> str:
@@ -587,7 +297,7 @@ def markdown(rows: list, measured: dict) -> str:
     out += ["", f"### Predicted H100 step time (a model, not a measurement: kernel = max(FLOPs / (989 TFLOP/s x "
             f"{MM_EFF}), bytes / (3.0 TB/s x {BW_EFF})) + {GAP_S * 1e6:g} us; outside a graph each launch costs at "
             f"least {HOST_LAUNCH_S * 1e6:g} us of host time)", "",
-            "| shape | impl | mode | predicted ms | measured ms | measured (SPEC 5 reference, H100) |",
+            "| shape | impl | mode | predicted ms | measured ms | measured (reference figures, H100) |",
             "|---|---|---|---|---|---|"]
     for r in rows:
         for mode, ms in r["predicted_ms"].items():

@@ -15,7 +15,7 @@
 //     it by its tile's mass, then re-reads that one tile (from L2, each lane a share) to pick a share and a column.
 //     Exact: P(column) = exp(x / T - lse) up to fp32 rounding (see inverse_cdf.cuh).
 //   - "gumbel" (ELECTRA_FAST_SAMPLER=gumbel): the best x / T + g and its index, g Gumbel noise from Philox per
-//     element (philox.cuh). Two logs per element: this made the kernel compute-bound (SPEC 5); kept for comparison
+//     element (philox.cuh). Two logs per element: this made the kernel compute-bound; kept for comparison
 //     and because tests can replay its samples exactly (gumbel_noise).
 // Threads merge by warp shuffles, warps through shared memory. Thread 0 writes the row's sample, lse, w * ce and
 // argmax == target; a one-block kernel then reduces sum(w * ce) and sum(w) on the device (no host sync,

@@ -1,4 +1,4 @@
-// replace_tokens: the discriminator's input and labels in one kernel (SPEC 1.4).
+// replace_tokens: the discriminator's input and labels in one kernel (docs/algorithm.md#replacement-and-labels).
 //
 // disc_ids[b, l] = input_ids[b, l] + sum over real slots n (weights[b, n] > 0) with positions[b, n] == l of
 // (sampled[b, n] - input_ids[b, l]); is_replaced = disc_ids != input_ids. With distinct real positions (what

@@ -1,4 +1,4 @@
-"""Sampling alone: one id per row from softmax(logits / T), optional disallowed id per row (SPEC 1.3).
+"""Sampling alone: one id per row from softmax(logits / T), optional disallowed id per row (docs/algorithm.md#sampling).
 
 Design: the fused MLM kernel's row pass (mlm_loss_and_sample.py) with the loss switched off (`WITH_LOSS=False`):
 same samplers ("cdf" inverse-CDF by default, "gumbel" Gumbel-max), same fp32 math on any input dtype, same

@@ -1,4 +1,4 @@
-"""Masking for RTD in one launch: positions, weights and masked ids (SPEC 1.1; issue 10.6).
+"""Masking for RTD in one launch: positions, weights and masked ids (docs/algorithm.md#masking).
 
 Design. A program holds ROWS whole rows in registers (BLOCK_L = next power of two >= L; L <= 512 in ELECTRA;
 several short rows per program so each thread keeps 8 elements) and reads the ids, the attention mask and the

@@ -1,4 +1,4 @@
-"""Masked gather `[B, L, H] x [B, N] -> [B, N, H]` and its scatter-add backward (SPEC 4, "masked gather / scatter").
+"""Masked gather `[B, L, H] x [B, N] -> [B, N, H]` and its scatter-add backward (docs/contracts.md#masked_gather).
 
 Design. Forward: one program per slot copies one hidden row (int64 offsets, the input dtype, no arithmetic).
 Backward: output-centric, so it is deterministic and needs neither atomics nor a zero-filled buffer: one program

@@ -1,4 +1,4 @@
-"""Fused MLM loss + replacement sampling: one pass over each logit row (SPEC 4, "fused MLM loss + sample").
+"""Fused MLM loss + replacement sampling: one pass over each logit row (docs/contracts.md#mlm_loss_and_sample).
 
 Design. One program per row streams it in BLOCK-column tiles (int64 row offset, fp32 math whatever the dtype)
 and keeps running scalars only: the online log-sum-exp (max, sum of exp), the argmax (for `correct`) and the
@@ -14,7 +14,7 @@ Sampling draws exactly from softmax(logits / T), with two samplers (constexpr `C
   rescaled tile masses) and a second one picks the column inside tile k by inverse CDF over its exp-weights
   (one tile re-read, from L2): P(column c of tile k) = S_k / S * w_c / S_k = softmax. One Philox call per row
   and no logs, and at T = 1 without `disallow_correct` it reuses the loss's exp(): the pass stays memory-bound,
-  where per-element Philox + two logs made a naive kernel compute-bound (SPEC 5).
+  where per-element Philox + two logs made a naive kernel compute-bound.
 - "gumbel": Gumbel-max, argmax(x / T - log(-log U)), one uniform per element, four per Philox call
   (`tl.randint4x`). Kept for comparison (benchmarks) and as the textbook method.
 The entry takes the sampler as an argument (the public op's `sampler=`, by default `ELECTRA_FAST_SAMPLER` as

@@ -1,4 +1,5 @@
-"""Discriminator ids and labels in one kernel (SPEC 1.4 / 4, "replace tokens").
+"""Discriminator ids and labels in one kernel (docs/algorithm.md#replacement-and-labels,
+docs/contracts.md#replace_tokens).
 
 Design: output-centric, one program per (batch row, tile of BLOCK_L positions). It loads the row's N slots
 (positions, weights, samples: tiny, from L1/L2) and, for every position of the tile, adds

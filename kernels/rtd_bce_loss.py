@@ -1,4 +1,5 @@
-"""Token-level sigmoid BCE, the discriminator loss (SPEC 1.5 / 4): mean over real tokens, gradient in the forward.
+"""Token-level sigmoid BCE, the discriminator loss (docs/algorithm.md#discriminator-loss): mean over real tokens,
+gradient in the forward.
 
 Design. The forward kernel reads logits, labels and mask once and writes, per element, the unnormalised gradient
 `(sigmoid(x) - y) * mask` (fp32) plus per-program partial sums of the loss and of the mask. A one-program kernel

@@ -1,4 +1,4 @@
-"""Fused discriminator head: `dense_prediction` (H -> 1) + sigmoid BCE + accuracy (SPEC 4, the fused BCE variant).
+"""Fused discriminator head: `dense_prediction` (H -> 1) + sigmoid BCE + accuracy (docs/contracts.md#rtd_head_loss).
 
 Design. `hidden [T = B*L, H]` is read exactly once, in the forward: a persistent kernel (PROGRAMS_PER_SM per SM)
 walks tiles of BLOCK_T tokens x all H columns (fp32 math), computes each logit as a row dot product, then the

@@ -1,4 +1,4 @@
-"""Self-attention over padded batches without a dense additive mask where it can be avoided (issue 11.2).
+"""Self-attention over padded batches without a dense additive mask where it can be avoided.
 
 The encoder prepares the padding mask once per forward (`padding_mask`), the layers call `attend` on
 `[B, L, heads, D]` q, k, v. Paths (`KernelOptions.attention`, in the model config's `options`):

@@ -82,9 +82,9 @@ class ElectraModelConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
 
 
-# Reference `util/training_utils.py` / `configure_pretraining.py` (SPEC 2). "discriminator": its config fields
-# (vocab_size and pad_token_id come from the tokenizer); "generator": what differs from the discriminator (the
-# generator keeps the discriminator's layer count, embeddings and everything else).
+# Reference `util/training_utils.py` / `configure_pretraining.py` (docs/algorithm.md#model-sizes). "discriminator": its
+# config fields (vocab_size and pad_token_id come from the tokenizer); "generator": what differs from the discriminator
+# (the generator keeps the discriminator's layer count, embeddings and everything else).
 PRESETS: dict[str, dict] = {
     "tiny": dict(  # for tests: ~33k parameters per discriminator layer, a step takes milliseconds on a CPU
         discriminator=dict(embedding_size=32, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,

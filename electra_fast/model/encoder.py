@@ -1,6 +1,6 @@
 """The slim ELECTRA model: one BERT-style encoder, a generator (MLM) and a discriminator (RTD).
 
-Design (SPEC sections 1-3):
+Design (docs/algorithm.md):
 - ELECTRA's embedding scheme: word, position and token-type embeddings plus the embedding LayerNorm live in one
   `ElectraEmbeddings` module that the generator and the discriminator share (pass the same instance to both);
   each model owns its `embeddings_project` (E -> H) when E differs from its hidden size. Optional GDES

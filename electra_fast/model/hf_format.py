@@ -1,5 +1,5 @@
-"""The slim models in Hugging Face `transformers`' ELECTRA format (SPEC section 3): the config mapping, the weight
-names, one model to and from a directory.
+"""The slim models in Hugging Face `transformers`' ELECTRA format (docs/algorithm.md#transformers-checkpoints): the
+config mapping, the weight names, one model to and from a directory.
 
 This module does not import the models (`electra_fast.model.encoder` imports it for `save_pretrained` /
 `from_pretrained`): functions take the model, or its class, as an argument; a model class names its transformers

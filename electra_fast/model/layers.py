@@ -1,4 +1,4 @@
-"""Building blocks of the encoder layer that keep autocast from multiplying launches and bytes (issue 11.3).
+"""Building blocks of the encoder layer that keep autocast from multiplying launches and bytes.
 
 Under bf16 autocast, every `nn.Linear` casts its fp32 weight and bias on each call (two launches forward, two for
 their gradients backward) and CUDA's autocast runs LayerNorm in fp32 (a cast of its input before the next Linear,

@@ -1,4 +1,4 @@
-"""Public functional ops for ELECTRA replaced-token detection (SPEC section 4).
+"""Public functional ops for ELECTRA replaced-token detection (their contracts: docs/contracts.md).
 
 Each op has a plain PyTorch reference (the CPU path and the test oracle), is registered with `torch.library`
 (fake kernel, autograd where differentiable) so `torch.compile(fullgraph=True)` traces it, and dispatches to a

@@ -32,7 +32,7 @@ DEFAULT_ORDER = {
     "gumbel_sample": ("triton", "cuda", "torch"),
     "replace_tokens": ("triton", "cuda", "torch"),
     "rtd_bce_loss": ("triton", "cuda", "torch"),
-    "rtd_head_loss": ("triton", "cuda", "torch"),
+    "rtd_head_loss": ("triton", "torch"),
     "lm_head_loss_and_sample": ("triton", "torch"),
     "dropout_add_layer_norm": ("triton", "torch"),
     "varlen_plan": ("triton", "torch"),

@@ -1,4 +1,5 @@
-"""`LayerNorm(residual + dropout(x))`: the post-LN residual block of every encoder layer (issue 11.3).
+"""`LayerNorm(residual + dropout(x))`: the post-LN residual block of every encoder layer
+(docs/contracts.md#dropout_add_layer_norm).
 
 Unfused, it is three launches forward (dropout, add, LayerNorm) and two backward, each moving `[M, N]` tensors;
 the Triton kernel (`kernels/dropout_add_layer_norm.py`) does one forward and two backward (the second sums the

@@ -1,4 +1,4 @@
-"""Masking for replaced-token detection (SPEC 1.1; reference `pretrain/pretrain_helpers.py::mask`).
+"""Masking for replaced-token detection (docs/algorithm.md#masking; reference `pretrain/pretrain_helpers.py::mask`).
 
 Static shapes are the point: `positions [B, N]` and `weights [B, N]` with N fixed by the sequence length, so no
 boolean indexing and no host sync. Slots past a row's real count are padding (position 0, weight 0).
@@ -89,7 +89,7 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] 
                 mask_token_id: int, special_token_ids: Union[Sequence[int], torch.Tensor],
                 max_predictions: Optional[int] = None, replacement: bool = False,
                 generator: Optional[torch.Generator] = None, backend: Optional[str] = None):
-    """Choose the positions to predict and mask them (SPEC 1.1).
+    """Choose the positions to predict and mask them.
 
     Args:
         input_ids: `[B, L]` int64/int32 token ids.

@@ -1,6 +1,6 @@
 """Gather hidden states at the masked positions: `[B, L, H]`, `[B, N]` -> `[B, N, H]`; backward scatter-adds.
 
-The generator's LM head runs only at these N slots, never at all L positions (SPEC 1.2).
+The generator's LM head runs only at these N slots, never at all L positions (docs/algorithm.md#generator).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Generator MLM loss and replacement sampling from the same logits (SPEC 1.2-1.3).
+"""Generator MLM loss and replacement sampling from the same logits (docs/algorithm.md#mlm-loss,
+docs/algorithm.md#sampling).
 
 `loss = sum(w * ce) / (sum(w) + 1e-6)`, `sampled = argmax(logits / T + gumbel)`, `correct = argmax(logits) == target`.
 The backward is `(softmax - onehot) * w / (sum(w) + 1e-6)`, recomputed from the saved per-row log-sum-exp

@@ -1,5 +1,6 @@
-"""Discriminator input and labels (SPEC 1.4): scatter the generator's samples into the *original* ids at real
-slots; `is_replaced` is 1 only where the token actually changed (a sample equal to the original is labelled 0).
+"""Discriminator input and labels (docs/algorithm.md#replacement-and-labels): scatter the generator's samples into the
+*original* ids at real slots; `is_replaced` is 1 only where the token actually changed (a sample equal to the original
+is labelled 0).
 """
 from __future__ import annotations
 

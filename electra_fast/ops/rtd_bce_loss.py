@@ -1,4 +1,4 @@
-"""Discriminator loss (SPEC 1.5): sigmoid BCE over every real token, mean over those tokens.
+"""Discriminator loss (docs/algorithm.md#discriminator-loss): sigmoid BCE over every real token, mean over those tokens.
 
 The normaliser is a tensor, `clamp(sum(mask), min=1)`, never `.item()`; an all-padding batch gives loss 0.
 The gradient is computed in the forward pass (it costs one more write of `[B, L]`, and the backward is then a

@@ -1,4 +1,5 @@
-"""Fused discriminator head: the final `dense_prediction` (H -> 1) projection + the RTD loss + accuracy (SPEC 4).
+"""Fused discriminator head: the final `dense_prediction` (H -> 1) projection + the RTD loss + accuracy
+(docs/contracts.md#rtd_head_loss).
 
 `logits = hidden @ weight.T + bias` `[B, L]`, `loss = rtd_bce_loss(logits, labels, attention_mask)`,
 `accuracy = mean over real tokens of ((logits > 0) == labels)`, and on request the counts precision and recall

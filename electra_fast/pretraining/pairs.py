@@ -2,13 +2,13 @@
 transformers checkpoint of its own) plus the pretrainer's settings in `directory/electra_fast.json`. What
 `ElectraPretrainer.save_pretrained` / `from_pretrained` write and read, and `electra-fast export` writes.
 
-Each checkpoint carries its own copy of the shared embeddings (SPEC 3), as the reference's do; the settings file
-records that they are shared, so loading ties them again. With GDES the discriminator's copy is what it reads,
-`shared + delta`: the slim `Discriminator` holds its delta (`electra_fast.model.hf_format`), transformers models
-hold GDES modules, written as plain ones (`electra_fast.model.gdes.plain_embeddings`) and wired again on loading
-with each delta = the discriminator's saved embedding minus the generator's (`sharing.tie_gdes(keep=True)`).
-ELECTRA checkpoints load as the slim models; other architectures (BERT, RoBERTa, DeBERTa-v2) in their own
-transformers classes (`load_pair`).
+Each checkpoint carries its own copy of the shared embeddings (docs/algorithm.md#transformers-checkpoints), as the
+reference's do; the settings file records that they are shared, so loading ties them again. With GDES the
+discriminator's copy is what it reads, `shared + delta`: the slim `Discriminator` holds its delta
+(`electra_fast.model.hf_format`), transformers models hold GDES modules, written as plain ones
+(`electra_fast.model.gdes.plain_embeddings`) and wired again on loading with each delta = the discriminator's saved
+embedding minus the generator's (`sharing.tie_gdes(keep=True)`). ELECTRA checkpoints load as the slim models; other
+architectures (BERT, RoBERTa, DeBERTa-v2) in their own transformers classes (`load_pair`).
 """
 from __future__ import annotations
 

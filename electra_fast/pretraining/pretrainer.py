@@ -204,7 +204,8 @@ class ElectraPretrainer(nn.Module):
     def from_preset(cls, name: str, *, tokenizer=None, vocab_size: Optional[int] = None,
                     mask_token_id: Optional[int] = None, special_token_ids: Optional[Sequence[int]] = None,
                     pad_token_id: Optional[int] = None, gdes: bool = False, **overrides) -> "ElectraPretrainer":
-        """Fresh generator + discriminator with shared embeddings, sized by `PRESETS[name]` (SPEC 2).
+        """Fresh generator + discriminator with shared embeddings, sized by `PRESETS[name]`
+        (docs/algorithm.md#model-sizes).
 
         Token ids: from `tokenizer` (see `tokenizer_ids`: a `tokenizers.Tokenizer`, a transformers tokenizer or a
         path), which also sets `vocab_size`; or given explicitly (`mask_token_id`, `special_token_ids`,
@@ -249,8 +250,8 @@ class ElectraPretrainer(nn.Module):
         """`directory/discriminator/` and `directory/generator/` in transformers format, plus our settings
         (`electra_fast.pretraining.pairs`).
 
-        Each checkpoint carries its own copy of the shared embeddings (SPEC 3); the settings file records that
-        they are shared, so `from_pretrained` ties them again."""
+        Each checkpoint carries its own copy of the shared embeddings (docs/algorithm.md#transformers-checkpoints); the
+        settings file records that they are shared, so `from_pretrained` ties them again."""
         pairs.save_pair(self.generator, self.discriminator, directory, self.settings())
 
     @classmethod

@@ -1,4 +1,4 @@
-"""One ELECTRA replaced-token-detection step (SPEC section 1), as a function over two models.
+"""One ELECTRA replaced-token-detection step (docs/algorithm.md), as a function over two models.
 
 mask_tokens -> generator encoder over the masked ids -> masked_gather at the N slots -> LM head at the slots only
 -> mlm_loss_and_sample (loss, samples; fused with the head's projection for slim generators) -> replace_tokens

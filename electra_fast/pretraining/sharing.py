@@ -92,9 +92,9 @@ def _retie(g: Adapter, old_word: nn.Module, new_word: nn.Module) -> None:
 
 
 def tie_embeddings(generator, discriminator) -> list:
-    """Tie the generator's embedding modules (word, position, token type, LayerNorm) to the discriminator's, in
-    place, as ELECTRA does (SPEC 1); the generator's LM head stays tied to the (now shared) word embeddings. Returns
-    the keys shared.
+    """Tie the generator's embedding modules (word, position, token type, LayerNorm) to the discriminator's, in place,
+    as ELECTRA does (docs/algorithm.md#embedding-sharing); the generator's LM head stays tied to the (now shared) word
+    embeddings. Returns the keys shared.
 
     The generator's own embedding weights are dropped: build the optimizer afterwards. Slim and transformers'
     ELECTRA models: all four or an error naming the field or the shapes that differ. Other transformers models: the

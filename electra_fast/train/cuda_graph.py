@@ -3,7 +3,7 @@ CUDA graphs, so the host only copies the batch in and launches.
 
 Why explicit capture rather than `torch.compile(mode="reduce-overhead")`: the embeddings that the generator and
 discriminator share made the cudagraph trees of reduce-overhead fail ("accessing tensor output of CUDAGraphs that
-has been overwritten", SPEC 5), and a graph that also holds the backward and the optimizer removes every launch
+has been overwritten"), and a graph that also holds the backward and the optimizer removes every launch
 of the step, which is what the launch-bound small model needs. `TrainStep(compile=True)` compiles the forward
 inside the captured step (the two can be measured apart).
 

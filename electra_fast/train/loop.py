@@ -1,10 +1,10 @@
 """The pretraining loop: data -> `ElectraPretrainer` steps -> metrics, checkpoints, a transformers export.
 
-Optimisation as the reference (SPEC 2): AdamW (0.9, 0.999, eps 1e-6; `optimizer="electra_adam"`: the reference's
-update without bias correction), weight decay 0.01 except LayerNorm and biases, gradient-norm clip 1.0,
-LR = peak * min(1, step / warmup) * (1 - step / steps). Each step is an `electra_fast.train.step.TrainStep` (no host
-sync: LR, skip of non-finite steps and metrics live on the device), on CUDA in one process replayed from CUDA
-graphs; batches are gathered and copied ahead by `data.Prefetcher`.
+Optimisation as the reference (docs/algorithm.md#optimizer-and-schedule): AdamW (0.9, 0.999, eps 1e-6;
+`optimizer="electra_adam"`: the reference's update without bias correction), weight decay 0.01 except LayerNorm and
+biases, gradient-norm clip 1.0, LR = peak * min(1, step / warmup) * (1 - step / steps). Each step is an
+`electra_fast.train.step.TrainStep` (no host sync: LR, skip of non-finite steps and metrics live on the device), on CUDA
+in one process replayed from CUDA graphs; batches are gathered and copied ahead by `data.Prefetcher`.
 
 Multi-process runs come from `torchrun` (the environment names rank and world size): DDP by default, FSDP2
 (`fully_shard`) with `fsdp=True`; each rank reads its own part of every global batch (`data.BatchPlan`), and
