@@ -57,7 +57,7 @@ later process finds the same build.
 resolution (the torch reference for every op) instead of the GPU's, the build stage saying why nothing is built,
 pytest in one process (the `cuda` tests are collected and skipped), and a pretrain of 2000 tiny steps, more than a
 CPU runs in that stage's smoke budget: a smoke run always shows a stage cut, with the metrics it logged before the
-cut. CI runs it so, on a few stages (tests/test_validate_gpu.py).
+cut. CI runs it so, on a few stages (tests/bench/test_validate_gpu.py).
 """
 from __future__ import annotations
 

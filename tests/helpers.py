@@ -8,12 +8,47 @@ from unittest import mock
 import pytest
 import torch
 
+from conftest import TRITON_DEVICE
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
+PAD, CLS, SEP, MASK = 0, 1, 2, 3
+SPECIAL = (PAD, CLS, SEP, MASK)
+
 
 # Kernel tiles small enough that the tests' tiny shapes span several of them, with a partial last one.
 SMALL_TILES = {"mlm_loss_and_sample": {"BLOCK_V": 8, "BLOCK_BWD": 16},
                "masked_gather": {"BLOCK_H": 4, "SCATTER_BLOCK_H": 4, "DUP_CHUNK": 2},
                "replace_tokens": {"BLOCK_L": 4}, "rtd_bce_loss": {"BLOCK": 16},
                "rtd_head_loss": {"TILE_ELEMS": 16, "BWD_TILE_ELEMS": 32}, "varlen_plan": {"BLOCK_L": 16}}
+
+
+def kernel(name: str):
+    """The Triton kernels' module `electra_fast.kernels.<name>`, imported when a test needs it (it imports triton,
+    which a file of torch tests as well must not need at collection)."""
+    return importlib.import_module(f"electra_fast.kernels.{name}")
+
+
+def rand(*shape, dtype=torch.float32, scale=1.0, device=TRITON_DEVICE):
+    """Normal random test data (times `scale`, in `dtype`) where the tiny-shape Triton tests run."""
+    return (torch.randn(*shape, device=device) * scale).to(dtype)
+
+
+def padded(real, width, value=1e4):
+    """`real` [M, V] widened to [M, width] with `value` in the padded columns: a leak of the padding shows."""
+    pad = torch.full((real.shape[0], width - real.shape[1]), value, device=real.device, dtype=real.dtype)
+    return torch.cat([real, pad], 1)
+
+
+def make_batch(b=6, seq_len=40, vocab=50, lengths=None):
+    """[CLS] tokens [SEP] [PAD]...; lengths per row (real tokens incl. specials)."""
+    lengths = lengths or [int(x) for x in torch.randint(3, seq_len + 1, (b,))]
+    ids = torch.full((b, seq_len), PAD, dtype=torch.int64)
+    mask = torch.zeros((b, seq_len), dtype=torch.int64)
+    for r, n in enumerate(lengths):
+        ids[r, :n] = torch.randint(4, vocab, (n,))
+        ids[r, 0], ids[r, n - 1] = CLS, SEP
+        mask[r, :n] = 1
+    return ids, mask
 
 
 def use_small_tiles(monkeypatch, kernels=tuple(SMALL_TILES)):
@@ -23,6 +58,33 @@ def use_small_tiles(monkeypatch, kernels=tuple(SMALL_TILES)):
         for attr, value in SMALL_TILES[name].items():
             monkeypatch.setattr(module, attr, value)
     return module
+
+
+def sized_for(device, monkeypatch):
+    """A test at ELECTRA sizes on a GPU, run by its twin at tiny sizes in the interpreter: there the tiles shrunk so
+    the tiny shapes still span several, with a partial last one."""
+    if device == "cpu":
+        use_small_tiles(monkeypatch)
+
+
+# ELECTRA's small and base batches (b, seq_len, hidden) and vocabulary on a GPU; the twins' in the interpreter, with
+# enough padding that slots repeat position 0.
+ELECTRA_SHAPES = {"small": {"cpu": (2, 32, 8), "cuda": (128, 128, 256)},
+                  "base": {"cpu": (2, 40, 12), "cuda": (64, 512, 768)}}
+ELECTRA_VOCAB = {"cpu": 37, "cuda": 30522}
+
+
+def masked_batch(device, shape):
+    """Token ids of an ELECTRA_SHAPES batch on `device`, the first half of its rows padded from their middle, masked
+    as a step masks them: (ids, attention_mask, positions, weights)."""
+    b, seq_len, _ = ELECTRA_SHAPES[shape][device]
+    ids = torch.randint(5, ELECTRA_VOCAB[device], (b, seq_len), device=device)
+    am = torch.ones_like(ids)
+    am[: b // 2, seq_len // 2:] = 0
+    from electra_fast import ops
+
+    _, pos, w = ops.mask_tokens(ids, am, mask_token_id=103, special_token_ids=(0, 1, 2, 3, 103))
+    return ids, am, pos, w
 
 
 def chi2_critical(df, z=3.29):
@@ -145,3 +207,91 @@ def use_sampler(monkeypatch, backend: str, sampler: str) -> None:
     public ops read it through `electra_fast.options.env_sampler` at each call; the torch reference has one only)."""
     if backend != "torch" and sampler is not None:
         monkeypatch.setenv("ELECTRA_FAST_SAMPLER", sampler)
+
+
+# ---------------------------------------------------------------- the CUDA C++ backend's tests and their CPU twins
+
+def cuda_seed(device="cuda"):
+    return torch.randint(0, 2**63 - 1, (1,), device=device, dtype=torch.int64)  # as draw_seed: all 64 bits used
+
+
+def by_device(device, gpu, cpu):
+    """The sizes of a test on `device`: `gpu`'s on CUDA, `cpu`'s on its twin."""
+    return gpu if device == "cuda" else cpu
+
+
+def poison_cuda_allocator(nbytes, device):
+    """Leave freed blocks of 0xFF bytes (NaN for floats, -1 for ints, True for bools) in both pools of the caching
+    allocator (blocks up to 1 MiB, and larger ones), so an output element a kernel fails to write shows up
+    instead of reading as a lucky zero. The kernels' outputs are allocated inside the ops, out of reach. The CPU
+    has no caching allocator (and the reference writes every element it returns)."""
+    if device != "cuda":
+        return
+    for size in (1 << 20, max(int(nbytes), 2 << 20)):
+        torch.full((size,), 0xFF, dtype=torch.uint8, device="cuda")
+
+
+def assert_close_to_fp64(got, want, dtype, what):
+    """`got` (any dtype) against an fp64 oracle, to the precision of one rounding to `dtype` of an fp32 result."""
+    rtol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    scale = want.abs().max().item() if want.numel() else 1.0
+    subnormal_step = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps  # fp16 grads ~1e-8 land there
+    # Computed in fp32, an element that nearly cancels keeps fp32's error of the largest terms, not a relative one:
+    # softmax - onehot at a target of probability ~1 (V = 7) is off by ~eps32 * |logit| * scale.
+    atol = max(rtol * 1e-2 * scale, 16 * torch.finfo(torch.float32).eps * scale, subnormal_step)
+    torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=atol, msg=what)
+
+
+def mlm_inputs(m, v, dtype, width=None, device="cuda"):
+    """Logits [m, width] whose first v columns are the vocabulary; the padding holds NaN, which must never leak."""
+    logits = torch.full((m, width or v), float("nan"), device=device, dtype=dtype)
+    logits[:, :v] = (torch.randn(m, v, device=device) * 3).to(dtype)
+    targets = half_at_argmax(logits[:, :v])  # `correct` exercised both ways (and its tie rule in 16-bit)
+    weights = (torch.rand(m, device=device) > 0.1).float()
+    return logits, targets, weights
+
+
+def gumbel_draw(backend, logits, generator, temperature, v, disallow=None):
+    """What the Gumbel sampler of `backend` draws from `logits[:, :v]` with `generator` as the op would take it:
+    argmax(logits / T + g) with the backend's own noise, replayed (the CUDA kernel's from the seed it draws, the
+    reference's from the uniforms it draws)."""
+    from electra_fast.csrc import gumbel_sample as cu_gumbel
+    from electra_fast.ops._backend import draw_seed, uniform
+    from electra_fast.ops.gumbel_sample import disallow_ids, gumbel_scores
+
+    m, width = logits.shape
+    if backend == "cuda":
+        seed = draw_seed(logits.device, generator)
+        scores = logits[:, :v].float() / temperature + cu_gumbel.gumbel_noise(seed, m, width)[:, :v]
+    else:
+        scores = gumbel_scores(logits[:, :v], uniform((m, v), logits.device, generator), temperature)
+    if disallow is not None:
+        scores = disallow_ids(scores, disallow)
+    return scores.argmax(1)
+
+
+# ---------------------------------------------------------------- each public op with valid defaults (error tests)
+
+def call_mlm(logits=None, targets=None, weights=None, **kw):
+    from electra_fast import ops
+
+    logits = torch.randn(3, 5) if logits is None else logits
+    targets = torch.tensor([0, 4, 2]) if targets is None else targets
+    return ops.mlm_loss_and_sample(logits, targets, torch.ones(3) if weights is None else weights, **kw)
+
+
+def call_gumbel(logits=None, **kw):
+    from electra_fast import ops
+
+    return ops.gumbel_sample(torch.randn(3, 5) if logits is None else logits, **kw)
+
+
+def call_lm_head(hidden=None, weight=None, bias=None, targets=None, weights=None, **kw):
+    from electra_fast import ops
+
+    return ops.lm_head_loss_and_sample(torch.randn(3, 4) if hidden is None else hidden,
+                                       torch.randn(6, 4) if weight is None else weight,
+                                       torch.randn(6) if bias is None else bias,
+                                       torch.tensor([0, 5, 2]) if targets is None else targets,
+                                       torch.ones(3) if weights is None else weights, **kw)
+

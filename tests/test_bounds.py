@@ -1,5 +1,5 @@
-"""Every Triton kernel stays inside its buffers (issue 12.7: a segfault was seen once in the interpreter; the
-dispatcher crashes that followed came from a second import of the kernels, see tests/test_kernels_triton.py).
+"""Every Triton kernel stays inside its buffers (a segfault was seen once in the interpreter; the dispatcher
+crashes that followed came from a second import of the kernels).
 
 Two independent checks, run in the Triton interpreter (`TRITON_INTERPRET=1`, where a stray access reads or writes
 whatever the process has at that address: garbage, a corrupted heap that crashes a later test, or a segfault):
@@ -9,9 +9,9 @@ whatever the process has at that address: garbage, a corrupted heap that crashes
 - every tensor given to an op lives inside a larger buffer whose guard regions before and after are filled with a
   byte pattern; the guards are checked after the op (the launchers' own outputs are plain allocations: a custom op
   must not return views of a larger buffer; the interception covers their accesses).
-Tiny shapes and the shrunken blocks of tests/test_kernels_triton.py, so every loop has a partial last tile.
-Loaded as a plugin (see `pytest_configure`), the first check covers any other interpreter test run, e.g. all of
-tests/test_kernels_triton.py.
+Tiny shapes and the shrunken tiles of the op tests (conftest's `small_tiles`), so every loop has a partial last
+tile. Loaded as a plugin (see `pytest_configure`), the first check covers any other interpreter test run, e.g. all of
+tests/ops/.
 """
 import os
 
@@ -29,7 +29,9 @@ import triton.language as tl  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 
 from electra_fast import ops  # noqa: E402
-from test_kernels_triton import K, small_blocks  # noqa: E402,F401  (the shrunken-block fixture, autouse)
+from helpers import kernel  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("small_tiles")
 
 GUARD = 64         # elements of guard before and after every buffer
 PATTERN = 0xA5     # guard byte
@@ -189,7 +191,7 @@ def test_masked_gather_in_bounds(bounds):
     assert grad.shape == hidden.shape
     # Positions outside [0, L) (the op rejects them; the kernel entry does not check) read nothing out of bounds.
     wild = bounds.guarded(torch.tensor([[-3, 7, 2], [1 << 40, 0, -1]]))
-    out = K["masked_gather"].masked_gather(hidden, wild)
+    out = kernel("masked_gather").masked_gather(hidden, wild)
     torch.autograd.grad(out, hidden, rand(bounds, *out.shape))
     assert torch.equal(out[0, 2], hidden[0, 2]) and torch.equal(out[1, 1], hidden[1, 0])
     assert not out[0, :2].any() and not out[1, 0].any() and not out[1, 2].any()
@@ -237,7 +239,7 @@ def test_replace_tokens_in_bounds(bounds):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("label_dtype, mask_dtype", [(torch.bool, torch.bool), (torch.float32, torch.int64)])
 def test_rtd_bce_in_bounds(bounds, dtype, label_dtype, mask_dtype):
-    # The shapes of test_kernels_triton.py::test_rtd_bce_matches_reference (45 tokens, blocks of 16), and more.
+    # The shapes of tests/ops/test_rtd_bce_loss.py::test_triton_matches_reference (45 tokens, blocks of 16), and more.
     for b, seq_len in ((5, 9), (1, 1), (3, 16), (2, 0)):
         logits = rand(bounds, b, seq_len, dtype=dtype, scale=4).requires_grad_()
         labels = bounds.guarded((torch.rand(b, seq_len) > 0.6).to(label_dtype))

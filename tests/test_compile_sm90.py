@@ -1,4 +1,4 @@
-"""Every Triton kernel compiled for sm_90 as the real launches specialise it, without a GPU (issue 9.1).
+"""Every Triton kernel compiled for sm_90 as the real launches specialise it, without a GPU.
 
 tests/sm90.py records the launches of the public ops at ELECTRA-small and -base shapes (nothing runs), compiles each
 distinct specialisation for sm_90 and reads the cubin with cuobjdump; it runs in a subprocess without

@@ -43,33 +43,39 @@ def elsewhere(test, sizes=(), **cpu):
     return Twin(cpu, test, tuple(sizes))
 
 
-KC, CB, CS, AT, SE, RS = ("tests/test_kernels_cuda.py", "tests/test_cuda_backend.py", "tests/test_cuda_step.py",
-                          "tests/test_attention.py", "tests/test_seeds.py", "tests/test_real_size.py")
+OPS, RS = "tests/ops", "tests/test_real_size.py"
+CS, AT = "tests/train/test_cuda_step.py", "tests/model/test_attention.py"
+MLM, GS, GSD = f"{OPS}/test_mlm_loss_and_sample_gpu.py", f"{OPS}/test_gumbel_sample.py", \
+    f"{OPS}/test_gumbel_sample_distribution.py"
+MG, RT, BCE, HEAD, BK = (f"{OPS}/test_{op}.py" for op in ("masked_gather", "replace_tokens", "rtd_bce_loss",
+                                                         "rtd_head_loss", "backends"))
 MAP = {
     # The Triton kernels at ELECTRA sizes: the same bodies in the interpreter at tiny sizes; the full-vocabulary
     # sampling test with the reference in the kernels' place (the interpreter would take minutes over the draws).
-    f"{KC}::test_mlm_loss_and_sample_real_sizes": on_cpu(device="cpu"),
-    f"{KC}::test_sampling_distribution_at_full_vocabulary": on_cpu(backend="torch", sampler=None),
-    f"{KC}::test_gather_replace_at_electra_shapes": on_cpu(device="cpu"),
-    f"{KC}::test_bce_and_head_at_electra_shapes": on_cpu(device="cpu"),
-    f"{KC}::test_cuda_graph_replays_draw_fresh_samples_and_follow_manual_seed": on_cpu(device="cpu"),
+    **{name: on_cpu(device="cpu") for name in (
+        f"{MLM}::test_triton_at_electra_sizes_matches_fp64", f"{MG}::test_triton_at_electra_shapes",
+        f"{RT}::test_triton_at_electra_shapes", f"{BCE}::test_triton_at_electra_shapes",
+        f"{HEAD}::test_triton_at_electra_shapes",
+        f"{GS}::test_triton_cuda_graph_replays_draw_fresh_samples_and_follow_manual_seed")},
+    f"{GSD}::test_sampling_distribution_at_full_vocabulary": on_cpu(backend="torch", sampler=None),
     # The CUDA C++ backend: the same bodies with the reference on the CPU (parity tests: reference vs interpreter).
-    **{f"{CB}::{name}": on_cpu(backend="torch") for name in (
-        "test_gumbel_sample_matches_reference", "test_cdf_sampling_across_warps_and_tiles",
-        "test_samples_follow_torch_seed", "test_masked_gather_and_scatter_match_reference",
-        "test_replace_tokens_matches_reference", "test_rtd_bce_matches_reference",
-        "test_rtd_bce_without_real_tokens_is_zero", "test_mlm_without_real_slots_is_zero",
-        "test_cuda_graph_replays_draw_fresh_samples")},
-    **{f"{CB}::{name}": on_cpu(backend="torch", sampler=None) for name in (
-        "test_mlm_loss_and_sample_matches_reference", "test_sampling_distribution")},
-    **{f"{CB}::{name}": on_cpu(pair=("torch", "triton")) for name in (
-        "test_mlm_parity_with_triton", "test_other_ops_parity_with_triton")},
-    f"{CB}::test_torch_compile_fullgraph": elsewhere("tests/test_ops_compile.py::test_chain_compiles_fullgraph_and_"
-                                                     "matches_eager", sizes=("compiler",), backend="torch"),
-    f"{CB}::test_opcheck": elsewhere(f"{CB}::test_fake_kernels_and_autograd_wiring_on_meta"),
-    f"{CB}::test_row_offsets_beyond_int32": NoTwin(
+    **{name: on_cpu(backend="torch") for name in (
+        f"{GS}::test_matches_reference", f"{GSD}::test_cdf_sampling_across_warps_and_tiles",
+        f"{GS}::test_samples_follow_torch_seed", f"{MG}::test_gather_and_scatter_match_reference",
+        f"{RT}::test_matches_definition", f"{BCE}::test_matches_reference", f"{BCE}::test_without_real_tokens_is_zero",
+        f"{MLM}::test_without_real_slots_is_zero", f"{GS}::test_cuda_graph_replays_draw_fresh_samples")},
+    **{name: on_cpu(backend="torch", sampler=None) for name in (
+        f"{MLM}::test_matches_reference", f"{GSD}::test_sampling_distribution")},
+    **{f"{test}::test_parity_with_triton": on_cpu(pair=("torch", "triton")) for test in (MLM, MG, BCE, RT)},
+    "tests/test_ops_compile.py::test_cuda_kernel_entries_compile_fullgraph_and_match_eager": elsewhere(
+        "tests/test_ops_compile.py::test_chain_compiles_fullgraph_and_matches_eager", sizes=("compiler",),
+        backend="torch"),
+    # Each op's opcheck of its CUDA custom ops: the fake kernels and autograd wiring of those ops on meta tensors.
+    **{f"{OPS}/test_{op}.py::test_opcheck": elsewhere(f"{BK}::test_cuda_fake_kernels_and_autograd_wiring_on_meta")
+       for op in ("mlm_loss_and_sample", "gumbel_sample", "masked_gather", "replace_tokens", "rtd_bce_loss")},
+    f"{MLM}::test_cuda_row_offsets_beyond_int32": NoTwin(
         "int32 offsets wrap only past 2^31 logits (8+ GiB of bf16 on the GPU); the reference indexes in int64"),
-    f"{CB}::test_backend_is_listed_on_cuda": elsewhere(f"{CB}::test_backend_cuda_on_cpu_tensors_raises"),
+    f"{BK}::test_backend_is_listed_on_cuda": elsewhere(f"{BK}::test_backend_cuda_on_cpu_tensors_raises"),
     # The training step: eager on the CPU where the GPU captures it in CUDA graphs.
     **{f"{CS}::{name}": on_cpu(device="cpu") for name in (
         "test_bf16_step_is_finite_and_close_to_fp32", "test_cuda_graph_step_with_dropout_takes_flash_varlen_and_trains",
@@ -78,12 +84,12 @@ MAP = {
     # CUDAGraphStep checks the LR before the optimizer, and only a CUDA tensor passes that check; the LR refusals
     # that come first are the CPU's.
     f"{CS}::test_cuda_graph_step_requires_capturable_optimizer": elsewhere(
-        "tests/test_train_step.py::test_cuda_graph_step_refuses_a_float_lr_and_says_how_to_pass_a_tensor"),
+        "tests/train/test_train_step.py::test_cuda_graph_step_refuses_a_float_lr_and_says_how_to_pass_a_tensor"),
     # Attention: FlexAttention eagerly and flash's branch with a CPU stand-in for its kernel (flash_on_cpu).
     f"{AT}::test_gpu_paths_match_naive_masked_softmax": on_cpu(device="cpu"),
     f"{AT}::test_encoder_default_path_matches_sdpa_eager_and_compiled": on_cpu(device="cpu"),
     f"{AT}::test_varlen_flash_dropout_is_unbiased": on_cpu(device="cpu"),
-    f"{SE}::test_seed_high_word_changes_draws": on_cpu(backend="triton", device="cpu"),
+    f"{GS}::test_seed_high_word_changes_draws": on_cpu(backend="triton", device="cpu"),
     # Real-size correctness of the default path: the same bodies in the interpreter at tiny shapes.
     f"{RS}::test_mlm_loss_and_sample_matches_fp64": on_cpu(device="cpu", sizes=("m", "v", "width")),
     f"{RS}::test_lm_head_loss_and_sample_matches_fp64": on_cpu(device="cpu", sizes=("m", "e", "v", "width",
@@ -97,7 +103,9 @@ MAP = {
 def _whole_suite_collected(items, skipped_modules) -> bool:
     files = {os.path.relpath(str(i.path), ROOT).replace(os.sep, "/") for i in items}
     files |= {nodeid.split("::")[0] for nodeid in skipped_modules}
-    wanted = {f"tests/{name}" for name in os.listdir(TESTS) if name.startswith("test_") and name.endswith(".py")}
+    wanted = {os.path.relpath(os.path.join(folder, name), ROOT).replace(os.sep, "/")
+              for folder, _, names in os.walk(TESTS) for name in names
+              if name.startswith("test_") and name.endswith(".py")}
     return wanted <= files
 
 

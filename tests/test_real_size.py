@@ -6,7 +6,7 @@ and 5056 (base) slots of a vocabulary padded to W = 30592 (8 column tiles, 8 war
 and 768 over several row chunks, dropout + residual + LayerNorm at 256 / 768 / 1024 columns, the masking at L = 512
 and the variable-length attention at base dims (L = 512, 12 heads of 64), all in bf16 against fp64 oracles computed
 here from the upcast inputs with plain torch. Samples are checked for support and, statistically, against the fp64
-softmax (the exact distribution tests are tests/test_kernels_triton.py's).
+softmax (the exact distribution tests are tests/ops/test_gumbel_sample_distribution.py's).
 
 Every test has a CPU twin: the same body at tiny shapes through the Triton kernel in the interpreter
 (`TRITON_INTERPRET=1`, tiles shrunk so that the same loops, chunks and partial tails run), which proves the test's
@@ -23,7 +23,7 @@ from electra_fast.model.attention import VarlenMask, padding_mask
 from electra_fast.ops import _backend
 from conftest import gpu_param, interpreter_param
 from helpers import chi2_critical, half_at_argmax, use_small_tiles
-from test_attention import flash_on_cpu, lengths_mask, naive_attention, run_attend  # noqa: F401  (a fixture)
+from attention_oracles import lengths_mask, naive_attention, run_attend
 
 BF16 = torch.bfloat16
 
@@ -332,7 +332,7 @@ def test_varlen_attention_matches_fp64(poison, request, monkeypatch, device, len
     """The "auto" attention of a padded bf16 batch: the plan (Triton), real tokens packed first, flash's
     variable-length kernel, unpacked; values and gradients at the real tokens against a naive fp64 masked softmax.
     The CPU twin runs the plan in the interpreter and the same `aten::_flash_attention_forward` call, served by
-    tests/test_attention.py's fp64 CPU kernels."""
+    tests/attention_oracles.py's fp64 CPU kernels."""
     n = max(lengths)
     if device == "cuda":
         assert _backend.resolve("varlen_plan", None, torch.device("cuda"))[0] == "triton"

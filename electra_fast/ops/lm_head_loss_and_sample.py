@@ -12,7 +12,7 @@ accumulation dtype and the fp32 sampling noise, reused in place for the log-soft
 Triton backend: one logits buffer in the input dtype), and the default chunks are the fewest equal ones whose
 temporaries fit about `CHUNK_BYTES` (rounded up to a multiple of 8 rows). The peak is those buffers plus the fp32
 `[W, E]` gradient accumulator (then, in the backward, the gradients): under 40% of one `[M, V]` fp32 buffer in fp32
-at ELECTRA-small and -base sizes (tests/test_lm_head.py measures it at the default).
+at ELECTRA-small and -base sizes (tests/ops/test_lm_head_loss_and_sample_chunking.py measures it at the default).
 
 Samples equal the unfused op's for the same RNG state whenever the chunk logits equal the unfused logits' rows
 (always when the matmul is exact; BLAS may round a row differently at another shape): the Triton backend's

@@ -1,5 +1,5 @@
 """The background batch pipeline (`electra_fast.data.prefetch.Prefetcher`): same batches, same order, errors
-surface, early stop ends the thread. (The CUDA copy path runs in tests/test_cuda_step.py's GPU tests.)"""
+surface, early stop ends the thread. (The CUDA copy path runs in tests/train/test_cuda_step.py's GPU tests.)"""
 import threading
 import time
 

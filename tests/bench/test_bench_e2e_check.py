@@ -9,7 +9,9 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from helpers import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import bench_e2e  # noqa: E402
 import electra_fast.pretraining.rtd_step as pretrainer  # noqa: E402

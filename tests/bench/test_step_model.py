@@ -1,4 +1,4 @@
-"""The CPU step model (benchmarks/step_model.py, issue 9.4): the launch budget of our eager small step, and its
+"""The CPU step model (benchmarks/step_model.py): the launch budget of our eager small step, and its
 counters checked against independent oracles (matmul FLOP formulas, the MFU formula of bench_e2e, CUDA's
 multi_tensor_apply rule)."""
 import os
@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch.utils.module_tracker import ModuleTracker
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from helpers import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import bench_e2e  # noqa: E402
 import step_model  # noqa: E402

@@ -16,6 +16,7 @@ from electra_fast.data import (BatchPlan, ExampleBuilder, LineReader, Pretrainin
                                load_tokenizer, open_training_data, prepare, prepare_text, read_index, save_tokenizer,
                                special_ids, train_tokenizer)
 from electra_fast.errors import InputError, lock_directory  # noqa: E402
+from helpers import ROOT  # noqa: E402
 
 CLS, SEP = 2, 3
 
@@ -234,9 +235,8 @@ def killed_prepare(tok, out, tmp_path):
     """Run a preparation into `out` in another process and SIGKILL it halfway (shards written, input left)."""
     (tmp_path / "lines.txt").write_text("\n".join(LINES), encoding="utf-8")
     save_tokenizer(tok, str(tmp_path / "tok"))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", KILLED_PREPARE, str(tmp_path / "lines.txt"), out,
-                           str(tmp_path / "tok")], env={**os.environ, "PYTHONPATH": root}, capture_output=True,
+                           str(tmp_path / "tok")], env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True,
                           timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     (tmp,) = temp_dirs(out)
@@ -341,3 +341,20 @@ def test_batch_plan_errors():
         BatchPlan(100, 10, world_size=4)
     with pytest.raises(InputError, match="fewer than one batch"):
         BatchPlan(5, 8)
+
+
+def test_loader_omits_the_mask_of_full_batches(dataset):
+    from electra_fast.data import PretrainingData
+
+    data = PretrainingData(dataset)
+    every = data.gather(np.arange(len(data)))
+    full = every["attention_mask"].all(1).numpy()
+    assert full.any() and not full.all()  # packed data: mostly full rows, some short ones
+    rows_full, rows_padded = np.nonzero(full)[0][:4], np.nonzero(~full)[0][:1]
+    batch = data.gather(rows_full, omit_full_mask=True)
+    assert "attention_mask" not in batch
+    torch.testing.assert_close(batch["input_ids"], every["input_ids"][rows_full])
+    mixed = np.concatenate([rows_full, rows_padded])
+    batch = data.gather(mixed, omit_full_mask=True)
+    torch.testing.assert_close(batch["attention_mask"], every["attention_mask"][mixed])
+    assert "attention_mask" in data.gather(rows_full)  # the default keeps it

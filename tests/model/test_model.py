@@ -19,7 +19,7 @@ def tiny_config(**changes):
 
 
 def test_presets_follow_the_reference_table():
-    # SPEC section 2: (hidden, layers, heads, FFN, embedding, gen hidden/heads/FFN, batch, seq, lr, mask)
+    # docs/algorithm.md#model-sizes: (hidden, layers, heads, FFN, embedding, gen hidden/heads/FFN, batch, seq, lr, mask)
     table = {"small": (256, 12, 4, 1024, 128, 64, 1, 256, 128, 128, 5e-4, 0.15),
              "base": (768, 12, 12, 3072, 768, 256, 4, 1024, 256, 512, 2e-4, 0.15),
              "large": (1024, 24, 16, 4096, 1024, 256, 4, 1024, 2048, 512, 2e-4, 0.25)}

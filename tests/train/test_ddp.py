@@ -14,11 +14,10 @@ pytest.importorskip("tokenizers")
 
 from electra_fast.io.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
 from electra_fast.train.loop import TrainConfig, train  # noqa: E402
-from helpers import read_metrics  # noqa: E402
+from helpers import ROOT, read_metrics  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Each rank trains, then records its final parameters and every example index it read.
 WORKER = r"""

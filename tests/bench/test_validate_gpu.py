@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
+
 SCRIPT = os.path.join(ROOT, "benchmarks", "validate_gpu.py")
 STATUS = re.compile(r"^(ok|failed: .+|cut at \d+ s.*|skipped: .+)$")
 

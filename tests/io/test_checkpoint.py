@@ -22,9 +22,8 @@ from electra_fast.cli import main  # noqa: E402
 from electra_fast.errors import InputError, lock_directory  # noqa: E402
 from electra_fast.train.loop import TrainConfig, train  # noqa: E402
 import helpers  # noqa: E402
-from helpers import train_killed_at  # noqa: E402
+from helpers import ROOT, train_killed_at  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOLATILE = ("tokens_per_s",)  # differs between two runs of the same steps
 
 

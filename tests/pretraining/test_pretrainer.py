@@ -212,7 +212,8 @@ def test_from_preset_options():
 
 def test_reference_masking_step_and_its_setting_saved(tmp_path):
     """masking="reference": the slots are drawn with replacement (tiny rows: duplicates all but certain), and the
-    discriminator's ids are the reference's scatter_update of the samples (tests/test_fuzz_ops.py checks that op)."""
+    discriminator's ids are the reference's scatter_update of the samples (tests/fuzz/test_fuzz_gather_replace.py
+    checks that op)."""
     model = ElectraPretrainer.from_preset("tiny", vocab_size=V, **IDS, masking="reference", mask_prob=0.5,
                                           num_hidden_layers=1)
     ids = torch.randint(5, V, (16, 8))

@@ -1,23 +1,22 @@
-"""Attention paths (electra_fast.model.attention, issue 11.2) and the encoder layer's launch diet (electra_fast.model.layers,
-issue 11.3), against independent oracles: a naive masked softmax, the padding invariance of the encoder (a padded
-row gives the outputs of the same row run alone, unpadded, without any mask), FlexAttention's own
-`create_block_mask`, numpy's stable sort, a per-sequence loop standing in for flash's variable-length kernel on
-the CPU (its contract: sequences at cu_seqlens), the kernel's own schema and meta functions, and plain per-tensor
-casts."""
+"""Attention paths (electra_fast.model.attention) and the encoder layer's launch diet (electra_fast.model.layers),
+against independent oracles: a naive masked softmax, the padding invariance of the encoder (a padded row gives the
+outputs of the same row run alone, unpadded, without any mask), FlexAttention's own `create_block_mask`, a
+per-sequence loop standing in for flash's variable-length kernel on the CPU (its contract: sequences at cu_seqlens;
+tests/attention_oracles.py), the kernel's own schema and meta functions, and plain per-tensor casts. The varlen
+plan that packs the tokens is an op: tests/ops/test_varlen_plan.py."""
 import collections
 
-import numpy as np
 import pytest
 import torch
 from torch.nn.attention.flex_attention import create_block_mask
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import electra_fast.model.attention as attention
+from attention_oracles import FLASH_CALLS, lengths_mask, naive_attention, run_attend
 from conftest import gpu_param
-from electra_fast.model.attention import (VarlenMask, attend, attention_bias, flash_varlen_supported,
-                                      padding_block_mask, padding_mask, varlen_mask)
+from electra_fast.model.attention import (VarlenMask, attention_bias, flash_varlen_supported, padding_block_mask,
+                                          padding_mask, varlen_mask)
 from electra_fast.model.layers import autocast_parameters
-from electra_fast.ops import varlen_plan
 from electra_fast.model import Discriminator, ElectraModelConfig
 from electra_fast.model.encoder import EncoderLayer
 
@@ -28,93 +27,6 @@ TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2
 def use_attention(model, impl):
     """The slim model's attention path: the `attention` of its config's kernel options."""
     model.config = model.config.replace(options=model.config.options.replace(attention=impl))
-
-
-def lengths_mask(lengths, n):
-    return (torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]).long()
-
-
-def naive_attention(q, k, v, mask):
-    """softmax(q k^T / sqrt(d)) v over the real keys only, in fp64; `[B, L, heads, D]` in and out."""
-    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))
-    s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
-    s = s.masked_fill(mask[:, None, None, :] == 0, float("-inf"))
-    return (s.softmax(-1) @ v).transpose(1, 2)
-
-
-def segments(cu_seqlens, max_len):
-    """Flash's variable-length contract: `[total, heads, D]` tokens cut into sequences at cu_seqlens."""
-    bounds = cu_seqlens.tolist()
-    assert cu_seqlens.dtype == torch.int32 and cu_seqlens.is_contiguous()
-    assert bounds == sorted(bounds) and max(b - a for a, b in zip(bounds, bounds[1:])) <= max_len
-    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
-
-
-FLASH_CALLS = collections.Counter()
-
-
-def flash_forward_cpu(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, return_debug_mask, **kwargs):
-    """A CPU kernel for `aten::_flash_attention_forward`, variable-length form only, without dropout: softmax
-    attention per sequence in fp64, with the outputs the real kernel has (out, logsumexp [heads, total], ...)."""
-    FLASH_CALLS["forward"] += 1
-    assert torch.equal(cu_q, cu_k) and not is_causal and dropout_p == 0 and kwargs.get("scale") is None
-    assert q.dim() == 3 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
-    out = torch.zeros(q.shape, dtype=q.dtype)
-    lse = torch.zeros(q.shape[1], q.shape[0])
-    for a, b in segments(cu_q, max_q):
-        qs, ks, vs = (t[a:b].double().transpose(0, 1) for t in (q, k, v))  # [heads, n, D]
-        s = qs @ ks.transpose(1, 2) / q.shape[-1] ** 0.5
-        out[a:b] = (s.softmax(-1) @ vs).transpose(0, 1).to(q.dtype)
-        lse[:, a:b] = s.logsumexp(-1).float()
-    return out, lse, torch.zeros(2, dtype=torch.uint64), torch.zeros((), dtype=torch.uint64), q.new_empty(0)
-
-
-def flash_backward_cpu(grad, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, rng_state, unused,
-                       **kwargs):
-    """Its backward, the textbook formulas per sequence in fp64 (dS = P * (dP - rowsum(dP * P)))."""
-    FLASH_CALLS["backward"] += 1
-    assert lse.shape == (q.shape[1], q.shape[0]) and out.shape == q.shape == grad.shape
-    dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype) for t in (q, k, v))
-    scale = q.shape[-1] ** -0.5
-    for a, b in segments(cu_q, max_q):
-        qs, ks, vs, g = (t[a:b].double().transpose(0, 1) for t in (q, k, v, grad))
-        p = (qs @ ks.transpose(1, 2) * scale).softmax(-1)
-        dp = g @ vs.transpose(1, 2)
-        ds = p * (dp - (dp * p).sum(-1, keepdim=True))
-        dq[a:b] = (ds @ ks * scale).transpose(0, 1).to(q.dtype)
-        dk[a:b] = (ds.transpose(1, 2) @ qs * scale).transpose(0, 1).to(k.dtype)
-        dv[a:b] = (p.transpose(1, 2) @ g).transpose(0, 1).to(v.dtype)
-    return dq, dk, dv
-
-
-@pytest.fixture
-def flash_on_cpu(monkeypatch):
-    """The "varlen" path's flash branch on the CPU: the real `aten::_flash_attention_forward` call, its autograd
-    formula and meta function, with the CPU kernels above registered in place of CUDA's."""
-    # marked as the real check is, so torch.compile folds this answer as it folds that one
-    monkeypatch.setattr(attention, "flash_varlen_supported", torch.compiler.assume_constant_result(lambda *a: True))
-    lib = torch.library.Library("aten", "IMPL")
-    lib.impl("_flash_attention_forward", flash_forward_cpu, "CPU")
-    lib.impl("_flash_attention_backward", flash_backward_cpu, "CPU")
-    yield
-    lib._destroy()
-
-
-def run_attend(q, k, v, prepared, dropout_p=0.0):
-    """`attend` on q, k, v in their original order (a `VarlenMask` wants them packed, real tokens first)."""
-    if not isinstance(prepared, VarlenMask):
-        return attend(q, k, v, prepared, dropout_p)
-    return prepared.unpack(attend(*(prepared.pack(t) for t in (q, k, v)), prepared, dropout_p))
-
-
-@pytest.fixture
-def flex_cpu_backward(monkeypatch):
-    """FlexAttention refuses backward on CPU tensors up front; its eager path (dense math, forward and backward,
-    under the block mask) runs fine there. Lifting the refusal lets the CPU test the block mask's gradients; the
-    GPU's compiled kernel is checked by the `cuda` test below."""
-    import torch.nn.attention.flex_attention as fa
-
-    monkeypatch.setattr(fa, "_validate_device", lambda *args: None)
 
 
 @pytest.fixture(params=["sdpa", "flex", "varlen", "varlen-flash"])
@@ -148,23 +60,6 @@ def test_attend_matches_naive_masked_softmax_with_gradients(impl, dtype):
     assert FLASH_CALLS - calls == collections.Counter(forward=1, backward=1) if flash else FLASH_CALLS == calls
 
 
-def test_varlen_plan_orders_real_tokens_first_and_cuts_two_sequences_per_row():
-    """The reference against numpy's stable sort (the Triton kernel is checked against the reference in
-    tests/test_kernels_triton.py)."""
-    b, n = 6, 40
-    mask = torch.rand(b, n) < 0.6
-    mask[0], mask[1] = True, False  # a full row (empty padding sequence), a row of padding only
-    order, inverse, cu_seqlens = varlen_plan(mask, backend="torch")
-    rows = np.arange(b)[:, None] * n
-    want_order = np.argsort(~mask.numpy(), axis=1, kind="stable") + rows  # real first, each kind in its order
-    torch.testing.assert_close(order, torch.from_numpy(want_order), rtol=0, atol=0)
-    want_inverse = np.argsort(want_order - rows, axis=1) + rows
-    torch.testing.assert_close(inverse, torch.from_numpy(want_inverse), rtol=0, atol=0)
-    lengths = mask.sum(1).tolist()
-    want_cu = [x for row, length in enumerate(lengths) for x in (row * n, row * n + length)] + [b * n]
-    assert cu_seqlens.dtype == torch.int32 and cu_seqlens.tolist() == want_cu
-
-
 def test_varlen_mask_packs_and_restores_with_gradients():
     n = 12
     mask = torch.rand(4, n) < 0.6
@@ -182,20 +77,6 @@ def test_varlen_mask_packs_and_restores_with_gradients():
     lengths = mask.sum(1).tolist()
     bias = varlen_mask(mask.long(), flash=False, dtype=torch.bfloat16).bias  # SDPA's key bias, packed order
     torch.testing.assert_close(bias, attention_bias(lengths_mask(lengths, n), torch.bfloat16), rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("b, n", [(3, 7), (3, 0), (0, 5)])
-def test_varlen_plan_reference_op_passes_opcheck(b, n):
-    from electra_fast.ops.varlen_plan import _varlen_plan_op
-
-    torch.library.opcheck(_varlen_plan_op, (torch.rand(b, n) < 0.5,))  # the fake kernel's shapes, empty ones too
-
-
-def test_varlen_plan_rejects_bad_masks():
-    with pytest.raises(ValueError, match=r"attention_mask must have 2 dimensions, got shape \(4,\)"):
-        varlen_plan(torch.ones(4))
-    with pytest.raises(TypeError, match="attention_mask must have dtype int64/int32/bool, got torch.float32"):
-        varlen_plan(torch.ones(2, 4))
 
 
 @pytest.mark.parametrize("block", [8, 16, 128])
@@ -467,18 +348,3 @@ def test_varlen_flash_dropout_is_unbiased(device):
     torch.testing.assert_close(outs.mean(0)[real], ref[real], atol=0.05, rtol=0.05)
 
 
-def test_loader_omits_the_mask_of_full_batches(dataset):
-    from electra_fast.data import PretrainingData
-
-    data = PretrainingData(dataset)
-    every = data.gather(np.arange(len(data)))
-    full = every["attention_mask"].all(1).numpy()
-    assert full.any() and not full.all()  # packed data: mostly full rows, some short ones
-    rows_full, rows_padded = np.nonzero(full)[0][:4], np.nonzero(~full)[0][:1]
-    batch = data.gather(rows_full, omit_full_mask=True)
-    assert "attention_mask" not in batch
-    torch.testing.assert_close(batch["input_ids"], every["input_ids"][rows_full])
-    mixed = np.concatenate([rows_full, rows_padded])
-    batch = data.gather(mixed, omit_full_mask=True)
-    torch.testing.assert_close(batch["attention_mask"], every["attention_mask"][mixed])
-    assert "attention_mask" in data.gather(rows_full)  # the default keeps it

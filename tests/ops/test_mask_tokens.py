@@ -1,7 +1,8 @@
 """`ops.mask_tokens` on every backend (the torch reference; the Triton kernel in the interpreter or on a GPU):
 the slot count against lines written from the reference (numpy float32), the draws by their distributions (chi-square
 for uniform positions, the expected number of distinct positions with replacement, a binomial bound on [MASK]),
-and the op under torch.compile(fullgraph=True). Reference: google-research/electra pretrain/pretrain_helpers.py::mask.
+the op under torch.compile(fullgraph=True), opcheck and bad arguments. Reference: google-research/electra
+pretrain/pretrain_helpers.py::mask.
 """
 import math
 import os
@@ -13,7 +14,7 @@ import torch._dynamo
 import torch._inductor.config
 
 from electra_fast import ops
-from helpers import chi2_critical
+from helpers import chi2_critical, make_batch
 
 PAD, CLS, SEP, MASK = 0, 1, 2, 3
 SPECIAL = (PAD, CLS, SEP, MASK)
@@ -70,7 +71,8 @@ def test_real_slots_match_the_reference_for_every_length(mask_prob):
 
 
 def test_float32_rounding_gives_the_reference_slots_where_float64_would_not():
-    """Issue 12.2: at L=512 rows of 190/350/390 tokens get 29/53/59 slots (float64 rounding gives 28/52/58)."""
+    """The reference's float32 K_b (docs/algorithm.md#masking): at L=512 rows of 190/350/390 tokens get 29/53/59
+    slots (float64 rounding gives 28/52/58)."""
     assert [round(x * 0.15) for x in (190, 350, 390)] == [28, 52, 58]
     assert reference_num_to_predict([190, 350, 390], 0.15, 79).tolist() == [29, 53, 59]
 
@@ -91,6 +93,27 @@ def test_kernel_slot_count_matches_the_reference(poison, backend, mask_prob):
 
 
 # ---------------------------------------------------------------- without replacement (the default)
+
+def test_reference_slot_counts_and_rules():
+    ids, am = make_batch(b=8, seq_len=64, lengths=[64, 40, 3, 10, 1, 2, 64, 17])
+    ids[6, 5:60] = MASK  # a row with few candidates left: only real tokens that are not special count
+    masked, pos, w = ops.mask_tokens(ids, am, mask_prob=0.15, mask_token_id=MASK, special_token_ids=SPECIAL)
+    n = int((0.15 + 0.005) * 64)
+    assert pos.shape == (8, n) and w.shape == (8, n) and pos.dtype == torch.int64 and w.dtype == torch.float32
+    for r in range(8):
+        n_tokens = int(am[r].sum())
+        cands = [i for i in range(64) if am[r, i] and int(ids[r, i]) not in SPECIAL]
+        k = min(max(1, min(n, round(n_tokens * 0.15))), len(cands))
+        real = [int(p) for p, wt in zip(pos[r], w[r]) if wt > 0]
+        assert len(real) == k, (r, real, k)
+        assert w[r, :k].eq(1).all() and w[r, k:].eq(0).all()  # real slots first
+        assert set(real) <= set(cands)  # never a special or padding token
+        assert len(set(real)) == k and real == sorted(real)  # no duplicates, ascending
+        assert pos[r, k:].eq(0).all()
+        changed = {i for i in range(64) if masked[r, i] != ids[r, i]}
+        assert changed <= set(real) and all(masked[r, i] == MASK for i in changed)
+    assert w[2].sum() == 1 and w[4].sum() == 0 and w[5].sum() == 0  # [CLS][SEP] row and one-token rows
+
 
 def check_rows(ids, mask, masked, positions, weights, mask_prob, special, replacement=False):
     """Rules every output row follows, from the inputs alone."""
@@ -136,6 +159,10 @@ def test_input_dtypes_and_specials(poison, backend):
         check_rows(ids.cpu(), mask.cpu(), masked.long(), positions, weights, 0.4, spec)
     masked, positions, weights = run(backend, ids[:0], mask[:0])
     assert masked.shape == (0, 13) and positions.shape == weights.shape == (0, ops.num_slots(13, 0.15))
+    ids, mask = batch([20] * 3, 20)
+    _, positions, weights = run(backend, ids, mask, mask_prob=0.5, special_token_ids=torch.tensor(SPECIAL),
+                                max_predictions=4)
+    assert positions.shape == (3, 4) and weights.sum(1).eq(4).all()  # round(20 * 0.5) = 10 capped at 4
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -214,7 +241,7 @@ def test_replacement_draws_more_slots_than_candidates(poison, backend):
     assert weights[1].sum() == 0 and positions[1].eq(0).all() and torch.equal(masked[1], ids[1].cpu())
 
 
-# ---------------------------------------------------------------- registration, compile
+# ---------------------------------------------------------------- registration, compile, errors
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compiles_fullgraph_and_matches_eager(backend):
@@ -236,17 +263,56 @@ def test_compiles_fullgraph_and_matches_eager(backend):
     check_rows(ids.cpu(), mask.cpu(), *[t.cpu() for t in comp[:3]], 0.3, set(SPECIAL))
 
 
-def test_opcheck():
-    from electra_fast.ops.mask_tokens import _mask_tokens_op
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
     ids, mask = batch([10, 6], 10)
     n = ops.num_slots(10, 0.3)
     special = torch.tensor(SPECIAL, device=DEVICE)
-    for replacement, draws in ((False, 10), (True, n)):
-        args = (ids, mask, special, torch.rand(2, draws, device=DEVICE), torch.rand(2, n, device=DEVICE), 0.3, MASK,
-                replacement)
-        torch.library.opcheck(_mask_tokens_op, args)
-    if HAVE_TRITON:
-        from electra_fast.kernels.mask_tokens import _mask_tokens_op as kernel_op
-        seed = torch.tensor([12345], device=DEVICE)
-        for replacement in (False, True):
-            torch.library.opcheck(kernel_op, (ids, mask, special, seed, 0.3, MASK, n, replacement))
+    if backend == "torch":
+        from electra_fast.ops.mask_tokens import _mask_tokens_op
+
+        for replacement, draws in ((False, 10), (True, n)):
+            args = (ids, mask, special, torch.rand(2, draws, device=DEVICE), torch.rand(2, n, device=DEVICE), 0.3,
+                    MASK, replacement)
+            torch.library.opcheck(_mask_tokens_op, args)
+        return
+    from electra_fast.kernels.mask_tokens import _mask_tokens_op as kernel_op
+
+    seed = torch.tensor([12345], device=DEVICE)
+    for replacement in (False, True):
+        torch.library.opcheck(kernel_op, (ids, mask, special, seed, 0.3, MASK, n, replacement))
+
+
+def call_mask(ids=None, mask=None, **kw):
+    kw = dict(dict(mask_token_id=3, special_token_ids=SPECIAL), **kw)
+    return ops.mask_tokens(torch.randint(4, 9, (2, 10)) if ids is None else ids, mask, **kw)
+
+
+BAD_INPUTS = [  # (call, error type, words the message must hold: the argument, what it expects, what it got)
+    (lambda: ops.mask_tokens(torch.zeros(3, dtype=torch.long), mask_token_id=3, special_token_ids=[]),
+     ValueError, ["input_ids", "2 dimensions", "(3,)"]),
+    (lambda: ops.mask_tokens(torch.zeros(2, 3), mask_token_id=3, special_token_ids=[]),
+     TypeError, ["input_ids", "int64", "float32"]),
+    (lambda: ops.mask_tokens(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 4), mask_token_id=3,
+                             special_token_ids=[]), ValueError, ["attention_mask", "(2, 3)", "(2, 4)"]),
+    (lambda: ops.mask_tokens(torch.zeros(2, 3, dtype=torch.long), mask_prob=1.0, mask_token_id=3,
+                             special_token_ids=[]), ValueError, ["mask_prob", "(0, 1)", "1.0"]),
+    (lambda: ops.mask_tokens(torch.zeros(2, 3, dtype=torch.long), mask_token_id=3, special_token_ids=[],
+                             max_predictions=9), ValueError, ["max_predictions", "[1, 3]", "9"]),
+    (lambda: call_mask(ids=torch.ones(2, 0, dtype=torch.long)), ValueError, ["input_ids"]),
+    (lambda: call_mask(mask=torch.ones(2, 10, device="meta")), ValueError, ["attention_mask"]),
+    (lambda: call_mask(mask_prob=0.0), ValueError, ["mask_prob"]),
+    (lambda: call_mask(mask_prob=float("nan")), ValueError, ["mask_prob"]),
+    (lambda: call_mask(mask_prob=True), ValueError, ["mask_prob"]),
+    (lambda: call_mask(mask_token_id=-1), TypeError, ["mask_token_id"]),
+    (lambda: call_mask(mask_token_id=3.0), TypeError, ["mask_token_id"]),
+    (lambda: call_mask(max_predictions=0), ValueError, ["max_predictions"]),
+]
+
+
+@pytest.mark.parametrize("call, exc, words", BAD_INPUTS)
+def test_bad_input_errors_name_the_argument(call, exc, words):
+    with pytest.raises(exc) as info:
+        call()
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
