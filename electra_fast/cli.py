@@ -177,10 +177,10 @@ def _pretrain(args) -> int:
     return 0
 
 
-INPUTS_HELP = ("text files (.gz too: one sentence per line, blank line between documents), JSON Lines (.jsonl, "
-               ".jsonl.gz: one document per record), parquet files or Hugging Face `datasets` folders (save_to_disk; "
-               "these two need: pip install \"electra-fast[datasets]\"), or directories of them (default: the "
-               "built-in corpus)")
+INPUTS_HELP = ("text files (.gz, .bz2, .zst too: one sentence per line, blank line between documents), JSON Lines "
+               "(.jsonl, .jsonl.gz: one document per record), parquet files or Hugging Face `datasets` folders "
+               "(save_to_disk; these two need: pip install \"electra-fast[datasets]\"), directories of them, or "
+               "quoted patterns such as 'corpus/*.txt.zst' (default: the built-in corpus)")
 TEXT_FIELD_HELP = "the JSON Lines field / parquet or datasets column holding the text (default: text)"
 PRESET_NAMES = ("tiny", "small", "base", "large")
 
@@ -203,6 +203,14 @@ def _add_prepare(sub) -> None:
     p.add_argument("--seed", type=int, default=12345, help="packing randomness (default 12345)")
     p.add_argument("--shard-size", type=int, help="examples per shard (default: ~64 MB shards)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
+    p.add_argument("--workers", type=int, metavar="N", help="processes that tokenize and pack (default: the "
+                   "machine's cores); the output is the same for every N")
+    p.add_argument("--resume", action="store_true", help="continue a stopped preparation of the same inputs and "
+                   "settings in --output from its last complete shard (the same dataset as an uninterrupted run)")
+    p.add_argument("--hf-dataset", metavar="NAME", help="read a Hugging Face dataset (hub name, or a local dataset "
+                   "folder or script) streaming, instead of PATHs; needs the `datasets` package")
+    p.add_argument("--hf-config", metavar="C", help="its configuration (default: the dataset's default)")
+    p.add_argument("--hf-split", metavar="S", default="train", help="its split (default: train)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=_prepare)
 
@@ -220,8 +228,14 @@ def _check_output(path: str) -> None:
 def _prepare(args) -> int:
     check_int(args.seq_len, "--seq-len", low=5, allow_none=True, error=InputError)
     check_int(args.shard_size, "--shard-size", low=1, allow_none=True, error=InputError)
+    check_int(args.workers, "--workers", low=1, allow_none=True, error=InputError)
+    if args.hf_dataset and args.inputs:
+        raise InputError(f"pass either input paths ({args.inputs}) or --hf-dataset {args.hf_dataset!r}, not both")
+    if not args.hf_dataset and (args.hf_config or args.hf_split != "train"):
+        raise InputError("--hf-config and --hf-split need --hf-dataset NAME")
     _check_output(args.output)
     from electra_fast.data import prepare_text
+    from electra_fast.data.corpus import HubDataset
 
     if args.seq_len is None:
         from electra_fast.model.config import PRESETS
@@ -230,7 +244,9 @@ def _prepare(args) -> int:
     index = prepare_text(args.inputs or None, args.output, tokenizer=args.tokenizer, seq_len=args.seq_len,
                          vocab_size=args.vocab_size, lowercase=not args.cased, seed=args.seed,
                          overwrite=args.overwrite, shard_size=args.shard_size, progress=args.progress,
-                         text_field=args.text_field)
+                         text_field=args.text_field, workers=args.workers, resume=args.resume,
+                         hub=HubDataset(args.hf_dataset, args.hf_config, args.hf_split, args.text_field)
+                         if args.hf_dataset else None)
     skipped = index.get("skipped_lines", 0)
     print(f"wrote {index['num_examples']} examples of {args.seq_len} tokens ({index['num_tokens']} tokens, "
           f"{len(index['shards'])} shards, vocabulary {index['vocab_size']}) to {args.output}"

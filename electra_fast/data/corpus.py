@@ -2,14 +2,18 @@
 per line, a blank line between documents.
 
 Inputs, by name (`expand_inputs`, `input_kind`):
-- text (`.gz` too, decompressed as it streams): already in that form (the reference's `build_pretraining_dataset.py`
-  input): one sentence per line, a blank line between documents.
-- JSON Lines (`.jsonl`, `.ndjson`, `.json`, each also `.gz`): one JSON object per line, its `text_field` one
-  document. A line that is not a JSON object, lacks the field or holds a non-string there ends the run with an
-  error naming the file and line (silently dropping records hides a wrong `--text-field`); blank lines are ignored.
+- text (`.gz`, `.bz2` and `.zst` too, decompressed as they stream; `.zst` needs the `zstandard` package): already
+  in that form (the reference's `build_pretraining_dataset.py` input): one sentence per line, a blank line between
+  documents.
+- JSON Lines (`.jsonl`, `.ndjson`, `.json`, each also compressed as text is): one JSON object per line, its `text_field`
+  one document. A line that is not a JSON object, lacks the field or holds a non-string there ends the run with an error
+  naming the file and line (silently dropping records hides a wrong `--text-field`); blank lines are ignored.
 - parquet files (`.parquet`, read with pyarrow) and Hugging Face `datasets` folders (`save_to_disk` output: a
   directory holding `dataset_info.json` / `state.json`, read with `datasets.load_from_disk`): each row's
   `text_field` is one document. They need the optional extra: pip install "electra-fast[datasets]".
+- a Hugging Face dataset by name, or a local dataset folder or script path (`HubDataset`: `datasets.load_dataset(...,
+  streaming=True)`), each row's `text_field` one document.
+A path holding `*`, `?` or `[` that names no file is a pattern (`**` for any folders below), matched in sorted order.
 A document of a record or row is split into sentences as the built-in corpus is (`document_to_lines`).
 
 Everything streams (a line, or a batch of rows, at a time), so a corpus larger than RAM is fine. Text is read as
@@ -17,7 +21,10 @@ bytes and decoded line by line: a line that is not UTF-8 is skipped and counted 
 """
 from __future__ import annotations
 
+import bz2
+import glob
 import gzip
+import io
 import json
 import os
 import re
@@ -30,6 +37,7 @@ DEFAULT_TEXT_FIELD = "text"
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 DATASETS_MARKERS = ("dataset_info.json", "state.json")  # what `Dataset.save_to_disk` writes beside its arrow files
 EXTRA_HINT = 'pip install "electra-fast[datasets]"'
+COMPRESSED = (".gz", ".bz2", ".zst")
 _ROW_BATCH = 1024
 
 # A sentence ends at . ! or ? followed by white space and a capital, a quote or an opening bracket.
@@ -87,11 +95,11 @@ def is_datasets_folder(path: str) -> bool:
 
 
 def input_kind(path: str) -> str:
-    """"datasets", "parquet", "jsonl" or "text" (`.gz` is decompressed for text and JSON Lines)."""
+    """"datasets", "parquet", "jsonl" or "text" (`COMPRESSED` suffixes are decompressed for text and JSON Lines)."""
     if os.path.isdir(path):
         return "datasets"
     name = path.lower()
-    name = name[:-3] if name.endswith(".gz") else name
+    name = name[: name.rindex(".")] if name.endswith(COMPRESSED) else name
     if name.endswith(".parquet"):
         return "parquet"
     return "jsonl" if name.endswith(JSONL_SUFFIXES) else "text"
@@ -104,7 +112,7 @@ def expand_inputs(paths: Sequence[str]) -> List[str]:
         raise InputError("no input given: pass text files or directories (one sentence per line, "
                          "blank line between documents)")
     files = []
-    for p in paths:
+    for p in _globbed(paths):
         if is_datasets_folder(p):
             files.append(p)
         elif os.path.isdir(p):
@@ -123,6 +131,21 @@ def expand_inputs(paths: Sequence[str]) -> List[str]:
     return files
 
 
+def _globbed(paths: Sequence[str]) -> List[str]:
+    """`paths` with each pattern (a path that does not exist and holds `*`, `?` or `[`) replaced by its matches."""
+    out = []
+    for p in paths:
+        if os.path.exists(p) or not glob.has_magic(p):
+            out.append(p)
+            continue
+        matches = sorted(glob.glob(p, recursive=True))
+        if not matches:
+            raise InputError(f"input pattern {p!r} matches no file: check the pattern (quote it so that the shell "
+                             "leaves it to electra-fast; ** matches any folders below)")
+        out.extend(matches)
+    return out
+
+
 def input_size(path: str) -> int:
     """Bytes on disk of a file, or of all files in a `datasets` folder (the progress bar's unit)."""
     if not os.path.isdir(path):
@@ -137,6 +160,22 @@ def _import_optional(module: str, path: str):
         return importlib.import_module(module)
     except ImportError:
         raise InputError(f"reading {path!r} needs the `{module.split('.')[0]}` package: {EXTRA_HINT}") from None
+
+
+def _decompressed(f, path: str):
+    """The decompressed byte stream of the open file `f` (itself, when `path` names no compression)."""
+    name = path.lower()
+    if name.endswith(".gz"):
+        return gzip.GzipFile(fileobj=f)
+    if name.endswith(".bz2"):
+        return bz2.BZ2File(f)
+    if name.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError:
+            raise InputError(f"reading {path!r} needs the `zstandard` package: pip install zstandard") from None
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(f))
+    return f
 
 
 def _document(value, path: str, where: str, field: str) -> List[str]:
@@ -181,7 +220,7 @@ class LineReader:
         except OSError as e:
             raise InputError(f"cannot read {path!r} ({e.strerror}): check the path and its permissions") from None
         with f:
-            stream = gzip.GzipFile(fileobj=f) if path.lower().endswith(".gz") else f
+            stream = _decompressed(f, path)
             first, done = True, 0
             try:
                 for raw in stream:
@@ -197,7 +236,7 @@ class LineReader:
                     if first:
                         line, first = line.lstrip("\ufeff"), False
                     yield line
-            except (OSError, EOFError) as e:  # not gzip, truncated, or a read error
+            except (OSError, EOFError, ValueError) as e:  # not compressed as named, truncated, or a read error
                 raise InputError(f"cannot read {path!r} ({e}): check the file") from None
 
     def _jsonl(self, path: str) -> Iterator[str]:
@@ -254,3 +293,48 @@ class LineReader:
                 now = size * row // max(num_rows, 1)
                 self.on_bytes(now - done)
                 done = now
+
+
+class HubDataset:
+    """A Hugging Face dataset streamed by `datasets.load_dataset(name, config, split=split, streaming=True)`:
+    a hub name (online), or a local dataset folder or loading script path (the same code path, offline). Each
+    row's `text_field` is one document. Lines as `LineReader` gives them; `on_bytes(n)` counts the text's UTF-8
+    bytes (its size on disk is unknown before the end: no total, no ETA)."""
+
+    skipped = 0  # rows are already text
+
+    def __init__(self, name: str, config: Optional[str] = None, split: str = "train",
+                 text_field: str = DEFAULT_TEXT_FIELD, on_bytes: Optional[Callable[[int], None]] = None):
+        self.name, self.config, self.split, self.text_field, self.on_bytes = name, config, split, text_field, on_bytes
+
+    def describe(self) -> list:
+        where = ([os.path.abspath(self.name), input_size(self.name)] if os.path.exists(self.name)
+                 else [f"hf:{self.name}"])
+        return [where + [self.config, self.split], {"text_field": self.text_field}]
+
+    def open(self):
+        """The streaming dataset; an `InputError` naming the options if it cannot be opened."""
+        datasets = _import_optional("datasets", f"--hf-dataset {self.name}")
+        try:
+            stream = datasets.load_dataset(self.name, self.config, split=self.split, streaming=True)
+        except Exception as e:  # offline, no such dataset / config / split: its message says which
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise InputError(f"cannot open --hf-dataset {self.name!r} (--hf-config {self.config!r}, --hf-split "
+                             f"{self.split!r}): {first}") from None
+        columns = getattr(stream, "column_names", None)
+        if columns is not None and self.text_field not in columns:
+            raise InputError(f"--hf-dataset {self.name!r} has no column {self.text_field!r} (it has {columns}): "
+                             "pass --text-field naming the text")
+        return stream
+
+    def __iter__(self) -> Iterator[str]:
+        where = f"--hf-dataset {self.name}"
+        for row, record in enumerate(self.open(), 1):
+            if self.text_field not in record:
+                raise InputError(f"{where!r} row {row} has no column {self.text_field!r} (it has "
+                                 f"{sorted(record)}): pass --text-field naming the text")
+            value = record[self.text_field]
+            yield from _document(value, where, f"row {row}", self.text_field)
+            yield ""
+            if self.on_bytes is not None:
+                self.on_bytes(len(value.encode("utf-8")))

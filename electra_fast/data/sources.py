@@ -1,9 +1,11 @@
 """From what the user passes as `--data` / `--tokenizer` to a prepared dataset and its tokenizer.
 
-`--data` is a prepared dataset directory (used as it is), inputs (text, `.gz`, JSON Lines, parquet, `datasets`
-folders: see `corpus`; prepared once into `<output>/data`, reused while the inputs, the tokenizer and the sequence
-length stay the same), or nothing: the built-in corpus. Without `--tokenizer`, a tokenizer is trained on the text
-first (a second pass): WordPiece (ELECTRA, BERT), or Unigram with `trainer="unigram"` (DeBERTa-v3).
+`--data` is a prepared dataset directory (used as it is), inputs (text, compressed text, JSON Lines, parquet,
+`datasets` folders, patterns naming them: see `corpus`; prepared once into `<output>/data`, reused while the inputs,
+the tokenizer and the sequence length stay the same), or nothing: the built-in corpus. `prepare_text` (the `prepare`
+command) also reads a Hugging Face dataset by name (`corpus.HubDataset`). Without `--tokenizer`, a tokenizer is
+trained on the text first (a second pass): WordPiece (ELECTRA, BERT), or Unigram with `trainer="unigram"`
+(DeBERTa-v3).
 """
 from __future__ import annotations
 
@@ -11,10 +13,10 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
-from electra_fast.data.corpus import (BUILTIN, DEFAULT_TEXT_FIELD, LineReader, builtin_lines, expand_inputs,
-                                      input_kind, input_size)
-from electra_fast.data.loader import PretrainingData
-from electra_fast.data.prepare import INDEX_FILE, check_output, no_text_message, prepare, unfinished
+from electra_fast.data.build import Progress, unfinished_tokenizer
+from electra_fast.data.corpus import (BUILTIN, DEFAULT_TEXT_FIELD, HubDataset, LineReader, builtin_lines,
+                                      expand_inputs, input_kind, input_size)
+from electra_fast.data.prepare import INDEX_FILE, check_output, cores, no_text_message, prepare, unfinished
 from electra_fast.data.tokenizer import load_tokenizer, train_tokenizer, train_unigram_tokenizer, vocab_fingerprint
 from electra_fast.errors import InputError
 
@@ -28,14 +30,20 @@ class TextSource:
     times. `text_field`: the JSON Lines field / table column holding the documents.
 
     `describe()` identifies the input (paths, sizes, modification times, and the text field where it matters) so a
-    prepared cache can be recognised.
+    prepared cache can be recognised. `hub`: a `corpus.HubDataset` to read instead of `data`.
     """
 
-    def __init__(self, data: Optional[Sequence[str]], text_field: str = DEFAULT_TEXT_FIELD):
-        self.files = None if not data or list(data) == [BUILTIN] else expand_inputs(data)
+    def __init__(self, data: Optional[Sequence[str]], text_field: str = DEFAULT_TEXT_FIELD,
+                 hub: Optional[HubDataset] = None):
+        if hub is not None and data:
+            raise InputError(f"pass either input paths ({list(data)}) or --hf-dataset {hub.name!r}, not both")
+        self.hub = hub
+        self.files = None if hub is not None or not data or list(data) == [BUILTIN] else expand_inputs(data)
         self.text_field = text_field
 
     def describe(self) -> list:
+        if self.hub is not None:
+            return self.hub.describe()
         if self.files is None:
             return [f"{BUILTIN}:python-{sys.version_info[0]}.{sys.version_info[1]}"]
         described = [[os.path.abspath(f), input_size(f), _mtime(f)] for f in self.files]
@@ -45,10 +53,17 @@ class TextSource:
 
     def lines(self, on_bytes=None):
         """A fresh iterator over the lines; for files, a `LineReader` (counts non-UTF-8 lines in `.skipped`)."""
+        if self.hub is not None:
+            self.hub.on_bytes = on_bytes
+            return self.hub
         return builtin_lines() if self.files is None else LineReader(self.files, on_bytes, self.text_field)
 
     def total_bytes(self) -> Optional[int]:
         return None if self.files is None else sum(input_size(f) for f in self.files)
+
+    def streams(self) -> bool:
+        """True for inputs whose progress is counted in bytes (files, a hub dataset), not the built-in corpus."""
+        return self.files is not None or self.hub is not None
 
 
 def _mtime(path: str) -> int:
@@ -97,23 +112,30 @@ def train_on(reader, vocab_size: int, lowercase: bool = True, trainer: str = "wo
 def prepare_text(data, output_dir: str, *, tokenizer: Optional[str] = None, seq_len: int = 128,
                  vocab_size: int = 30522, lowercase: bool = True, seed: int = 12345, overwrite: bool = False,
                  shard_size: Optional[int] = None, progress: bool = True, extra_meta: Optional[dict] = None,
-                 text_field: str = DEFAULT_TEXT_FIELD, trainer: str = "wordpiece") -> dict:
-    """The `prepare` command: inputs (or the built-in corpus) -> a dataset in `output_dir`. Returns its index.
+                 text_field: str = DEFAULT_TEXT_FIELD, trainer: str = "wordpiece", workers: Optional[int] = None,
+                 resume: bool = False, hub: Optional[HubDataset] = None) -> dict:
+    """The `prepare` command: inputs (or the built-in corpus, or `hub`) -> a dataset in `output_dir` (format 2,
+    packed by `workers` processes, default: the cores; see `prepare.prepare`). Returns its index.
 
     The inputs and `output_dir` are checked before the tokenizer is trained, so a bad path fails at once.
+    `resume=True` continues a stopped preparation in `output_dir`, with the tokenizer it started with.
     """
-    source = TextSource(data, text_field)
+    source = TextSource(data, text_field, hub)
     check_output(output_dir, overwrite)
-    tok = tokenizer_for(source, tokenizer, vocab_size, lowercase, trainer)
-    bar = None
-    if progress and source.files is not None:
+    started = unfinished_tokenizer(output_dir) if resume and not tokenizer else None
+    tok = load_tokenizer(started) if started else tokenizer_for(source, tokenizer, vocab_size, lowercase, trainer)
+    bar = counter = None
+    if progress and source.streams():
         from tqdm.auto import tqdm
 
+        # Bytes of input packed, with the rate and, for files (whose total is known), the time left.
         bar = tqdm(total=source.total_bytes(), unit="B", unit_scale=True, desc="preparing", dynamic_ncols=True)
+        counter = Progress(bar)
     try:
-        return prepare(source.lines(on_bytes=bar.update if bar else None), output_dir, tok, seq_len=seq_len,
-                       seed=seed, overwrite=overwrite, sources=source.describe(), shard_size=shard_size,
-                       extra_meta=extra_meta)
+        return prepare(source.lines(on_bytes=counter.on_bytes if counter else None), output_dir, tok,
+                       seq_len=seq_len, seed=seed, overwrite=overwrite, sources=source.describe(),
+                       shard_size=shard_size, extra_meta=extra_meta, workers=cores() if workers is None else workers,
+                       resume=resume, progress=counter)
     finally:
         if bar is not None:
             bar.close()
@@ -125,6 +147,8 @@ def open_training_data(data: Optional[Sequence[str]], cache_dir: str, *, tokeniz
                        text_field: str = DEFAULT_TEXT_FIELD, trainer: str = "wordpiece"):
     """`(PretrainingData, tokenizer)` for training; text is prepared into `cache_dir` by the main process only.
     `trainer`: the kind of tokenizer trained on text when none is given (`TRAINERS`)."""
+    from electra_fast.data.loader import PretrainingData  # torch: not for `prepare`, whose start it would slow
+
     if data and len(data) == 1 and (is_prepared(data[0]) or unfinished(data[0])):
         dataset = PretrainingData(data[0])  # an unfinished one is an error, not text to read
         if tokenizer and vocab_fingerprint(load_tokenizer(tokenizer)) != dataset.index["vocab_hash"]:
