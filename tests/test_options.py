@@ -89,3 +89,40 @@ def test_a_backend_covers_the_ops_it_has():
     # masked_gather has one, which cannot run on CPU tensors: that raises with the reason.
     with pytest.raises(RuntimeError, match=r"backend 'cuda' cannot run masked_gather.*CUDA tensors"):
         ops.masked_gather(torch.randn(2, 16, 4), torch.zeros(2, 3, dtype=torch.long), backend="cuda")
+
+
+KEYS = {"options", "backend", "sampler", "attention", "fused_lm_head", "attention_impl"}
+
+
+def _keys(obj) -> set:
+    """Every dict key anywhere in `obj` (nested dicts and lists)."""
+    if isinstance(obj, dict):
+        return set(obj) | set().union(*(_keys(v) for v in obj.values()))
+    if isinstance(obj, (list, tuple)):
+        return set().union(*(_keys(v) for v in obj))
+    return set()
+
+
+def test_options_reach_the_models_and_never_their_saved_files(tmp_path):
+    import json
+
+    from electra_fast import ElectraPretrainer
+    from electra_fast.train.export import model_from_spec, model_spec
+
+    opts = KernelOptions(backend="torch", sampler="gumbel", attention="sdpa", fused_lm_head=False)
+    model = ElectraPretrainer.from_preset("tiny", vocab_size=64, mask_token_id=3, special_token_ids=[0, 1, 2, 3],
+                                          pad_token_id=0, options=opts)
+    assert model.options == opts
+    assert model.generator.config.options == opts and model.discriminator.config.options == opts
+    model.save_pretrained(str(tmp_path))
+    for name in ("generator/config.json", "discriminator/config.json", "electra_fast.json"):
+        saved = json.loads((tmp_path / name).read_text())
+        assert not KEYS & _keys(saved), (name, KEYS & _keys(saved))
+    spec = model_spec(model)
+    assert not KEYS & _keys(spec)
+    assert model_from_spec(spec).options == KernelOptions()
+    back = ElectraPretrainer.from_pretrained(str(tmp_path))
+    assert back.options == KernelOptions()
+    # The configs compare equal whatever the options: a run may resume under another backend.
+    assert back.discriminator.config == model.discriminator.config
+    assert back.discriminator.config.options != model.discriminator.config.options
