@@ -4,7 +4,8 @@ A dataset directory holds `index.json`, the tokenizer (`tokenizer.json`, `vocab.
 `shard-NNNNN-ids.npy` (`[n, seq_len]` uint16, or int32 for vocabularies over 65535 tokens), `shard-NNNNN-len.npy`
 (`[n, 2]` int32: real length, length of `[CLS] A [SEP]`) and the tokenizer the index names. Both formats share
 this layout and load alike; they differ in how the packing drew its random numbers:
-- `electra-fast-shards/1`: one random stream over the whole input, in one process (the reference's way).
+- `electra-fast-shards/1`: one random stream over the whole input, in one process (the reference's way; what earlier
+  versions wrote: still read, no longer written).
 - `electra-fast-shards/2`: a stream per document, seeded by (seed, document number), so documents pack
   independently (in any number of processes, with the same bytes) and a run can resume at any document.
 

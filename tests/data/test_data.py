@@ -1,5 +1,6 @@
 """Data pipeline: packing against the reference algorithm, shards on disk, crash safety, rank-split batches,
 tokenizers against transformers' BERT tokenizer."""
+import hashlib
 import os
 import random
 import signal
@@ -170,19 +171,22 @@ def test_prepare_roundtrip_shards_and_bad_utf8(tok, tmp_path):
     reader = LineReader([str(src)])
     index = prepare(reader, str(out), tok, seq_len=48, seed=7, shard_size=13)
     assert index["skipped_lines"] == 1 and reader.skipped == 1
-    assert index["complete"] and index["dtype"] == "uint16"
+    assert index["complete"] and index["dtype"] == "uint16" and index["format"] == "electra-fast-shards/2"
     assert len(index["shards"]) == -(-index["num_examples"] // 13) > 3
 
-    # Oracle: the same builder run on in-memory token ids of the same sentences.
-    builder = ExampleBuilder(48, CLS, SEP, random.Random(7))
+    # Oracle: the reference builder run on in-memory token ids of the same sentences, one document at a time, each
+    # with its own stream seeded by (seed, document number) as format 2 keys it, the examples in input order.
     expected = []
-    for doc in docs:
+    for d, doc in enumerate(docs):
+        key = int.from_bytes(hashlib.blake2b(f"7/{d}".encode(), digest_size=8).digest(), "little")
+        builder = ExampleBuilder(48, CLS, SEP, random.Random(key))
+        builder.start_document()
         for s in doc + [None]:
             ex = builder.add_line(None if s is None else tok.encode(s, add_special_tokens=False).ids)
             if ex is not None:
                 expected.append(ex)
-    ex = builder.add_line(None)
-    assert ex is None  # the documents all ended with a blank line
+        ex = builder.add_line(None)
+        assert ex is None  # the document ended with its blank line
     data = PretrainingData(str(out))
     assert len(data) == len(expected) == index["num_examples"]
     order = np.random.permutation(len(data))  # crosses shard boundaries in random order
@@ -216,7 +220,8 @@ def crashing_lines(lines, after, out_dir, seen):
         yield line
 
 
-LINES = [l for d in docs_from(SENTENCES) for l in d + [""]]  # > 2048: one tokenizer batch is done at 2500
+LINES = [l for d in docs_from(SENTENCES) for l in d + [""]]
+CHUNK = 4000  # characters of text a chunk: many chunks, so shards are written long before line 2500
 
 KILLED_PREPARE = """
 import os, signal, sys
@@ -227,7 +232,8 @@ def dying():
         if i == 2500:
             os.kill(os.getpid(), signal.SIGKILL)
         yield line
-prepare(dying(), sys.argv[2], load_tokenizer(sys.argv[3]), seq_len=32, shard_size=5, overwrite=True)
+prepare(dying(), sys.argv[2], load_tokenizer(sys.argv[3]), seq_len=32, shard_size=5, overwrite=True,
+        chunk_bytes=int(sys.argv[4]))
 """
 
 
@@ -236,8 +242,8 @@ def killed_prepare(tok, out, tmp_path):
     (tmp_path / "lines.txt").write_text("\n".join(LINES), encoding="utf-8")
     save_tokenizer(tok, str(tmp_path / "tok"))
     proc = subprocess.run([sys.executable, "-c", KILLED_PREPARE, str(tmp_path / "lines.txt"), out,
-                           str(tmp_path / "tok")], env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True,
-                          timeout=300)
+                           str(tmp_path / "tok"), str(CHUNK)], env={**os.environ, "PYTHONPATH": ROOT},
+                          capture_output=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     (tmp,) = temp_dirs(out)
     assert any(n.endswith("-ids.npy") for n in os.listdir(os.path.join(out, tmp)))  # it was killed mid-way
@@ -250,9 +256,11 @@ def test_interrupted_prepare_keeps_existing_dataset(tok, tmp_path):
         prepare(iter(LINES), out, tok, seq_len=32)
     seen = []
     with pytest.raises(Crash):
-        prepare(crashing_lines(LINES, 2500, out, seen), out, tok, seq_len=32, shard_size=5, overwrite=True)
+        prepare(crashing_lines(LINES, 2500, out, seen), out, tok, seq_len=32, shard_size=5, overwrite=True,
+                chunk_bytes=CHUNK)
     assert seen and seen[0] >= 1
-    assert not temp_dirs(out)  # an error cleans up after itself
+    (kept,) = temp_dirs(out)  # an error keeps the finished shards, hidden, for a resume
+    assert any(n.endswith("-ids.npy") for n in os.listdir(os.path.join(out, kept)))
     killed_prepare(tok, out, tmp_path)
     # The old dataset is still the one in use, and intact, after an exception and after a SIGKILL.
     assert read_index(out)["num_examples"] == first["num_examples"]

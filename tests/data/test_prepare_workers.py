@@ -140,11 +140,45 @@ def test_resume_after_a_stop_gives_the_uninterrupted_bytes(corpus, tok, referenc
     assert seen[0] == 0 and not [n for n in os.listdir(tmp_path / "again") if n.startswith(".prepare-")]
 
 
-def test_format_1_datasets_still_load(corpus, tok, tmp_path):
-    index = prepare(LineReader([corpus[0]]), str(tmp_path / "v1"), tok, seq_len=SEQ_LEN, shard_size=SHARD)
-    assert index["format"] == read_index(str(tmp_path / "v1"))["format"] == FORMAT_V1
-    data = PretrainingData(str(tmp_path / "v1"))
-    assert len(data) == index["num_examples"] and data.gather(np.arange(3))["input_ids"].shape == (3, SEQ_LEN)
+def test_format_1_datasets_still_load(tok, tmp_path):
+    """A dataset as earlier versions wrote it (format 1, no longer written), laid out by hand: it loads."""
+    from electra_fast.data.tokenizer import special_ids, vocab_fingerprint
+
+    out, rng = tmp_path / "v1", np.random.default_rng(0)
+    (out / "shards-0a1b2c").mkdir(parents=True)
+    save_tokenizer(tok, str(out / "shards-0a1b2c"))
+    save_tokenizer(tok, str(out))
+    ids = special_ids(tok)
+    shards, total, tokens = [], 0, 0
+    for k, n in enumerate((SHARD, 5)):
+        lens = np.stack([rng.integers(8, SEQ_LEN + 1, n), rng.integers(3, 8, n)], axis=1).astype(np.int32)
+        rows = np.full((n, SEQ_LEN), ids["pad"], dtype=np.uint16)
+        for row, (length, len_a) in zip(rows, lens):
+            row[:length] = rng.integers(5, tok.get_vocab_size(), length)
+            row[[0, len_a - 1, length - 1]] = ids["cls"], ids["sep"], ids["sep"]
+        np.save(out / "shards-0a1b2c" / f"shard-{k:05d}-ids.npy", rows)
+        np.save(out / "shards-0a1b2c" / f"shard-{k:05d}-len.npy", lens)
+        shards.append({"name": f"shards-0a1b2c/shard-{k:05d}", "num_examples": n})
+        total, tokens = total + n, tokens + int(lens[:, 0].sum())
+        if k == 0:
+            first = (rows, lens)
+    index = {"format": FORMAT_V1, "seq_len": SEQ_LEN, "dtype": "uint16",
+             "vocab_size": tok.get_vocab_size(with_added_tokens=True), "vocab_hash": vocab_fingerprint(tok),
+             "special_ids": ids, "tokenizer": "shards-0a1b2c/tokenizer.json", "seed": 3, "sources": [],
+             "num_examples": total, "num_tokens": tokens, "shards": shards, "complete": True, "skipped_lines": 0}
+    (out / "index.json").write_text(json.dumps(index), encoding="utf-8")
+    assert read_index(str(out))["format"] == FORMAT_V1
+    data = PretrainingData(str(out))
+    assert len(data) == total == SHARD + 5
+    batch = data.gather(np.arange(3))
+    assert batch["input_ids"].shape == (3, SEQ_LEN)
+    rows, lens = first
+    np.testing.assert_array_equal(batch["input_ids"].numpy(), rows[:3].astype(np.int64))
+    for row in range(3):
+        length, len_a = lens[row]
+        assert batch["attention_mask"][row].tolist() == [1] * length + [0] * (SEQ_LEN - length)
+        assert batch["token_type_ids"][row].tolist() == [0] * len_a + [1] * (length - len_a) + [0] * (SEQ_LEN - length)
+    assert data.tokenizer().get_vocab() == tok.get_vocab()
 
 
 def cli(capsys, *argv):
