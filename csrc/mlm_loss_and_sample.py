@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from electra_fast.ops._checks import SAMPLERS, check_sampler, check_vocab_size  # noqa: F401  (SAMPLERS: API)
-from electra_fast.ops._contract import register_mlm_autograd
+from electra_fast.ops._contract import mlm_kernel_fake, register_mlm_autograd
 
 from ._extension import extension, require_cuda, require_logits
 # The backend switch asks the op's module whether the extension can run here.
@@ -32,12 +32,7 @@ def _mlm_op(logits: Tensor, targets: Tensor, weights: Tensor, seed: Tensor, temp
                                    sampler == "gumbel")
 
 
-@_mlm_op.register_fake
-def _(logits, targets, weights, seed, temperature, disallow_correct, sampler, vocab_size):
-    m = logits.shape[0]
-    return (logits.new_empty((), dtype=torch.float32), logits.new_empty((m,), dtype=torch.int64),
-            logits.new_empty((m,), dtype=torch.bool), logits.new_empty((m,), dtype=torch.float32),
-            logits.new_empty((), dtype=torch.float32))
+_mlm_op.register_fake(mlm_kernel_fake)
 
 
 @torch.library.custom_op("electra_fast::mlm_loss_backward_cuda", mutates_args=(), device_types="cuda")

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from electra_fast.ops._checks import SAMPLERS, check_sampler  # noqa: F401  (SAMPLERS: part of this module's API)
-from electra_fast.ops._contract import WEIGHT_EPS, register_mlm_autograd
+from electra_fast.ops._contract import WEIGHT_EPS, mlm_kernel_fake, register_mlm_autograd
 
 from ._common import pow2
 
@@ -258,12 +258,7 @@ def _mlm_op(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, 
     return loss, sampled, correct, lse, inv_norm
 
 
-@_mlm_op.register_fake
-def _(logits, targets, weights, seed, temperature, disallow_correct, sampler, vocab_size):
-    m = logits.shape[0]
-    return (logits.new_empty((), dtype=torch.float32), logits.new_empty((m,), dtype=torch.int64),
-            logits.new_empty((m,), dtype=torch.bool), logits.new_empty((m,), dtype=torch.float32),
-            logits.new_empty((), dtype=torch.float32))
+_mlm_op.register_fake(mlm_kernel_fake)
 
 
 @torch.library.custom_op("electra_fast::mlm_loss_backward_triton", mutates_args=())

@@ -81,6 +81,15 @@ def attach_grads(loss, hidden, weight, bias, grad_hidden, grad_weight, grad_bias
 # Autograd registrations shared by the reference and the kernel backends of one op.
 
 
+def mlm_kernel_fake(logits, *_):
+    """Fake of the kernel backends' MLM forward `(logits, targets, weights, seed, ...)` -> (loss, sampled [M],
+    correct [M], lse [M], sum(weights) + eps): fp32 statistics whatever the logits' dtype."""
+    m = logits.shape[0]
+    return (logits.new_empty((), dtype=torch.float32), logits.new_empty((m,), dtype=torch.int64),
+            logits.new_empty((m,), dtype=torch.bool), logits.new_empty((m,), dtype=torch.float32),
+            logits.new_empty((), dtype=torch.float32))
+
+
 def register_mlm_autograd(mlm_op, backward_op) -> None:
     """Autograd of an MLM op `(logits, targets, weights, ..., vocab_size) -> (loss, sampled, correct, *saved)` whose
     backward is `backward_op(grad_loss, logits, targets, weights, *saved, vocab_size)`: the op's LAST input is the
