@@ -16,10 +16,19 @@ CUDA-graph replays draw fresh ones.
   one Philox word (multiply-shift: bias below C / 2^32). The output row is the lookup table: each candidate's
   column is stored at its rank, the slots read their draw back after a barrier, then the row is overwritten with
   the masked ids. No loop over slots; positions stay in draw order, as the reference's.
+- Whole words (WHOLE_WORD, docs/algorithm.md#whole-word-masking): a word lives at its start column, keyed by that
+  column's key as above. Word ids are the running count of starts; the last token of each word (the next column
+  starts one: word_starts read shifted) writes its column and the running count of non-candidates to a scratch
+  entry at [row, word id], which gives each start its word's length and whether all its tokens are candidates.
+  Then rounds of "take the smallest-key candidate word that fits in the capacity left" (two row reductions each)
+  while any row of the program has one: the same words as the walk in key order that skips a word that does not
+  fit. The starts write taken-or-not to the scratch, every token reads its word's; slots as without replacement.
 Each real slot becomes [MASK] with probability 0.85 (a 24-bit uniform from another Philox word, as torch.rand).
 Every output element is written: the whole row of ids, and every slot (padding: position 0, weight 0).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -31,6 +40,8 @@ from ._common import loadable, pow2
 from .mlm_loss_and_sample import _uniform
 
 ROW_TILE = 2048    # rows per program * BLOCK_L: several short rows share a program
+# Whole words hold more per element (keys, lengths, scratch addresses): 4 elements a thread keeps them in registers.
+WHOLE_WORD_ROW_TILE = 1024
 NUM_WARPS = 8      # 8 row elements per thread
 
 
@@ -44,10 +55,10 @@ def _round_half_even(x):
 
 
 @triton.jit
-def _mask_tokens_kernel(ids_ptr, mask_ptr, special_ptr, seed_ptr, out_ptr, positions_ptr, weights_ptr,
+def _mask_tokens_kernel(ids_ptr, mask_ptr, special_ptr, seed_ptr, out_ptr, positions_ptr, weights_ptr, starts_ptr,
                         B, L, N, S, mask_prob, mask_token_id, ROWS: tl.constexpr, BLOCK_L: tl.constexpr,
                         LOG2_BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr,
-                        KEEP_BELOW: tl.constexpr, REPLACEMENT: tl.constexpr):
+                        KEEP_BELOW: tl.constexpr, REPLACEMENT: tl.constexpr, WHOLE_WORD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     col = tl.arange(0, BLOCK_L)
     offs = row[:, None] * L + col[None, :]
@@ -84,6 +95,56 @@ def _mask_tokens_kernel(ids_ptr, mask_ptr, special_ptr, seed_ptr, out_ptr, posit
         # A position drawn by several slots is [MASK] if any of them says so, as the reference's scatter.
         tl.store(out_ptr + row[:, None] * L + pos, tl.full([ROWS, BLOCK_N], mask_token_id, out_ptr.dtype.element_ty),
                  mask=to_mask)
+    elif WHOLE_WORD:
+        col2 = tl.broadcast_to(col[None, :], [ROWS, BLOCK_L])
+        # Words start at column 0 and where word_starts says; a word ends where the next column starts one.
+        start = (tl.load(starts_ptr + offs, mask=in_row, other=0) != 0) | (col2 == 0)
+        last = tl.load(starts_ptr + offs + 1, mask=in_row & (col2 + 1 < L), other=1) != 0
+        bad = tl.cumsum((cand == 0).to(tl.int32), 1)  # non-candidates up to and including the column
+        # Scans other than sums would be simpler but run element by element in the interpreter (the CPU tests), so
+        # word-level values go through scratch: the output row, at [row, word id] (written whole below). Word w's
+        # end column and the non-candidates up to it, packed (the launcher bounds L so that this fits).
+        scratch = out_ptr + row[:, None] * L + tl.cumsum(start.to(tl.int32), 1) - 1
+        tl.store(scratch, (bad * BLOCK_L + col2).to(out_ptr.dtype.element_ty), mask=in_row & last)
+        tl.debug_barrier()  # other threads' stores become visible (bar.sync orders global memory in the CTA)
+        packed = tl.load(scratch, mask=in_row & start, other=0).to(tl.int32)
+        length = packed % BLOCK_L - col2 + 1
+        # A candidate word: as many non-candidates up to its end as before its start.
+        word = in_row & start & (packed // BLOCK_L == bad - (cand == 0).to(tl.int32))
+        r_hi, r_lo, _, _ = tl.randint4x(seed, offs)
+        bits = ((r_hi.to(tl.int64) & 0x7FFFFFFF) << 32) | (r_lo.to(tl.int64) & 0xFFFFFFFF)
+        # Only words still open keep their key (MAX otherwise); a taken word's length turns negative, its mark.
+        left = k
+        key = tl.where(word & (length <= left[:, None]), ((bits >> LOG2_BLOCK_L) << LOG2_BLOCK_L) | col2,
+                       0x7FFFFFFFFFFFFFFF)
+        best = tl.min(key, 1)
+        # Rounds of "take the smallest-key word that fits" while any row of the program has one (keys are distinct:
+        # `best` names one column per row).
+        while tl.min(best, 0) < 0x7FFFFFFFFFFFFFFF:
+            take = (key == best[:, None]) & (best < 0x7FFFFFFFFFFFFFFF)[:, None]
+            left -= tl.sum(tl.where(take, length, 0), 1)
+            length = tl.where(take, -length, length)
+            key = tl.where(take | (length > left[:, None]), 0x7FFFFFFFFFFFFFFF, key)
+            best = tl.min(key, 1)
+        tl.debug_barrier()  # every thread has read the scratch before it is rewritten
+        # Reloaded rather than held through the rounds (registers).
+        start = (tl.load(starts_ptr + offs, mask=in_row, other=0) != 0) | (col2 == 0)
+        scratch = out_ptr + row[:, None] * L + tl.cumsum(start.to(tl.int32), 1) - 1
+        tl.store(scratch, (length < 0).to(out_ptr.dtype.element_ty), mask=in_row & start)
+        tl.debug_barrier()
+        chosen = tl.load(scratch, mask=in_row, other=0) != 0
+        tl.debug_barrier()  # read before the masked ids overwrite it
+        _, _, r_keep, _ = tl.randint4x(seed, offs)
+        keep = _uniform(r_keep) < KEEP_BELOW
+        k = tl.sum(chosen.to(tl.int32), 1)
+        slot_of = tl.cumsum(chosen.to(tl.int32), 1) - 1
+        tl.store(positions_ptr + row[:, None] * N + slot_of, col2.to(tl.int64), mask=chosen)
+        real_slot = slot[None, :] < k[:, None]
+        tl.store(positions_ptr + at, tl.zeros([ROWS, BLOCK_N], tl.int64), mask=slot_ok & ~real_slot)
+        tl.store(weights_ptr + at, real_slot.to(tl.float32), mask=slot_ok)
+        ids = tl.load(ids_ptr + offs, mask=in_row, other=0)
+        tl.store(out_ptr + offs, tl.where(chosen & keep, mask_token_id, ids).to(out_ptr.dtype.element_ty),
+                 mask=in_row)
     else:
         k = tl.minimum(k, n_cands)
         r_hi, r_lo, r_keep, _ = tl.randint4x(seed, offs)
@@ -112,36 +173,43 @@ def _mask_tokens_kernel(ids_ptr, mask_ptr, special_ptr, seed_ptr, out_ptr, posit
 @torch.library.custom_op("electra_fast::mask_tokens_triton", mutates_args=())
 def _mask_tokens_op(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: torch.Tensor,
                     seed: torch.Tensor, mask_prob: float, mask_token_id: int, n: int,
-                    replacement: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    replacement: bool, word_starts: Optional[torch.Tensor] = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, seq_len = input_ids.shape
     masked = torch.empty_like(input_ids)
     positions = input_ids.new_empty((b, n), dtype=torch.int64)
     weights = input_ids.new_empty((b, n), dtype=torch.float32)
     if b:
         block_l = pow2(seq_len)
-        rows = pow2(ROW_TILE // block_l, hi=pow2(b))
+        tile = ROW_TILE if word_starts is None else WHOLE_WORD_ROW_TILE
+        rows = pow2(tile // block_l, hi=pow2(b))
         # An empty tensor may have a null pointer; with S = 0 the kernel reads none of it.
         specials = special_ids if special_ids.numel() else input_ids
+        if word_starts is not None and (seq_len + 1) * block_l >= 2**31:
+            raise ValueError(f"the Triton whole-word masking kernel takes sequences up to 32768 tokens (its scratch "
+                             f"packs two counts in an int32), got input_ids of shape {tuple(input_ids.shape)}")
+        starts = input_ids if word_starts is None else loadable(word_starts)  # unread without WHOLE_WORD
         _mask_tokens_kernel[(triton.cdiv(b, rows),)](
-            input_ids, loadable(attention_mask), specials, seed, masked, positions, weights, b, seq_len, n,
+            input_ids, loadable(attention_mask), specials, seed, masked, positions, weights, starts, b, seq_len, n,
             special_ids.numel(), mask_prob, mask_token_id, ROWS=rows, BLOCK_L=block_l,
             LOG2_BLOCK_L=block_l.bit_length() - 1, BLOCK_N=pow2(n),
             KEEP_BELOW=MASK_REPLACE_PROB,
-            REPLACEMENT=replacement, num_warps=NUM_WARPS)
+            REPLACEMENT=replacement, WHOLE_WORD=word_starts is not None, num_warps=NUM_WARPS)
     return masked, positions, weights
 
 
 @_mask_tokens_op.register_fake
-def _(input_ids, attention_mask, special_ids, seed, mask_prob, mask_token_id, n, replacement):
+def _(input_ids, attention_mask, special_ids, seed, mask_prob, mask_token_id, n, replacement, word_starts=None):
     b = input_ids.shape[0]
     return (torch.empty_like(input_ids), input_ids.new_empty((b, n), dtype=torch.int64),
             input_ids.new_empty((b, n), dtype=torch.float32))
 
 
 def mask_tokens(input_ids, attention_mask, special_ids, seed, mask_prob: float, mask_token_id: int, n: int,
-                replacement: bool):
+                replacement: bool, word_starts: Optional[torch.Tensor] = None):
     """Backend entry (see electra_fast.ops.mask_tokens): contiguous int ids and attention mask (any dtype, nonzero
-    = real) [B, L], special ids [S] in the ids' dtype, a 1-element int64 seed tensor, N slots per row.
+    = real) [B, L], special ids [S] in the ids' dtype, a 1-element int64 seed tensor, N slots per row, and for
+    whole-word masking contiguous bool `word_starts [B, L]` (with replacement False).
     Returns (masked_ids like input_ids, positions [B, N] int64, weights [B, N] fp32)."""
     return _mask_tokens_op(input_ids, attention_mask, special_ids, seed, float(mask_prob), int(mask_token_id),
-                           int(n), bool(replacement))
+                           int(n), bool(replacement), word_starts)

@@ -95,11 +95,12 @@ def _lm_head(m, e, dtype):
     torch.autograd.grad(loss, (hidden, weight, bias))
 
 
-def _mask(b, seq_len, replacement):
+def _mask(b, seq_len, replacement, whole_word=False):
     from electra_fast import ops
     ids = torch.zeros(b, seq_len, dtype=torch.long)
+    starts = torch.ones(b, seq_len, dtype=torch.bool) if whole_word else None
     ops.mask_tokens(ids, torch.ones_like(ids), mask_token_id=103, special_token_ids=[0, 100, 101, 102, 103],
-                    replacement=replacement, backend="triton")
+                    replacement=replacement, word_starts=starts, backend="triton")
 
 
 def _disc(b, seq_len, h, n, dtype):
@@ -148,6 +149,8 @@ def _scenarios() -> list:
         for replacement in (False, True):
             out.append(Scenario(f"mask_tokens {size} replacement={replacement}",
                                 lambda s=s, r=replacement: _mask(s["b"], s["seq_len"], r)))
+        out.append(Scenario(f"mask_tokens {size} whole_word",
+                            lambda s=s: _mask(s["b"], s["seq_len"], False, whole_word=True)))
         out.append(Scenario(f"dropout_add_layer_norm {size} bfloat16",
                             lambda s=s: _residual_layer_norm(s["b"] * s["seq_len"], s["h"], torch.bfloat16)))
         out.append(Scenario(f"varlen_plan {size}", lambda s=s: _varlen_plan(s["b"], s["seq_len"])))

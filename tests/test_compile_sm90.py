@@ -42,6 +42,8 @@ REG_BUDGET = {
     "rtd_head_loss._head_forward_kernel": 128,  # 122 with Triton 3.6 (fp32), 108 with 3.9
     "rtd_head_loss._head_reduce_kernel": 56,
     "rtd_head_loss._head_backward_kernel": 48,
+    # Token path 116 (Triton 3.9) / 108 (3.6); whole words (4 elements a thread) 103 / 110, with replacement 80.
+    "mask_tokens._mask_tokens_kernel": 128,
 }
 DEFAULT_REG_BUDGET = 128  # 2 CTAs of 256 threads per SM
 # With a padded vocabulary the MLM backward also needs fewer registers (46-48 measured; 56-59 with 2-byte accesses).

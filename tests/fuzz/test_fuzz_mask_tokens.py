@@ -1,6 +1,7 @@
 """`ops.mask_tokens` fuzzed (tests/fuzz/fuzz_common.py): every output row against the rules derived from its inputs
-(the reference's slot count, candidates only, distinct and ascending, [MASK] or the original token), the same masks
-under the same seed; on the reference and the Triton kernel."""
+(the reference's slot count, candidates only, distinct and ascending, [MASK] or the original token; with
+`word_starts`, whole candidate words and a fill that some order of BERT's walk gives), the same masks under the same
+seed; on the reference and the Triton kernel."""
 import math
 
 import pytest
@@ -38,7 +39,10 @@ def mask_cases(draw):
     specials = torch.tensor(SPECIALS) if specials == "tensor" else specials
     mask_prob = draw(st.floats(0.01, 0.99))
     max_pred = draw(st.one_of(st.none(), st.integers(1, seq_len)))
-    return ids, mask, specials, mask_prob, max_pred, draw(seeds)
+    starts = None
+    if draw(st.booleans()):  # whole words: starts anywhere, padding and specials included or not
+        starts = torch.rand(b, seq_len, generator=g) < draw(st.sampled_from((0.0, 0.3, 0.7, 1.0)))
+    return ids, mask, specials, mask_prob, max_pred, draw(seeds), starts
 
 
 def k_choices(n_real: int, mask_prob: float, n: int, n_cands: int) -> set:
@@ -51,10 +55,18 @@ def k_choices(n_real: int, mask_prob: float, n: int, n_cands: int) -> set:
     return {min(max(1, min(n, r)), n_cands) for r in rounded}
 
 
+def whole_words(starts, cands) -> list:
+    """The candidate words of a row as column lists: a start and the non-starts after it (a word at column 0 first)."""
+    firsts = [0] + [c for c in range(1, len(starts)) if starts[c]]
+    words = [list(range(a, b)) for a, b in zip(firsts, firsts[1:] + [len(starts)])]
+    return [w for w in words if set(w) <= set(cands)]
+
+
 def check_mask_tokens(case, backend: str):
-    ids, mask, specials, mask_prob, max_pred, seed = case
+    ids, mask, specials, mask_prob, max_pred, seed, starts = case
     kw = dict(mask_prob=mask_prob, mask_token_id=MASK_ID, special_token_ids=specials, max_predictions=max_pred,
-              backend=backend)
+              backend=backend, word_starts=starts if starts is None else starts.to("cpu" if backend == "torch"
+                                                                                    else KDEV))
     dev = "cpu" if backend == "torch" else KDEV
     ids, mask = ids.to(dev), None if mask is None else mask.to(dev)
     masked, positions, weights = ops.mask_tokens(ids, mask, generator=gen(seed, dev), **kw)
@@ -71,10 +83,16 @@ def check_mask_tokens(case, backend: str):
         real = [True] * seq_len if mask is None else (mask[r] != 0).tolist()
         cands = [i for i in range(seq_len) if real[i] and int(ids[r, i]) not in special]
         k = int(weights[r].sum())
-        assert k in k_choices(sum(real), mask_prob, n, len(cands)), (r, k)
+        if starts is None:
+            assert k in k_choices(sum(real), mask_prob, n, len(cands)), (r, k)
         assert weights[r, :k].eq(1).all() and weights[r, k:].eq(0).all() and positions[r, k:].eq(0).all()
         chosen = positions[r, :k].tolist()
         assert chosen == sorted(set(chosen)) and set(chosen) <= set(cands)  # distinct, ascending, candidates only
+        if starts is not None:  # whole words, and a fill the walk gives for some order: what is left out overflows
+            words = whole_words(starts[r].tolist(), cands)
+            assert chosen == sorted(c for w in words if w[0] in chosen for c in w), (r, chosen, words)
+            caps = k_choices(sum(real), mask_prob, n, n)
+            assert any(k <= cap and all(len(w) > cap - k for w in words if w[0] not in chosen) for cap in caps)
         for i in range(seq_len):
             if i not in chosen:
                 assert masked[r, i] == ids[r, i], (r, i)
