@@ -3,6 +3,7 @@ deterministic rank-split batch order.
 
     text files / built-in corpus --(corpus)--> lines --(tokenizer, prepare)--> shards + index.json
     shards --(loader.PretrainingData, loader.BatchPlan)--> input_ids / attention_mask / token_type_ids [B, L]
+                                                            (/ word_starts, from `prepare --word-segmenter`)
     tokenized rows (transformers.Trainer, accelerate, a DataLoader) --(collator.ElectraDataCollator)--> the same
 
 The names below import on first use (the worker processes of `prepare` need no torch), but for `prepare`'s own,

@@ -35,8 +35,8 @@ from typing import Callable, Iterable, Iterator, Optional
 import numpy as np
 
 from electra_fast.data.packing import CHUNK_BYTES, Chunk, DocumentPacker, chunk_documents, init_worker, pack_in_worker
-from electra_fast.data.shards import (DATA_PREFIX, FORMAT, TEMP_PREFIX, check_output, no_text_message, remove, run_id,
-                                      save_npy, switch_in, write_json)
+from electra_fast.data.shards import (DATA_PREFIX, FORMAT, STARTS_SUFFIX, TEMP_PREFIX, check_output, no_text_message,
+                                      remove, run_id, save_npy, switch_in, write_json)
 from electra_fast.data.tokenizer import TOKENIZER_FILE, save_tokenizer, special_ids, vocab_fingerprint
 from electra_fast.errors import InputError, lock_directory
 
@@ -71,6 +71,15 @@ def _unfinished_runs(output_dir: str):
             if progress is not None and progress.get("shards"):
                 found.append((os.path.getmtime(os.path.join(folder, PROGRESS_FILE)), folder, progress))
     return [(folder, progress) for _, folder, progress in sorted(found, reverse=True)]
+
+
+def _tidy(folder: str, progress: dict) -> None:
+    """Delete what a killed run left half-done in `folder`: a progress file not yet renamed into place, and shard
+    files written after the last one recorded (a resumed run writes them again; none may reach the dataset)."""
+    recorded = len(progress["shards"])
+    for name in os.listdir(folder):
+        if ".tmp-" in name or (name.startswith("shard-") and int(name[6:11]) >= recorded):
+            remove(os.path.join(folder, name))
 
 
 def unfinished_tokenizer(output_dir: str) -> Optional[str]:
@@ -115,18 +124,21 @@ class ShardSink:
     """Collects examples in order and writes a shard every `shard_size` of them, then records the progress."""
 
     def __init__(self, folder: str, seq_len: int, dtype, pad_id: int, shard_size: int, progress: dict,
-                 on_shard: Optional[Callable[[int], None]] = None):
+                 on_shard: Optional[Callable[[int], None]] = None, word_starts: bool = False):
         self.folder, self.shard_size, self.pad_id = folder, shard_size, pad_id
         self.ids = np.full((shard_size, seq_len), pad_id, dtype=dtype)
         self.lens = np.zeros((shard_size, 2), dtype=np.int32)
+        self.starts = np.zeros((shard_size, (seq_len + 7) // 8), dtype=np.uint8) if word_starts else None
         self.docs = np.zeros(shard_size, dtype=np.int64)
         self.n, self.progress, self.on_shard = 0, progress, on_shard
 
-    def add(self, ids: np.ndarray, lens: np.ndarray, docs: np.ndarray) -> None:
+    def add(self, ids: np.ndarray, lens: np.ndarray, docs: np.ndarray, starts: Optional[np.ndarray] = None) -> None:
         start = 0
         while start < len(ids):
             take = min(len(ids) - start, self.shard_size - self.n)
             self.ids[self.n:self.n + take] = ids[start:start + take]
+            if self.starts is not None:
+                self.starts[self.n:self.n + take] = starts[start:start + take]
             self.lens[self.n:self.n + take] = lens[start:start + take]
             self.docs[self.n:self.n + take] = docs[start:start + take]
             self.n += take
@@ -145,6 +157,9 @@ class ShardSink:
         save_npy(os.path.join(self.folder, f"{name}-len.npy"), lens)
         digest = hashlib.sha256(ids.tobytes())
         digest.update(lens.tobytes())
+        if self.starts is not None:  # the word-start bits (see `shards`)
+            save_npy(os.path.join(self.folder, f"{name}-{STARTS_SUFFIX}.npy"), self.starts[:n])
+            digest.update(self.starts[:n].tobytes())
         last = int(self.docs[n - 1])
         written = int(np.count_nonzero(self.docs[:n] == last))
         if p["next_doc"] == last:  # the previous shard ended inside the same document
@@ -197,7 +212,8 @@ def _packed(chunks: Iterator[Chunk], workers: int, tok, packer_args: tuple) -> I
 
 def build(lines: Iterable[str], output_dir: str, tok, *, seq_len: int, seed: int, shard_size: Optional[int],
           overwrite: bool, sources, extra_meta, workers: int, resume: bool, chunk_bytes: int = CHUNK_BYTES,
-          on_shard: Optional[Callable[[int], None]] = None, progress: Optional[Progress] = None) -> dict:
+          on_shard: Optional[Callable[[int], None]] = None, progress: Optional[Progress] = None,
+          word_segmenter: Optional[str] = None) -> dict:
     """Prepare format 2 (see the module docstring); `prepare.prepare` documents the arguments."""
     ids = special_ids(tok)
     check_output(output_dir, overwrite)
@@ -210,19 +226,23 @@ def build(lines: Iterable[str], output_dir: str, tok, *, seq_len: int, seed: int
         shard_size = shard_size or max(1, (64 << 20) // (2 * seq_len))  # ~64 MB of uint16 per shard
         settings = {"format": FORMAT, "seq_len": seq_len, "seed": seed, "shard_size": shard_size,
                     "vocab_hash": vocab_fingerprint(tok), "sources": sources or [], "extra_meta": extra_meta or {}}
+        if word_segmenter is not None:  # only then: a run stopped before segmenters existed still resumes
+            settings["word_segmenter"] = word_segmenter
         found = _resumable(output_dir, settings) if resume else None
         tmp, state = found or (os.path.join(output_dir, TEMP_PREFIX + run_id()), None)
         for name in os.listdir(output_dir):  # what other stopped preparations left (none runs: we hold the lock)
             if name.startswith(TEMP_PREFIX) and os.path.join(output_dir, name) != tmp:
                 remove(os.path.join(output_dir, name))
-        if state is None:
+        if state is not None:
+            _tidy(tmp, state)
+        else:
             os.mkdir(tmp)
             save_tokenizer(tok, tmp)  # the index names this copy: the data and its tokenizer go together
             state = {"settings": settings, "shards": [], "num_examples": 0, "num_tokens": 0, "next_doc": 0,
                         "skip_examples": 0}
-        sink = ShardSink(tmp, seq_len, dtype, ids["pad"], shard_size, state, on_shard)
+        sink = ShardSink(tmp, seq_len, dtype, ids["pad"], shard_size, state, on_shard, word_segmenter is not None)
         start_doc, skip = state["next_doc"], state["skip_examples"]
-        packer_args = (seq_len, seed, ids["cls"], ids["sep"], ids["pad"], np.dtype(dtype).name)
+        packer_args = (seq_len, seed, ids["cls"], ids["sep"], ids["pad"], np.dtype(dtype).name, word_segmenter)
         read_upto = deque()  # input bytes read when each chunk in flight was complete
 
         def chunks():
@@ -232,13 +252,14 @@ def build(lines: Iterable[str], output_dir: str, tok, *, seq_len: int, seed: int
 
         blocks = _packed(chunks(), workers, tok, packer_args)
         with contextlib.closing(blocks):
-            for block_ids, block_lens, block_docs in blocks:
+            for block_ids, block_lens, block_docs, block_starts in blocks:
                 upto = read_upto.popleft()
                 if skip:  # the examples of the resumed document that earlier shards hold
                     drop = min(skip, int(np.count_nonzero(block_docs == start_doc)))
                     block_ids, block_lens, block_docs = block_ids[drop:], block_lens[drop:], block_docs[drop:]
+                    block_starts = None if block_starts is None else block_starts[drop:]
                     skip -= drop
-                sink.add(block_ids, block_lens, block_docs)
+                sink.add(block_ids, block_lens, block_docs, block_starts)
                 if progress is not None:
                     progress.packed(upto)
         sink.flush()
@@ -253,6 +274,7 @@ def build(lines: Iterable[str], output_dir: str, tok, *, seq_len: int, seed: int
         index = {"format": FORMAT, "seq_len": seq_len, "dtype": np.dtype(dtype).name, "vocab_size": vocab_size,
                  "vocab_hash": settings["vocab_hash"], "special_ids": ids, "tokenizer": f"{final}/{TOKENIZER_FILE}",
                  "seed": seed, "sources": sources or [], **(extra_meta or {}),
+                 **({"word_segmenter": word_segmenter, "word_starts": True} if word_segmenter else {}),
                  "num_examples": state["num_examples"], "num_tokens": state["num_tokens"],
                  "shards": [{"name": f"{final}/{s['name']}", "num_examples": s["num_examples"]}
                             for s in state["shards"]],

@@ -1,8 +1,11 @@
 """Reading prepared shards: random access through memory maps and a deterministic, rank-split batch order.
 
-The order is a pure function of (seed, batch number): epoch `e` is a fresh permutation drawn from `(seed, e)`,
+The order is a pure function of (seed, batch number): epoch `e` is a fresh permutation keyed by `(seed, e)`,
 and global batch `k` is the `k`-th run of `global_batch` examples in it (the tail that does not fill a batch is
-dropped). Resuming needs nothing but `k`: no sampler state to save, and nothing to replay.
+dropped). Resuming needs nothing but `k`: no sampler state to save, and nothing to replay. The permutation is a
+seeded bijection evaluated at just the positions a rank reads (`order.ORDER`), so the plan's memory does not grow
+with the dataset; `order=order.LEGACY_ORDER` gives the order earlier versions used (a whole numpy permutation per
+epoch), which a run started by them must keep to resume on the same data (see `order`).
 
 A global batch is cut into `world_size * accum_steps` equal chunks; micro-step `a` of rank `r` takes chunk
 `a * world_size + r`. Ranks therefore never share an example, and a run on one process with `accum_steps *
@@ -18,8 +21,10 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from electra_fast.checks import check_int
+from electra_fast.checks import check_choice, check_int
+from electra_fast.data.order import ORDER, ORDERS, epoch_order
 from electra_fast.data.prepare import read_index
+from electra_fast.data.shards import STARTS_SUFFIX
 from electra_fast.data.tokenizer import load_tokenizer
 from electra_fast.errors import InputError
 
@@ -32,16 +37,21 @@ class PretrainingData:
         self.index = read_index(directory)
         self.seq_len = int(self.index["seq_len"])
         self.vocab_size = int(self.index["vocab_size"])
-        self._ids, self._lens, counts = [], [], []
+        # Which tokens start a word: only datasets prepared with a word segmenter carry it (see `shards`).
+        self.word_starts = bool(self.index.get("word_starts", False))
+        self._ids, self._lens, self._starts_bits, counts = [], [], [], []
         for shard in self.index["shards"]:
             ids = self._open(f"{shard['name']}-ids.npy")
             lens = self._open(f"{shard['name']}-len.npy")
             n = shard["num_examples"]
-            if ids.shape != (n, self.seq_len) or lens.shape != (n, 2):
+            bits = self._open(f"{shard['name']}-{STARTS_SUFFIX}.npy") if self.word_starts else None
+            if (ids.shape != (n, self.seq_len) or lens.shape != (n, 2)
+                    or (bits is not None and bits.shape != (n, (self.seq_len + 7) // 8))):
                 raise InputError(f"shard {shard['name']} in {directory!r} has shape {ids.shape}, expected "
                                  f"({n}, {self.seq_len}): the dataset is damaged, re-run `electra-fast prepare`")
             self._ids.append(ids)
             self._lens.append(lens)
+            self._starts_bits.append(bits)
             counts.append(n)
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
@@ -61,7 +71,9 @@ class PretrainingData:
         return load_tokenizer(os.path.join(self.directory, self.index["tokenizer"]))
 
     def gather(self, indices: np.ndarray, omit_full_mask: bool = False) -> Dict[str, torch.Tensor]:
-        """Examples `indices` (in that order) as int64 tensors `input_ids`, `attention_mask`, `token_type_ids`.
+        """Examples `indices` (in that order) as int64 tensors `input_ids`, `attention_mask`, `token_type_ids`,
+        and for a dataset prepared with a word segmenter `word_starts` (bool, True where a token starts a word, at
+        `[CLS]`/`[SEP]` and at padding; False where it continues the word before it).
 
         `omit_full_mask=True` leaves `attention_mask` out when every row is full (no padding): known here from
         the lengths on the host, so the model can run attention without any mask (FlashAttention on a GPU) and
@@ -71,16 +83,21 @@ class PretrainingData:
         shard = np.searchsorted(self._starts, indices, side="right") - 1
         ids = np.empty((len(indices), self.seq_len), dtype=np.int64)
         lens = np.empty((len(indices), 2), dtype=np.int64)
+        bits = np.empty((len(indices), (self.seq_len + 7) // 8), dtype=np.uint8) if self.word_starts else None
         for s in np.unique(shard):
             rows = np.nonzero(shard == s)[0]
             local = indices[rows] - self._starts[s]
             ids[rows] = self._ids[s][local]
             lens[rows] = self._lens[s][local]
+            if bits is not None:
+                bits[rows] = self._starts_bits[s][local]
         pos = np.arange(self.seq_len)
         real = pos[None, :] < lens[:, :1]
         segment_b = real & (pos[None, :] >= lens[:, 1:])
         batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(real.astype(np.int64)),
                  "token_type_ids": torch.from_numpy(segment_b.astype(np.int64))}
+        if bits is not None:
+            batch["word_starts"] = torch.from_numpy(np.unpackbits(bits, axis=1, count=self.seq_len).astype(bool))
         if omit_full_mask and bool((lens[:, 0] == self.seq_len).all()):
             del batch["attention_mask"]
         return batch
@@ -94,10 +111,12 @@ class MicroBatch:
 
 
 class BatchPlan:
-    """Which examples each rank reads at each optimizer step (see the module docstring)."""
+    """Which examples each rank reads at each optimizer step (see the module docstring). `order`: `order.ORDER`
+    (the default) or `order.LEGACY_ORDER` (a run started before it, resumed on its data order)."""
 
     def __init__(self, num_examples: int, global_batch: int, *, world_size: int = 1, rank: int = 0,
-                 accum_steps: int = 1, seed: int = 0):
+                 accum_steps: int = 1, seed: int = 0, order: str = ORDER):
+        check_choice(order, "order", ORDERS, error=InputError)
         parts = world_size * accum_steps
         if global_batch % parts:
             raise InputError(f"--batch-size {global_batch} must be divisible by the number of processes times "
@@ -112,20 +131,24 @@ class BatchPlan:
         # This rank's micro-batches within every global batch (the same numbers each step; they seed its RNG).
         self.chunks = [a * world_size + rank for a in range(accum_steps)]
         self.batches_per_epoch = num_examples // global_batch
+        self.order = order
         self._epoch, self._perm = -1, None
 
-    def permutation(self, epoch: int) -> np.ndarray:
+    def permutation(self, epoch: int):
+        """Epoch `epoch`'s order: `[positions]` -> examples (kept for the last epoch asked; not thread-safe)."""
         if epoch != self._epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+            self._perm = epoch_order(self.order, self.num_examples, self.seed, epoch)
             self._epoch = epoch
         return self._perm
 
     def global_indices(self, batch: int) -> np.ndarray:
         """All `global_batch` example indices of global batch number `batch` (every rank's part)."""
         epoch, k = divmod(batch, self.batches_per_epoch)
-        return self.permutation(epoch)[k * self.global_batch:(k + 1) * self.global_batch]
+        return self.permutation(epoch)[np.arange(k * self.global_batch, (k + 1) * self.global_batch)]
 
     def micro_batches(self, batch: int) -> List[MicroBatch]:
-        """This rank's `accum_steps` micro-batches of global batch number `batch`."""
-        idx, b = self.global_indices(batch), self.micro_batch
-        return [MicroBatch(c, idx[c * b:(c + 1) * b]) for c in self.chunks]
+        """This rank's `accum_steps` micro-batches of global batch number `batch` (only their positions are
+        evaluated)."""
+        epoch, k = divmod(batch, self.batches_per_epoch)
+        perm, b, start = self.permutation(epoch), self.micro_batch, k * self.global_batch
+        return [MicroBatch(c, perm[np.arange(start + c * b, start + (c + 1) * b)]) for c in self.chunks]

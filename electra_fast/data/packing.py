@@ -133,17 +133,38 @@ def chunk_documents(lines: Iterable[str], chunk_bytes: int = CHUNK_BYTES, start_
         yield first, chunk
 
 
+# With a word segmenter, a token travels through `ExampleBuilder` as `id | STARTS << 32` when it starts a word:
+# the builder only concatenates and cuts lists, so the bit stays with its token and costs no second list.
+STARTS = 1 << 32
+
+
 class DocumentPacker:
     """Tokenizes and packs chunks of documents (format 2): `pack(chunk)` -> `(ids [n, seq_len], lens [n, 2] int32,
-    docs [n] int64)`, the examples in order, padded, with the number of the document each came from."""
+    docs [n] int64, starts)`, the examples in order, padded, with the number of the document each came from;
+    `starts` is None, or with `segmenter` (a `segment.SEGMENTERS` name) the word-start bits `[n, ceil(seq_len / 8)]`
+    uint8 (`np.packbits` of `[n, seq_len]` bools, True for a word's first token, specials and padding)."""
 
-    def __init__(self, tok, seq_len: int, seed: int, cls_id: int, sep_id: int, pad_id: int, dtype: str):
+    def __init__(self, tok, seq_len: int, seed: int, cls_id: int, sep_id: int, pad_id: int, dtype: str,
+                 segmenter: Optional[str] = None):
         self.tok, self.seq_len, self.seed, self.pad_id = tok, seq_len, seed, pad_id
         self.dtype = np.dtype(dtype)
         self.rng = random.Random(0)
+        self.segment = None
+        if segmenter is not None:
+            from electra_fast.data.segment import get_segmenter
+
+            self.segment = get_segmenter(segmenter)
+            cls_id, sep_id = cls_id | STARTS, sep_id | STARTS
         self.builder = ExampleBuilder(seq_len, cls_id, sep_id, self.rng)
         # The ids without the offsets and the per-token strings `encode_batch` also builds: the same ids, sooner.
-        self._encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+        # A segmenter needs the offsets.
+        self._encode = tok.encode_batch if segmenter else getattr(tok, "encode_batch_fast", tok.encode_batch)
+
+    def _tokens(self, line: str, encoding) -> List[int]:
+        from electra_fast.data.segment import token_starts
+
+        starts = token_starts(self.segment(line), encoding.offsets)
+        return [i | STARTS if s else i for i, s in zip(encoding.ids, starts)]
 
     def encode(self, chunk: Chunk) -> list:
         """The encodings of the chunk's non-blank lines (the Rust tokenizer: runs without the GIL)."""
@@ -160,7 +181,8 @@ class DocumentPacker:
                 self.rng.seed(document_seed(self.seed, doc))
                 builder.start_document()
                 started = True
-            example = builder.add_line(next(encoded).ids if line else None)
+            example = builder.add_line(None if not line else next(encoded).ids if self.segment is None
+                                       else self._tokens(line, next(encoded)))
             if example is not None:
                 examples.append(example)
                 docs.append(doc)
@@ -168,10 +190,18 @@ class DocumentPacker:
                 doc, started = doc + 1, False
         ids = np.full((len(examples), self.seq_len), self.pad_id, dtype=self.dtype)
         lens = np.empty((len(examples), 2), dtype=np.int32)
+        if self.segment is None:
+            for i, (example, len_a) in enumerate(examples):
+                ids[i, : len(example)] = example
+                lens[i] = (len(example), len_a)
+            return ids, lens, np.asarray(docs, dtype=np.int64), None
+        starts = np.ones((len(examples), self.seq_len), dtype=bool)  # padding: True
         for i, (example, len_a) in enumerate(examples):
-            ids[i, : len(example)] = example
+            tagged = np.asarray(example, dtype=np.int64)
+            ids[i, : len(example)] = tagged & (STARTS - 1)
+            starts[i, : len(example)] = tagged >= STARTS
             lens[i] = (len(example), len_a)
-        return ids, lens, np.asarray(docs, dtype=np.int64)
+        return ids, lens, np.asarray(docs, dtype=np.int64), np.packbits(starts, axis=1)
 
 
 _worker: dict = {}

@@ -49,7 +49,8 @@ __all__ = ["INDEX_FILE", "TEMP_PREFIX", "DATA_PREFIX", "FORMAT", "FORMAT_V1", "S
 def prepare(lines: Iterable[str], output_dir: str, tok, *, seq_len: int = 128, seed: int = 12345,
             shard_size: Optional[int] = None, overwrite: bool = False, sources=None, extra_meta=None,
             workers: Optional[int] = None, resume: bool = False, chunk_bytes: int = CHUNK_BYTES,
-            on_shard: Optional[Callable[[int], None]] = None, progress: Optional[Progress] = None) -> dict:
+            on_shard: Optional[Callable[[int], None]] = None, progress: Optional[Progress] = None,
+            word_segmenter: Optional[str] = None) -> dict:
     """Tokenize and pack `lines` into shards in `output_dir`; returns the index (also in `output_dir/index.json`).
 
     `index.json` appears (or, with `overwrite`, is replaced) in one rename when all input is packed, so an existing
@@ -59,11 +60,16 @@ def prepare(lines: Iterable[str], output_dir: str, tok, *, seq_len: int = 128, s
     process. A run stopped by an error, Ctrl-C or a kill keeps its finished shards, hidden; `resume=True` continues
     it (same `lines` and settings in `output_dir`), or starts one; without `resume` the next run deletes them.
     `chunk_bytes`: text per worker task; `on_shard(k)`: called after shard `k` is on disk and recorded. `progress`:
-    a `build.Progress` whose `on_bytes` the reader of `lines` calls.
+    a `build.Progress` whose `on_bytes` the reader of `lines` calls. `word_segmenter`: a `segment.SEGMENTERS`
+    name; the shards then carry which tokens start a word (for text whose tokens do not say it, e.g. Chinese).
     """
     workers = 1 if workers is None else workers
     check_int(workers, "--workers", low=1, error=InputError)
     check_int(chunk_bytes, "chunk_bytes", low=1, error=InputError)
+    if word_segmenter is not None:
+        from electra_fast.data.segment import get_segmenter
+
+        get_segmenter(word_segmenter)  # an unknown name or a missing package fails now, before any work
     return build(lines, output_dir, tok, seq_len=seq_len, seed=seed, shard_size=shard_size, overwrite=overwrite,
                  sources=sources, extra_meta=extra_meta, workers=workers, resume=resume, chunk_bytes=chunk_bytes,
-                 on_shard=on_shard, progress=progress)
+                 on_shard=on_shard, progress=progress, word_segmenter=word_segmenter)

@@ -9,6 +9,10 @@ this layout and load alike; they differ in how the packing drew its random numbe
 - `electra-fast-shards/2`: a stream per document, seeded by (seed, document number), so documents pack
   independently (in any number of processes, with the same bytes) and a run can resume at any document.
 
+Optional in format 2: `shard-NNNNN-wst.npy` (`[n, ceil(seq_len / 8)]` uint8, `np.packbits` of `[n, seq_len]` bools,
+the first bit the most significant), which tokens start a word, present when the index says `"word_starts": true`
+(written only by `prepare --word-segmenter`, see `segment`); datasets without it load as before.
+
 A preparation writes into a hidden `.prepare-RUN/` and makes it visible by renaming it, then switching
 `index.json` in one rename: a reader never sees a shard before the index names it.
 """
@@ -27,6 +31,7 @@ TEMP_PREFIX, DATA_PREFIX = ".prepare-", "shards-"
 FORMAT_V1 = "electra-fast-shards/1"
 FORMAT = "electra-fast-shards/2"
 FORMATS = (FORMAT_V1, FORMAT)
+STARTS_SUFFIX = "wst"  # shard-NNNNN-wst.npy: the word-start bits
 
 
 def save_npy(path: str, array: np.ndarray) -> None:

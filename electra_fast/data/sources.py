@@ -113,15 +113,20 @@ def prepare_text(data, output_dir: str, *, tokenizer: Optional[str] = None, seq_
                  vocab_size: int = 30522, lowercase: bool = True, seed: int = 12345, overwrite: bool = False,
                  shard_size: Optional[int] = None, progress: bool = True, extra_meta: Optional[dict] = None,
                  text_field: str = DEFAULT_TEXT_FIELD, trainer: str = "wordpiece", workers: Optional[int] = None,
-                 resume: bool = False, hub: Optional[HubDataset] = None) -> dict:
+                 resume: bool = False, hub: Optional[HubDataset] = None, word_segmenter: Optional[str] = None) -> dict:
     """The `prepare` command: inputs (or the built-in corpus, or `hub`) -> a dataset in `output_dir` (format 2,
     packed by `workers` processes, default: the cores; see `prepare.prepare`). Returns its index.
 
     The inputs and `output_dir` are checked before the tokenizer is trained, so a bad path fails at once.
     `resume=True` continues a stopped preparation in `output_dir`, with the tokenizer it started with.
+    `word_segmenter`: store which tokens start a word, by that segmenter (`segment.SEGMENTERS`).
     """
     source = TextSource(data, text_field, hub)
     check_output(output_dir, overwrite)
+    if word_segmenter is not None:
+        from electra_fast.data.segment import get_segmenter
+
+        get_segmenter(word_segmenter)  # an unknown name or a missing package: before a tokenizer is trained
     started = unfinished_tokenizer(output_dir) if resume and not tokenizer else None
     tok = load_tokenizer(started) if started else tokenizer_for(source, tokenizer, vocab_size, lowercase, trainer)
     bar = counter = None
@@ -135,7 +140,7 @@ def prepare_text(data, output_dir: str, *, tokenizer: Optional[str] = None, seq_
         return prepare(source.lines(on_bytes=counter.on_bytes if counter else None), output_dir, tok,
                        seq_len=seq_len, seed=seed, overwrite=overwrite, sources=source.describe(),
                        shard_size=shard_size, extra_meta=extra_meta, workers=cores() if workers is None else workers,
-                       resume=resume, progress=counter)
+                       resume=resume, progress=counter, word_segmenter=word_segmenter)
     finally:
         if bar is not None:
             bar.close()

@@ -318,12 +318,13 @@ def test_empty_and_missing_inputs(tok, tmp_path):
         prepare_text([str(tmp_path / "nope.txt")], str(tmp_path / "out"), progress=False)
 
 
+@pytest.mark.parametrize("order", ["feistel-1", "permutation-0"])
 @pytest.mark.parametrize("world,accum", [(1, 1), (2, 1), (2, 2), (4, 2)])
-def test_batch_plan_splits_ranks_without_overlap(world, accum):
+def test_batch_plan_splits_ranks_without_overlap(world, accum, order):
     n, global_batch, seed = 103, 16, random.randrange(1 << 30)
-    plans = [BatchPlan(n, global_batch, world_size=world, rank=r, accum_steps=accum, seed=seed)
+    plans = [BatchPlan(n, global_batch, world_size=world, rank=r, accum_steps=accum, seed=seed, order=order)
              for r in range(world)]
-    single = BatchPlan(n, global_batch, accum_steps=world * accum, seed=seed)
+    single = BatchPlan(n, global_batch, accum_steps=world * accum, seed=seed, order=order)
     per_epoch = n // global_batch
     seen_epoch = []
     for batch in range(3 * per_epoch):
@@ -339,7 +340,7 @@ def test_batch_plan_splits_ranks_without_overlap(world, accum):
             assert len(set(seen_epoch)) == len(seen_epoch) == per_epoch * global_batch
             seen_epoch = []
     # Deterministic in (seed, batch), a different order each epoch.
-    again = BatchPlan(n, global_batch, world_size=world, rank=0, accum_steps=accum, seed=seed)
+    again = BatchPlan(n, global_batch, world_size=world, rank=0, accum_steps=accum, seed=seed, order=order)
     assert np.array_equal(again.global_indices(per_epoch + 2), plans[0].global_indices(per_epoch + 2))
     assert not np.array_equal(plans[0].global_indices(0), plans[0].global_indices(per_epoch))
 
@@ -349,6 +350,8 @@ def test_batch_plan_errors():
         BatchPlan(100, 10, world_size=4)
     with pytest.raises(InputError, match="fewer than one batch"):
         BatchPlan(5, 8)
+    with pytest.raises(InputError, match=r"order must be one of \('feistel-1', 'permutation-0'\), got 'random'"):
+        BatchPlan(100, 10, order="random")
 
 
 def test_loader_omits_the_mask_of_full_batches(dataset):
