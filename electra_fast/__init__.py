@@ -27,6 +27,7 @@ _PUBLIC = {
     **dict.fromkeys(("PretrainerOutput", "rtd_step"), "electra_fast.pretraining.rtd_step"),
     "tie_embeddings": "electra_fast.pretraining.sharing",
     "tokenizer_ids": "electra_fast.pretraining.token_ids",
+    "word_starts_from_vocab": "electra_fast.data.word_starts",
     **dict.fromkeys(("ElectraModelConfig", "PRESETS"), "electra_fast.model.config"),
     **dict.fromkeys(("Generator", "Discriminator"), "electra_fast.model.encoder"),
     "AdamWeightDecay": "electra_fast.train.optim",

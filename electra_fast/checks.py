@@ -54,10 +54,11 @@ def check_number(value, name: str, *, low: Optional[float] = None, high: Optiona
 
 def check_choice(value, name: str, choices: Sequence[str], *, aliases: Optional[Mapping[str, str]] = None,
                  error: Type[Exception] = ValueError) -> str:
-    """`value` one of `choices`; an old spelling in `aliases` maps to its new name, which is returned."""
+    """`value` one of `choices`; another spelling in `aliases` (an older name, a hyphenated one) maps to its name in
+    `choices`, which is returned."""
     if aliases and value in aliases:
         value = aliases[value]
     if value not in choices:
-        also = f" (or the older {', '.join(repr(a) for a in aliases)})" if aliases else ""
+        also = f" (also accepted: {', '.join(repr(a) for a in aliases)})" if aliases else ""
         raise error(f"{name} must be one of {tuple(choices)}{also}, got {value!r}")
     return value

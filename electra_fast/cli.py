@@ -54,9 +54,12 @@ def _add_pretrain(sub) -> None:
       help="gradient-disentangled embedding sharing (default: on for --arch deberta-v3, off for electra)")
     a("--mask-prob", type=float, help="fraction of tokens masked (default: the preset's, 0.15 or 0.25)")
     # The older spelling "reference" is still accepted (TrainConfig maps it), but no longer shown.
-    a("--masking", choices=["distinct", "with_replacement", "reference"], metavar="{distinct,with_replacement}",
+    a("--masking", choices=["distinct", "with_replacement", "whole-word", "whole_word", "reference"],
+      metavar="{distinct,with_replacement,whole-word}",
       help="distinct (default): K_b distinct positions per row; with_replacement: drawn with replacement as the "
-      "reference does (a position drawn twice counts twice and takes the floor of the mean of its samples)")
+      "reference does (a position drawn twice counts twice and takes the floor of the mean of its samples); "
+      "whole-word: whole words (word starts from the tokenizer's vocabulary, or the data's own when prepared "
+      "with them)")
     a("--data", nargs="+", metavar="PATH", help="a prepared dataset directory, or text files/directories "
       "(one sentence per line, blank line between documents); default: the built-in corpus")
     a("--tokenizer", metavar="PATH", help="tokenizer.json, vocab.txt or a directory with one; default: the "
@@ -106,13 +109,28 @@ def _add_pretrain(sub) -> None:
       "with the training data's tokenizer; at most 10 batches)")
     a("--save-interval", type=int, help="steps between checkpoints (default 1000; one is always written at the end)")
     a("--keep-checkpoints", type=int, help="how many recent checkpoints to keep (default 3; 0 keeps all)")
+    a("--save-every-minutes", type=float, metavar="M", help="also save when M minutes passed since the last "
+      "checkpoint (rank 0's clock, checked every --signal-check-interval steps)")
+    a("--on-save-error", choices=["warn", "stop"], help="when a checkpoint cannot be written (a full disk): warn "
+      "(default: one line, the run goes on, the previous checkpoint stays the newest) or stop (an error naming the "
+      "file); the last save and one on a signal always stop")
+    a("--requeue-exit-code", type=int, metavar="N", help="on SIGTERM or SIGUSR1: finish the step, save a checkpoint, "
+      "flush the metrics and exit with N (default 0); a second signal exits at once")
+    a("--signal-check-interval", type=int, metavar="K", help="under torchrun, steps between the processes' "
+      "agreement on a stop or a timed save (default 10; one process checks after every step)")
     a("--tensorboard", action="store_true", default=None, help="also log to TensorBoard (<output>/tensorboard)")
     a("--wandb", nargs="?", const="electra-fast", metavar="PROJECT",
       help="also log to Weights & Biases, in PROJECT (default electra-fast; needs pip install wandb)")
     a("--device", help="torch device (default: cuda if available, else cpu)")
     a("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 for the tiny preset on a CPU)")
+    a("--collective-timeout", type=float, metavar="SECONDS",
+      help="under torchrun, a rank whose step has not finished after this long (a collective waiting on a dead or "
+      "hung rank) prints which rank and step and exits with code 124, so that torchrun --max-restarts restarts the "
+      "group (with --resume auto: from the last checkpoint); the first step after a start may take 30 minutes "
+      "(default 600)")
     a("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
-      help="continue from the newest checkpoint in the output dir (or the file given)")
+      help="continue from the newest checkpoint in the output dir (or the file given); --resume auto: from the "
+      "newest that verifies, skipping damaged ones, or start afresh where there is none (for job scripts)")
     a("--overwrite", action="store_true", default=None,
       help="start afresh in an output dir holding another run's checkpoints (they are deleted)")
     a("--no-export", dest="export", action="store_false", default=None,
@@ -141,9 +159,8 @@ def _read_config_file(path: str) -> dict:
 
 
 def _pretrain(args) -> int:
-    from electra_fast.io.checkpoint import load_checkpoint
     from electra_fast.train.config import TrainConfig, default_output_dir
-    from electra_fast.train.loop import find_resume_checkpoint, train
+    from electra_fast.train.loop import resume_state, train
 
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command", "config", "resume")}
     if "model" in given:
@@ -156,13 +173,19 @@ def _pretrain(args) -> int:
     if args.resume:
         output_dir = values.get("output_dir") or default_output_dir(values.get("arch", "electra"),
                                                                     values.get("preset", "tiny"))
-        resume = load_checkpoint(find_resume_checkpoint(args.resume, output_dir))
-        values = {**resume["config"], **values}
+        resume = resume_state(args.resume, output_dir)
+        values = {**resume["config"], **values} if resume is not None else values
     cfg = TrainConfig(**values)
     # Told on Ctrl-C (see main): the command that continues this run; the checkpoint holds every other setting.
     output_dir = cfg.output_dir or default_output_dir(cfg.arch, cfg.preset)
     args.resume_hint = f"electra-fast pretrain --resume -o {shlex.quote(output_dir)}"
     summary = train(cfg, resume=resume)
+    if summary.get("stopped"):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"electra-fast: {summary['stopped']}: stopped after step {summary['step']}, checkpoint "
+                  f"{summary['checkpoint']}; `electra-fast pretrain --resume auto -o {shlex.quote(output_dir)}` "
+                  "continues", file=sys.stderr, flush=True)
+        return cfg.requeue_exit_code
     if summary["eval"] is not None:
         from electra_fast.train.evaluate import summary_line
 
@@ -211,6 +234,9 @@ def _add_prepare(sub) -> None:
                    "folder or script) streaming, instead of PATHs; needs the `datasets` package")
     p.add_argument("--hf-config", metavar="C", help="its configuration (default: the dataset's default)")
     p.add_argument("--hf-split", metavar="S", default="train", help="its split (default: train)")
+    p.add_argument("--word-segmenter", metavar="NAME", help="store which tokens start a word, found by NAME: "
+                   "jieba (Chinese; needs the jieba package), whitespace, or chars (each character a word); for "
+                   "text whose tokens carry no word marker (WordPiece ## and SentencePiece \u2581 need none)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=_prepare)
 
@@ -245,6 +271,7 @@ def _prepare(args) -> int:
                          vocab_size=args.vocab_size, lowercase=not args.cased, seed=args.seed,
                          overwrite=args.overwrite, shard_size=args.shard_size, progress=args.progress,
                          text_field=args.text_field, workers=args.workers, resume=args.resume,
+                         word_segmenter=args.word_segmenter,
                          hub=HubDataset(args.hf_dataset, args.hf_config, args.hf_split, args.text_field)
                          if args.hf_dataset else None)
     skipped = index.get("skipped_lines", 0)

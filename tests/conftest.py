@@ -18,9 +18,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 # `pytest -n 2 --dist loadfile` (the README's line) hands whole files to the workers in collection order: the
 # longest files go first, so that both workers finish together instead of one waiting on a long file taken last.
-LONGEST_FILES = ("test_validate_gpu.py", "test_gumbel_sample_distribution.py", "test_lm_head_loss_and_sample.py",
-                 "test_ddp.py", "test_checkout_imports.py", "test_csrc_compile.py", "test_pretrainer.py",
-                 "test_attention.py", "test_gumbel_sample.py", "test_cli.py")
+LONGEST_FILES = ("test_faults_torchrun.py", "test_validate_gpu.py", "test_gumbel_sample_distribution.py",
+                 "test_lm_head_loss_and_sample.py", "test_ddp.py", "test_preemption.py", "test_checkout_imports.py",
+                 "test_mask_tokens_whole_word.py", "test_csrc_compile.py", "test_pretrainer.py", "test_attention.py",
+                 "test_gumbel_sample.py", "test_cli.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -66,7 +66,7 @@ def test_check_choice_maps_aliases():
     choices, aliases = ("distinct", "with_replacement"), {"reference": "with_replacement"}
     assert checks.check_choice("reference", "masking", choices, aliases=aliases) == "with_replacement"
     assert checks.check_choice("distinct", "masking", choices, aliases=aliases) == "distinct"
-    with pytest.raises(ValueError, match=r"masking must be one of \('distinct', 'with_replacement'\) \(or the older "
+    with pytest.raises(ValueError, match=r"masking must be one of \('distinct', 'with_replacement'\) \(also accepted: "
                                          r"'reference'\), got 'random'"):
         checks.check_choice("random", "masking", choices, aliases=aliases)
 

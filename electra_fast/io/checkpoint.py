@@ -10,6 +10,8 @@ and tensors are stored, so loading uses `torch.load(weights_only=True)` (no arbi
 A file can still be damaged later (disk, copy, sync tool): torch's zip reader does not check its CRCs, so zeroed
 bytes inside a tensor load silently. Each checkpoint therefore carries a SHA-256 of its payload (every tensor's
 bytes, dtype and shape, and every other value), verified on loading; a mismatch names the newest intact one.
+`newest_intact_checkpoint` (`--resume auto`) passes over damaged files and unfinished writes to the newest that
+verifies.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import hashlib
 import os
 import random
 import re
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -139,6 +141,11 @@ def _read(path: str):
         return None, "not an electra-fast training checkpoint"
     if state["format"] == FORMAT and state.pop("checksum", None) != payload_checksum(state):
         return None, "damaged: its contents do not match their checksum"
+    if "sharded" in state:  # an FSDP run's manifest: its shards must be there too
+        state["sharded"]["directory"] = os.path.dirname(os.path.abspath(path))
+        problem = _shards_problem(state)
+        if problem is not None:
+            return None, problem
     return state, None
 
 
@@ -159,6 +166,106 @@ def load_checkpoint(path: str) -> dict:
             remedy = f"delete it to resume from the previous good one, {older!r}"
             break
     raise InputError(f"checkpoint {path!r} is {problem}: {remedy}")
+
+
+def newest_intact_checkpoint(directory: str, warn: Callable[[str], None]) -> Optional[dict]:
+    """The newest checkpoint in `directory` whose contents match their checksum, loaded (what `--resume auto` takes).
+
+    Every file passed over on the way, a damaged or foreign checkpoint or an unfinished write (the temporary of a save
+    that was killed), is told to `warn` in one line. None where `directory` holds no checkpoint (a fresh start); an
+    `InputError` where it holds some but none is intact (starting afresh over them is for a person to decide).
+    """
+    if not os.path.isdir(directory):
+        return None
+    for name in sorted(os.listdir(directory)):
+        if ".tmp-" in name and _NAME.match(name.split(".tmp-")[0]):
+            warn(f"skipping {os.path.join(directory, name)!r}: an unfinished write (a save was interrupted; the "
+                 "next save removes it)")
+    found = list_checkpoints(directory)
+    for _, path in reversed(found):
+        state, problem = _read(path)
+        if problem is None:
+            return state
+        warn(f"skipping {path!r}: it is {problem}")
+    if found:
+        raise InputError(f"--resume auto: none of the {len(found)} checkpoint(s) in {directory!r} is intact: delete "
+                         "them to start afresh, or pass --resume PATH to a good copy")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- sharded saves
+# An FSDP run saves without gathering: every process writes its part, `checkpoint-<step>.shard-<r>-of-<n>.pt`, and
+# then rank 0 writes `checkpoint-<step>.pt` as a manifest: the run's other state as usual, plus "sharded": every
+# shard's checksum and size. The manifest comes last, so it only exists once every shard is whole on disk; loading it
+# checks that its shards exist at their sizes, and each process verifies its shard's checksum when it reads it.
+SHARD_FORMAT = "electra-fast-checkpoint-shard/1"
+_SHARD = re.compile(r"^checkpoint-(\d+)\.shard-\d+-of-\d+\.pt(\.tmp-\d+)?$")
+
+
+def shard_path(directory: str, step: int, rank: int, world_size: int) -> str:
+    return os.path.join(directory, f"checkpoint-{step:08d}.shard-{rank:05d}-of-{world_size:05d}.pt")
+
+
+def save_shard(state: dict, directory: str, step: int, rank: int, world_size: int) -> Tuple[str, int]:
+    """Write one process's part of a sharded checkpoint atomically (a temporary, flushed and renamed, as
+    `save_checkpoint` writes). -> (its checksum, its size in bytes), which the manifest records."""
+    os.makedirs(directory, exist_ok=True)
+    path = shard_path(directory, step, rank, world_size)
+    payload = _on_cpu({"format": SHARD_FORMAT, "step": step, "rank": rank, "world_size": world_size, **state}, {})
+    checksum = payload_checksum(payload)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({**payload, "checksum": checksum}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(directory)
+    return checksum, os.path.getsize(path)
+
+
+def read_shard(manifest: dict, rank: int) -> dict:
+    """Shard `rank` of a loaded manifest, its checksum verified; an `InputError` naming it where it does not match."""
+    info = manifest["sharded"]
+    path = shard_path(info["directory"], manifest["step"], rank, info["world_size"])
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        state = None
+    expected = info["checksums"][rank]
+    if not isinstance(state, dict) or state.pop("checksum", None) != expected or payload_checksum(state) != expected:
+        raise InputError(f"checkpoint shard {path!r} is damaged (missing, unreadable, or its contents do not match the "
+                         f"manifest's checksum): delete {checkpoint_path(info['directory'], manifest['step'])!r} "
+                         "to resume from the previous checkpoint (--resume auto skips it)")
+    return state
+
+
+def _shards_problem(manifest: dict) -> Optional[str]:
+    info = manifest["sharded"]
+    for rank, size in enumerate(info["sizes"]):
+        path = shard_path(info["directory"], manifest["step"], rank, info["world_size"])
+        if not os.path.isfile(path):
+            return f"missing its shard {path!r}"
+        if os.path.getsize(path) != size:
+            return f"damaged: its shard {path!r} holds {os.path.getsize(path)} bytes, not {size}"
+    return None
+
+
+def remove_stale_shards(directory: str, step: int) -> None:
+    """Delete the shards that no manifest names (pruned or never finished) but step `step`'s, and unfinished
+    writes of shards: what rank 0 does once a sharded checkpoint is complete."""
+    steps = {s for s, _ in list_checkpoints(directory)} | {step}
+    for name in os.listdir(directory):
+        m = _SHARD.match(name)
+        if m and (m.group(2) or int(m.group(1)) not in steps):
+            try:
+                os.remove(os.path.join(directory, name))
+            except FileNotFoundError:
+                pass
 
 
 # -------------------------------------------------------------------------------------------------- RNG states

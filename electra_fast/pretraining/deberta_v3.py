@@ -12,7 +12,7 @@ from electra_fast.checks import check_choice
 from electra_fast.model.hf_format import require_transformers
 from electra_fast.pretraining.families.rtd_head import RTDDiscriminator
 from electra_fast.pretraining.rtd_step import STEP_KWARGS
-from electra_fast.pretraining.token_ids import check_tokenizer_fits, resolve_ids
+from electra_fast.pretraining.token_ids import check_tokenizer_fits, resolve_ids, word_start_table
 
 # The paper's sizes; the generator has half the discriminator's depth and its width. "tiny" is ours, for tests.
 # Vocabulary: the tokenizer's (the paper's is a 128k SentencePiece model).
@@ -52,14 +52,18 @@ def deberta_v3_recipe(preset: str, *, tokenizer=None, vocab_size: Optional[int] 
                       gdes: bool = True, generator_layers: Optional[int] = None, **kwargs) -> tuple:
     """`(generator, discriminator, pretrainer keyword arguments)` of the recipe: `deberta_v3_models(preset)`, GDES
     on, RTD weight 50, mask_prob 0.15. Token ids from `tokenizer` or given (as `ElectraPretrainer.from_preset`);
-    `kwargs`: the pretrainer's settings (`mask_prob`, `disc_weight`, `options`, ...) and `DebertaV2Config` fields."""
+    `kwargs`: the pretrainer's settings (`mask_prob`, `disc_weight`, `options`, `masking`, `vocab_word_starts`,
+    ...) and `DebertaV2Config` fields; `masking="whole_word"` looks word starts up in the tokenizer's vocabulary
+    (its "▁" marks, `word_starts_from_vocab`) unless `vocab_word_starts` is given."""
     ids, tokenizer_vocab = resolve_ids(tokenizer, mask_token_id, special_token_ids, pad_token_id)
     if vocab_size is None:
         if tokenizer_vocab is None:
             raise ValueError("vocab_size must be given when no tokenizer is")
         vocab_size = tokenizer_vocab
     check_tokenizer_fits(tokenizer_vocab, vocab_size)
-    settings = {k: kwargs.pop(k) for k in STEP_KWARGS + ("options",) if k in kwargs}
+    settings = {k: kwargs.pop(k) for k in STEP_KWARGS + ("options", "vocab_word_starts") if k in kwargs}
+    settings["vocab_word_starts"] = word_start_table(settings.get("masking", "distinct"), tokenizer,
+                                                     settings.get("vocab_word_starts"))
     generator, discriminator = deberta_v3_models(preset, vocab_size=vocab_size, pad_token_id=ids["pad_token_id"],
                                                  generator_layers=generator_layers, **kwargs)
     return generator, discriminator, dict(mask_token_id=ids["mask_token_id"],

@@ -24,7 +24,7 @@ from electra_fast.pretraining.rtd_step import STEP_KWARGS, PretrainerOutput, che
     generate, kernel_options, rtd_step, step
 from electra_fast.pretraining.sharing import embeddings_shared, has_gdes, tie_embeddings, tie_gdes
 from electra_fast.pretraining.token_ids import check_tokenizer_fits, require_ids, resolve_ids, tokenizer_beside, \
-    tokenizer_ids
+    tokenizer_ids, word_start_table
 
 
 def _shared_names(module: nn.Module) -> dict:
@@ -71,6 +71,12 @@ class ElectraPretrainer(nn.Module):
     options, else the defaults. The other keyword arguments are `rtd_step`'s (`fused_lm_head` sets
     `options.fused_lm_head`; `masking="with_replacement"`: the reference's draw with replacement).
 
+    `masking="whole_word"` (docs/algorithm.md#whole-word-masking) chooses whole words; it reads word starts `[B, L]`
+    given with the batch (`forward(..., word_starts=)`) or else looked up on the device from `vocab_word_starts`, a
+    `[V]` bool table (True where token id v begins a word: `electra_fast.word_starts_from_vocab(tokenizer)`;
+    `from_preset`, `from_deberta_v3` and `from_pretrained` build it from `tokenizer=`). It is a non-persistent
+    buffer: it follows the module's device, and no checkpoint holds it.
+
     Any transformers masked LM (BERT, RoBERTa, DeBERTa-v2, ELECTRA) works as the generator, and as the
     discriminator `ElectraForPreTraining`, a `*ForTokenClassification` with `num_labels=1`, or a bare encoder
     (`AutoModel`), which gets ELECTRA's RTD head (`families.RTDDiscriminator`); they share the embedding modules both
@@ -82,7 +88,7 @@ class ElectraPretrainer(nn.Module):
                  gdes: Optional[bool] = None, mask_prob: float = 0.15, temperature: float = 1.0,
                  disallow_correct: bool = False, mlm_weight: float = 1.0, disc_weight: float = 50.0,
                  fused_lm_head: Optional[bool] = None, validate: bool = True, masking: str = "distinct",
-                 options: Optional[KernelOptions] = None):
+                 options: Optional[KernelOptions] = None, vocab_word_starts=None):
         super().__init__()
         discriminator = as_discriminator(discriminator)  # a bare AutoModel gets ELECTRA's RTD head
         pair = check_pair(generator, discriminator)  # the step's view of the two models, kept (see `_pair`)
@@ -115,6 +121,7 @@ class ElectraPretrainer(nn.Module):
         self.temperature, self.disallow_correct = temperature, disallow_correct
         self.mlm_weight, self.disc_weight, self.validate = mlm_weight, disc_weight, validate
         self.masking = check_masking(masking)
+        self.register_buffer("vocab_word_starts", self._word_start_table(vocab_word_starts), persistent=False)
         if options is None:
             self._options = kernel_options(discriminator.config.options if is_slim(discriminator) else None,
                                            fused_lm_head)
@@ -149,6 +156,36 @@ class ElectraPretrainer(nn.Module):
     def fused_lm_head(self, value: Optional[bool]) -> None:
         self._options = self._options.replace(fused_lm_head=value)
 
+    def _word_start_table(self, table) -> Optional[torch.Tensor]:
+        """`table` as a `[vocab_size]` bool tensor; ids past a shorter tokenizer's are words of their own."""
+        if table is None:
+            return None
+        table = torch.as_tensor(table)
+        if table.dim() != 1 or table.dtype != torch.bool or table.numel() > self.vocab_size:
+            raise ValueError(f"vocab_word_starts must be a 1-D bool tensor of at most vocab_size={self.vocab_size} "
+                             f"entries (electra_fast.word_starts_from_vocab(tokenizer)), got dtype {table.dtype} "
+                             f"and shape {tuple(table.shape)}")
+        return torch.cat([table, table.new_ones(self.vocab_size - table.numel())])
+
+    def set_vocab_word_starts(self, tokenizer_or_table) -> None:
+        """Set the `[V]` word-start lookup of whole-word masking: a tokenizer (anything `word_starts_from_vocab`
+        takes) or the table itself; None removes it."""
+        table = tokenizer_or_table
+        if table is not None and not isinstance(table, (torch.Tensor, list, tuple)):
+            table = word_start_table("whole_word", table)
+        device = self.special_token_ids.device
+        self.vocab_word_starts = None if table is None else self._word_start_table(table).to(device)
+
+    def _word_starts(self, input_ids: torch.Tensor, word_starts: Optional[torch.Tensor],
+                     masking: str) -> Optional[torch.Tensor]:
+        """The batch's word starts for whole-word masking: given, else looked up from the ids (on the device)."""
+        if masking != "whole_word" or word_starts is not None or self.vocab_word_starts is None:
+            return word_starts
+        # A token after a special one begins a word: else it would join the special token's word, which is never
+        # chosen (byte-level BPE's first word has no "Ġ"; a row cut inside a word starts with a continuation).
+        after_special = torch.isin(input_ids, self.special_token_ids.to(input_ids.dtype))
+        return self.vocab_word_starts[input_ids] | torch.cat([after_special[:, :1], after_special[:, :-1]], 1)
+
     def _pair(self) -> tuple:
         """The adapters built with the pretrainer; built again only if a model was replaced since."""
         g, d = self._adapters
@@ -158,9 +195,10 @@ class ElectraPretrainer(nn.Module):
         return self._adapters
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                token_type_ids: Optional[torch.Tensor] = None, *, rng: Optional[torch.Generator] = None,
-                return_loss: bool = True) -> PretrainerOutput:
-        """One step's losses and metrics; see `rtd_step`.
+                token_type_ids: Optional[torch.Tensor] = None, *, word_starts: Optional[torch.Tensor] = None,
+                rng: Optional[torch.Generator] = None, return_loss: bool = True) -> PretrainerOutput:
+        """One step's losses and metrics; see `rtd_step`. `word_starts` `[B, L]` (whole-word masking only): the
+        batch's own word boundaries, which win over the `vocab_word_starts` lookup.
 
         `return_loss` is for `transformers.Trainer`, which computes an evaluation loss only for models whose
         `forward` has `return_loss=True` (and no `labels`): the loss is always computed, so False is an error.
@@ -170,22 +208,29 @@ class ElectraPretrainer(nn.Module):
                              f"{return_loss!r}")
         gen, disc = self._pair()
         return step(gen, disc, input_ids, attention_mask, token_type_ids, mlm_weight=self.mlm_weight,
-                    disc_weight=self.disc_weight, rng=rng, **self._step_kwargs())
+                    disc_weight=self.disc_weight, rng=rng, **self._step_kwargs(input_ids, word_starts))
 
-    def _step_kwargs(self) -> dict:
+    def _step_kwargs(self, input_ids: torch.Tensor, word_starts: Optional[torch.Tensor] = None,
+                     masking: Optional[str] = None) -> dict:
+        masking = self.masking if masking is None else check_masking(masking)
         return dict(mask_token_id=self.mask_token_id, special_token_ids=self.special_token_ids,
                     mask_prob=self.mask_prob, temperature=self.temperature, disallow_correct=self.disallow_correct,
-                    options=self._options, validate=self.validate, masking=self.masking, dims=self._dims)
+                    options=self._options, validate=self.validate, masking=masking, dims=self._dims,
+                    word_starts=self._word_starts(input_ids, word_starts, masking))
 
     def scores(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-               token_type_ids: Optional[torch.Tensor] = None, *, rng: Optional[torch.Generator] = None) -> dict:
+               token_type_ids: Optional[torch.Tensor] = None, *, rng: Optional[torch.Generator] = None,
+               word_starts: Optional[torch.Tensor] = None, masking: Optional[str] = None) -> dict:
         """The step's per-token outputs for evaluation (the training step keeps no `[B, L]` logits): masking and
         sampling as `forward` (pass `rng` for fixed ones), then `{"disc_logits" [B, L] fp32, "is_replaced" [B, L]
         bool, "mlm_loss" 0-dim (mean over the masked slots), "gen_correct" [N] bool, "gen_weights" [N] (1 = a real
-        slot)}`. Call it under `torch.no_grad()` and `eval()` for scores without dropout."""
+        slot)}`. Call it under `torch.no_grad()` and `eval()` for scores without dropout. `masking`: another masking
+        than the model's for these scores (e.g. to compare models trained with different ones on one held-out
+        set); None: the model's."""
         gen, disc = self._pair()
         mlm_loss, correct, w, disc_ids, is_replaced = generate(gen, disc, input_ids, attention_mask, token_type_ids,
-                                                               rng=rng, **self._step_kwargs())
+                                                               rng=rng,
+                                                               **self._step_kwargs(input_ids, word_starts, masking))
         features, projection = disc.disc_head(disc.encode(disc_ids, attention_mask, token_type_ids))
         logits = F.linear(features, projection.weight, projection.bias).squeeze(-1).float()
         return {"disc_logits": logits, "is_replaced": is_replaced.bool(), "mlm_loss": mlm_loss.float(),
@@ -214,15 +259,19 @@ class ElectraPretrainer(nn.Module):
         `overrides`: `ElectraModelConfig` fields (the discriminator's; shared ones reach the generator),
         `generator_hidden_size` / `generator_num_attention_heads` / `generator_intermediate_size`, and the
         pretrainer's `mask_prob` (default: the preset's), `masking`, `temperature`, `disallow_correct`,
-        `mlm_weight`, `disc_weight`, `fused_lm_head`, `validate`, `share_embeddings`, `options`.
+        `mlm_weight`, `disc_weight`, `fused_lm_head`, `validate`, `share_embeddings`, `options`,
+        `vocab_word_starts` (default with `masking="whole_word"`: `word_starts_from_vocab(tokenizer)`).
         """
         check_choice(name, "preset", sorted(PRESETS))
         ids, tokenizer_vocab = resolve_ids(tokenizer, mask_token_id, special_token_ids, pad_token_id)
         if vocab_size is None:
             vocab_size = 30522 if tokenizer_vocab is None else tokenizer_vocab
         check_tokenizer_fits(tokenizer_vocab, vocab_size)
-        kwargs = {k: overrides.pop(k) for k in STEP_KWARGS + ("share_embeddings", "options") if k in overrides}
+        kwargs = {k: overrides.pop(k) for k in STEP_KWARGS + ("share_embeddings", "options", "vocab_word_starts")
+                  if k in overrides}
         kwargs.setdefault("mask_prob", PRESETS[name]["mask_prob"])
+        kwargs["vocab_word_starts"] = word_start_table(kwargs.get("masking", "distinct"), tokenizer,
+                                                       kwargs.get("vocab_word_starts"))
         gen_overrides = {f: overrides.pop(f"generator_{f}") for f in GENERATOR_FIELDS if f"generator_{f}" in overrides}
         gen_cfg, disc_cfg = preset_configs(name, vocab_size=vocab_size, pad_token_id=ids["pad_token_id"],
                                            generator=gen_overrides, **overrides)
@@ -267,7 +316,9 @@ class ElectraPretrainer(nn.Module):
         checkpoints (`directory`, `directory/generator` or `directory/discriminator`) for the ids; then
         `tokenizer` (see `tokenizer_ids`; its [PAD] id replaces the checkpoints' `pad_token_id`); then `kwargs`
         (`mask_token_id`, `special_token_ids`, `pad_token_id`, `gdes`, `share_embeddings`, `mask_prob`, `options`,
-        ...). Ids that none of them name are an error, never BERT's by default.
+        ...). Ids that none of them name are an error, never BERT's by default. With `masking="whole_word"` (saved or
+        given) the word-start lookup comes from `tokenizer`, else the tokenizer saved beside the checkpoints (else
+        none: pass `word_starts` with each batch, or `vocab_word_starts=`).
         """
         settings = {"gdes": False, "share_embeddings": True, **pairs.read_settings(directory)}
         ids = {}
@@ -282,6 +333,10 @@ class ElectraPretrainer(nn.Module):
         settings.update(ids)
         settings.update(kwargs)
         require_ids(settings, ("mask_token_id", "special_token_ids"))
+        if settings.get("vocab_word_starts") is None and check_masking(settings.get("masking", "distinct")) == \
+                "whole_word":
+            beside = tokenizer if tokenizer is not None else tokenizer_beside(directory)
+            settings["vocab_word_starts"] = word_start_table("whole_word", beside)
         pad = settings.pop("pad_token_id", None)
         overrides = {} if pad is None else {"pad_token_id": pad}
         gdes = settings.pop("gdes")

@@ -31,9 +31,11 @@ from electra_fast.ops._checks import INT_DTYPES, check_shape, check_tensor
 from electra_fast.options import KernelOptions
 from electra_fast.pretraining.families import Adapter, check_pair, pair_dims
 
-# Where the slots go: K_b distinct positions per row (ours), or drawn with replacement as the reference draws them.
-MASKINGS = ("distinct", "with_replacement")
-MASKING_ALIASES = {"reference": "with_replacement"}  # the older name, still read from saved settings
+# Where the slots go: K_b distinct positions per row (ours), drawn with replacement as the reference draws them, or
+# whole words (docs/algorithm.md#whole-word-masking).
+MASKINGS = ("distinct", "with_replacement", "whole_word")
+# "reference": the older name, still read from saved settings; "whole-word": the CLI's spelling.
+MASKING_ALIASES = {"reference": "with_replacement", "whole-word": "whole_word"}
 # The step's settings (`rtd_step`'s keyword arguments), which `ElectraPretrainer` holds and saves (but `validate`).
 STEP_KWARGS = ("mask_prob", "masking", "temperature", "disallow_correct", "mlm_weight", "disc_weight",
                "fused_lm_head", "validate")
@@ -95,8 +97,23 @@ class PretrainerOutput:
 
 # ----------------------------------------------------------------------------------------------- validation
 def check_masking(masking) -> str:
-    """`masking` by its name (the older "reference" is "with_replacement")."""
+    """`masking` by its name (the older "reference" is "with_replacement", "whole-word" is "whole_word")."""
     return check_choice(masking, "masking", MASKINGS, aliases=MASKING_ALIASES)
+
+
+def check_word_starts(word_starts: Optional[torch.Tensor], input_ids: torch.Tensor, masking: str):
+    """The `[B, L]` word starts whole-word masking needs (None for the other maskings, which ignore them)."""
+    if masking != "whole_word":
+        return None
+    if word_starts is None:
+        raise ValueError("masking='whole_word' needs word_starts, a [B, L] bool tensor True where a token begins a "
+                         "word: pass word_starts= with the batch (ElectraDataCollator(..., word_starts=True), or "
+                         "electra_fast.word_starts_from_vocab(tokenizer)[input_ids]), or give ElectraPretrainer the "
+                         "vocabulary's word starts to look them up from the ids (from_preset / from_pretrained with "
+                         "tokenizer=, vocab_word_starts=, or set_vocab_word_starts(tokenizer)); got None")
+    check_tensor(word_starts, "word_starts", ndim=2)
+    check_shape(word_starts, "word_starts", input_ids.shape, "same as input_ids")
+    return word_starts
 
 
 def check_token_id(value, name: str, vocab_size: int) -> int:
@@ -152,22 +169,28 @@ def disc_head_loss(features: torch.Tensor, projection, labels: torch.Tensor, att
 
 def generate(gen: Adapter, disc: Adapter, input_ids, attention_mask, token_type_ids, *, mask_token_id,
              special_token_ids, mask_prob, temperature, disallow_correct, validate, rng, options: KernelOptions,
-             masking="distinct", dims: Optional[dict] = None):
+             masking="distinct", dims: Optional[dict] = None, word_starts: Optional[torch.Tensor] = None):
     """The step up to the discriminator (checks, masking, generator loss and samples, replacement), shared by
     `step` and `ElectraPretrainer.scores`: `(mlm_loss, correct [N], weights [N], disc_ids, is_replaced)`.
-    `dims`: `families.pair_dims(gen, disc)` (computed when None)."""
+    `dims`: `families.pair_dims(gen, disc)` (computed when None). `word_starts`: `[B, L]`, read by
+    `masking="whole_word"` only."""
     dims = pair_dims(gen, disc) if dims is None else dims
     check_inputs(input_ids, attention_mask, token_type_ids, vocab_size=dims["vocab_size"],
                  max_positions=dims["max_position_embeddings"], type_vocab_size=dims["type_vocab_size"],
                  validate=validate)
     check_token_id(mask_token_id, "mask_token_id", dims["vocab_size"])
-    with_replacement = check_masking(masking) == "with_replacement"
+    masking = check_masking(masking)
+    with_replacement = masking == "with_replacement"
+    word_kw = {}
+    if masking == "whole_word":  # only then: the other maskings run the op exactly as before
+        word_kw["word_starts"] = check_word_starts(word_starts, input_ids, masking)
     backend = options.backend
     b, _ = input_ids.shape
 
     masked_ids, positions, weights = mask_tokens(input_ids, attention_mask, mask_prob=mask_prob,
                                                  mask_token_id=mask_token_id, special_token_ids=special_token_ids,
-                                                 replacement=with_replacement, generator=rng, backend=backend)
+                                                 replacement=with_replacement, generator=rng, backend=backend,
+                                                 **word_kw)
     # Generator: encoder over all L tokens, LM head at the N slots only.
     slots = masked_gather(gen.encode(masked_ids, attention_mask, token_type_ids), positions, backend=backend)
     targets = input_ids.gather(1, positions).reshape(-1)
@@ -218,7 +241,7 @@ def rtd_step(generator, discriminator, input_ids: torch.Tensor, attention_mask: 
              temperature: float = 1.0, disallow_correct: bool = False, mlm_weight: float = 1.0,
              disc_weight: float = 50.0, validate: bool = True, rng: Optional[torch.Generator] = None,
              fused_lm_head: Optional[bool] = None, masking: str = "distinct",
-             options: Optional[KernelOptions] = None) -> PretrainerOutput:
+             options: Optional[KernelOptions] = None, word_starts: Optional[torch.Tensor] = None) -> PretrainerOutput:
     """One replaced-token-detection step for existing training loops; call `.loss.backward()` on the result.
 
     The models are used as they are: tie their embeddings once with `tie_embeddings(generator, discriminator)`
@@ -243,16 +266,21 @@ def rtd_step(generator, discriminator, input_ids: torch.Tensor, attention_mask: 
         masking: "distinct" (default): K_b distinct positions per row. "with_replacement" (older name
             "reference"): the reference's draw, K_b positions with replacement, a position drawn for several slots
             taking the floor of the mean of their samples (`scatter_update`); its replacement runs the PyTorch
-            reference op.
+            reference op. "whole_word" (or "whole-word"): whole words, as BERT's whole-word masking chooses them
+            (docs/algorithm.md#whole-word-masking); needs `word_starts`.
         options: `KernelOptions`: the ops' backend and the sampler (None: the defaults). The slim encoders take
             their attention path from their own config's options.
+        word_starts: `[B, L]` bool, True where a token begins a word (`masking="whole_word"` only; ignored
+            otherwise): from the batch (`ElectraDataCollator(..., word_starts=True)`), or looked up from the ids with
+            `electra_fast.word_starts_from_vocab(tokenizer).to(device)[input_ids]`.
     """
     gen, disc = check_pair(generator, discriminator)
     return step(gen, disc, input_ids, attention_mask, token_type_ids, mlm_weight=mlm_weight, disc_weight=disc_weight,
                 options=kernel_options(options, fused_lm_head), mask_token_id=mask_token_id,
                 special_token_ids=special_token_ids, mask_prob=mask_prob, temperature=temperature,
-                disallow_correct=disallow_correct, validate=validate, rng=rng, masking=masking)
+                disallow_correct=disallow_correct, validate=validate, rng=rng, masking=masking,
+                word_starts=word_starts)
 
 
 __all__ = ["rtd_step", "step", "generate", "PretrainerOutput", "MASKINGS", "MASKING_ALIASES", "STEP_KWARGS",
-           "check_masking", "check_inputs", "check_token_id", "disc_head_loss", "kernel_options"]
+           "check_masking", "check_word_starts", "check_inputs", "check_token_id", "disc_head_loss", "kernel_options"]

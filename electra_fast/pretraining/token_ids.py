@@ -7,6 +7,8 @@ import os
 from typing import Optional
 
 from electra_fast.data.tokenizer import tokenizer_ids
+from electra_fast.data.word_starts import word_starts_from_vocab
+from electra_fast.pretraining.rtd_step import check_masking
 
 ID_KWARGS = ("mask_token_id", "special_token_ids", "pad_token_id")
 
@@ -40,6 +42,14 @@ def check_tokenizer_fits(tokenizer_vocab: Optional[int], vocab_size: int) -> Non
                          "pass the model's own tokenizer (or a larger vocab_size)")
 
 
+def word_start_table(masking: str, tokenizer, given=None):
+    """The `[V]` word-start lookup whole-word masking reads (`ElectraPretrainer(vocab_word_starts=)`): `given` if
+    any, else built from `tokenizer` when `masking` is "whole_word" (else None: the other maskings need none)."""
+    if given is not None or check_masking(masking) != "whole_word" or tokenizer is None:
+        return given
+    return word_starts_from_vocab(tokenizer)
+
+
 def tokenizer_beside(directory: str) -> Optional[str]:
     """A tokenizer saved with a checkpoint pair: in `directory`, or in its generator/ or discriminator/."""
     for sub in ("", "generator", "discriminator"):
@@ -49,4 +59,5 @@ def tokenizer_beside(directory: str) -> Optional[str]:
     return None
 
 
-__all__ = ["tokenizer_ids", "resolve_ids", "require_ids", "check_tokenizer_fits", "tokenizer_beside", "ID_KWARGS"]
+__all__ = ["tokenizer_ids", "resolve_ids", "require_ids", "check_tokenizer_fits", "tokenizer_beside", "ID_KWARGS",
+           "word_start_table"]

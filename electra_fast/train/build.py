@@ -20,8 +20,9 @@ from electra_fast.options import KernelOptions
 from electra_fast.pretraining.families import check_pair, pair_dims
 from electra_fast.pretraining.pretrainer import ElectraPretrainer, param_groups
 from electra_fast.pretraining.rtd_step import check_inputs
+from electra_fast.pretraining.token_ids import word_start_table
 from electra_fast.train.config import TrainConfig, canonical_masking, canonical_optimizer
-from electra_fast.train.distributed import apply_fsdp, load_state_dicts
+from electra_fast.train.distributed import apply_fsdp, load_sharded, load_state_dicts
 from electra_fast.train.export import model_from_spec
 from electra_fast.train.optim import AdamWeightDecay
 from electra_fast.train.warm_start import init_model
@@ -62,11 +63,14 @@ def run_model(cfg: TrainConfig, resume: Optional[dict], tok) -> ElectraPretraine
     settings = _settings(options, validate=False)
     if resume is None and cfg.init_from:
         return init_model(cfg.init_from, cfg.preset, tok, mask_prob=cfg.mask_prob, gdes=cfg.gdes,
-                          masking=cfg.masking, **settings)
+                          masking=cfg.masking, vocab_word_starts=word_start_table(cfg.masking, tok), **settings)
     if resume is None:
-        return build_model(cfg, tok, **settings)
+        return build_model(cfg, tok, **settings)  # from the preset with the tokenizer: its word starts too
     spec = resume["model_spec"]
     saved = dict(spec["settings"])
+    # Whole-word masking looks word starts up in the run's vocabulary, which no checkpoint holds (restore checks
+    # that the run keeps the checkpoint's masking).
+    settings["vocab_word_starts"] = word_start_table(saved.get("masking", "distinct"), tok)
     if options.fused_lm_head is not None:  # the checkpoint's choice (its older keyword) only where this run has none
         saved.pop("fused_lm_head", None)
     model = model_from_spec({**spec, "settings": {**saved, **settings}})
@@ -113,7 +117,10 @@ def restore(cfg: TrainConfig, resume: dict, model, optimizer) -> None:
     """Load the checkpoint's weights, optimizer state and RNG states, keeping this run's LR tensors."""
     check_resume(cfg, resume)
     settings = [{k: g[k] for k in ("lr", "capturable", "fused") if k in g} for g in optimizer.param_groups]
-    load_state_dicts(model, optimizer, resume["model"], resume["optimizer"], cfg.fsdp)
+    if "sharded" in resume:  # an FSDP run's checkpoint: each process reads its own shard
+        load_sharded(model, optimizer, resume)
+    else:
+        load_state_dicts(model, optimizer, resume["model"], resume["optimizer"], cfg.fsdp)
     for group, own in zip(optimizer.param_groups, settings):
         group.update(own)  # load_state_dict puts the saved values (a copy of the LR tensor) in their place
     set_rng_state(resume["rng"])

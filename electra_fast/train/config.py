@@ -66,7 +66,7 @@ class TrainConfig:
     model: dict = field(default_factory=dict)
     gdes: Optional[bool] = None  # default: on for deberta-v3, off for electra
     mask_prob: Optional[float] = None
-    masking: str = "distinct"  # or "with_replacement": positions drawn with replacement, as the reference draws them
+    masking: str = "distinct"  # or "with_replacement" (drawn with replacement, as the reference), or "whole_word"
     data: Optional[List[str]] = None  # None: the built-in corpus
     tokenizer: Optional[str] = None
     init_from: Optional[str] = None  # transformers checkpoints to continue from (electra_fast.io.warm_start)
@@ -94,6 +94,11 @@ class TrainConfig:
     eval_data: Optional[List[str]] = None  # None: hold out the last rows of the data (electra_fast.train.evaluate)
     save_interval: int = 1000
     keep_checkpoints: int = 3
+    save_every_minutes: Optional[float] = None  # also save when this long passed since the last (rank 0's clock)
+    on_save_error: str = "warn"  # a failed intermediate save (full disk): "warn" and go on, or "stop" (an error)
+    # On SIGTERM / SIGUSR1: finish the step, checkpoint, exit with this code (electra_fast.train.preemption).
+    requeue_exit_code: int = 0
+    signal_check_interval: int = 10  # steps between the processes' agreement on a stop or a timed save
     tensorboard: bool = False
     wandb: Optional[str] = None  # a Weights & Biases project to log to as well
     progress: bool = True
@@ -101,6 +106,8 @@ class TrainConfig:
     threads: Optional[int] = None  # torch intra-op threads; default torch's (1 for the tiny preset on a CPU)
     export: bool = True  # write discriminator/ and generator/ (transformers format) at the end
     overwrite: bool = False  # start afresh in an output dir that holds an older run's checkpoints
+    # Seconds a step of a multi-process run may take before its rank ends itself (electra_fast.train.watchdog).
+    collective_timeout: float = 600.0
     backend: Optional[str] = None  # "torch" | "triton" | "cuda" for every op; None: ELECTRA_FAST_BACKEND, else per op
     sampler: Optional[str] = None  # "cdf" | "gumbel"; None: ELECTRA_FAST_SAMPLER, else "cdf"
     attention: Optional[str] = None  # "auto" | "sdpa" | "varlen" | "flex" (the slim encoder's); None: "auto"
@@ -129,6 +136,12 @@ class TrainConfig:
             c.warmup_steps = min(DEFAULT_WARMUP, c.steps // 10)
         check_int(c.warmup_steps, "--warmup-steps", low=0, error=InputError)
         check_int(c.eval_interval, "--eval-interval", low=0, error=InputError)
+        check_int(c.signal_check_interval, "--signal-check-interval", low=1, error=InputError)
+        check_int(c.requeue_exit_code, "--requeue-exit-code", low=0, high=255, error=InputError)
+        if c.save_every_minutes is not None:
+            check_number(c.save_every_minutes, "--save-every-minutes", low=0, low_open=True, error=InputError)
+        check_choice(c.on_save_error, "--on-save-error", ("warn", "stop"), error=InputError)
+        check_number(c.collective_timeout, "--collective-timeout", low=0, low_open=True, error=InputError)
         c.adam_betas = tuple(c.adam_betas)
         for name in ("data", "eval_data"):  # absolute, so a resumed run finds the data from any working directory
             if getattr(c, name) is not None:

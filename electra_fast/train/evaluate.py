@@ -90,7 +90,8 @@ def evaluate(model, dataset, indices: np.ndarray, batch_size: int, seed: int, de
             batch = {n: t.to(device) for n, t in dataset.gather(indices[k * batch_size:(k + 1) * batch_size]).items()}
             rng = torch.Generator(device).manual_seed(eval_seed(seed, k))
             with amp:
-                out = model.scores(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], rng=rng)
+                out = model.scores(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], rng=rng,
+                                   word_starts=batch.get("word_starts"))
             real = batch["attention_mask"].bool()
             logits.append(out["disc_logits"][real].float().cpu())
             labels.append(out["is_replaced"][real].cpu())

@@ -8,7 +8,8 @@ in one process replayed from CUDA graphs; batches are gathered and copied ahead 
 
 Multi-process runs come from `torchrun` (the environment names rank and world size): DDP by default, FSDP2
 (`fully_shard`) with `fsdp=True`; each rank reads its own part of every global batch (`data.BatchPlan`), and
-only rank 0 logs and writes files.
+only rank 0 logs and writes files (under FSDP every rank writes its own checkpoint shard:
+`distributed.save_sharded`).
 
 Reproducibility: before each micro-batch, torch's RNG is seeded from (seed, step, chunk), where `chunk` numbers
 the micro-batch within the global batch. Masking, sampling and dropout of a chunk are then the same whatever
@@ -19,7 +20,8 @@ saved in checkpoints, for anything else that draws from them.
 
 A run goes through its phases in order (`_Run.run`): check the output directory, open the data, build (or
 restore) the model and optimizer, make the step, open the logs, the step loop (each step: run, evaluate, log,
-checkpoint, as their intervals say), finish (export, summary).
+checkpoint, as their intervals say; after SIGTERM or SIGUSR1, a last log and checkpoint end it early:
+`electra_fast.train.preemption`), finish (export, summary).
 """
 from __future__ import annotations
 
@@ -33,19 +35,23 @@ import torch
 import torch.distributed as dist
 
 from electra_fast.data import BatchPlan, open_training_data
+from electra_fast.data.order import LEGACY_ORDER, ORDER
 from electra_fast.data.prefetch import Prefetcher
 from electra_fast.errors import InputError, lock_directory
-from electra_fast.io.checkpoint import latest_checkpoint, list_checkpoints, rng_state, save_checkpoint
+from electra_fast.io.checkpoint import (checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
+                                        newest_intact_checkpoint, rng_state, save_checkpoint)
 from electra_fast.ops import available_backends
 from electra_fast.train.build import WithoutSegments, check_token_ids, has_token_types, place, restore, run_model
 from electra_fast.train.config import TrainConfig
-from electra_fast.train.distributed import Dist, full_state_dicts, grad_sync, init_distributed
+from electra_fast.train.distributed import Dist, full_state_dicts, grad_sync, init_distributed, save_sharded
 from electra_fast.train.evaluate import evaluate, heldout
 from electra_fast.train.export import export, model_spec
 from electra_fast.train.metrics_log import MetricsLog, ProgressBar, _summary_writer_class, _wandb_module
+from electra_fast.train.preemption import Preemption
 from electra_fast.train.schedules import warmup_linear_decay
 from electra_fast.train.step import DynamicLossScale, TrainStep
 from electra_fast.train.warm_start import init_tokenizer
+from electra_fast.train.watchdog import StepWatchdog
 
 
 def chunk_seed(seed: int, step: int, chunk: int) -> int:
@@ -59,10 +65,12 @@ def train(cfg: TrainConfig, resume: Optional[dict] = None) -> dict:
     Returns a summary: `{"step", "output_dir", "checkpoint", "metrics": last logged record, "model": the trained
     ElectraPretrainer (on its device; a shard of it under FSDP), "skipped_lines": lines of the text that were not
     UTF-8 (also reported on stderr when the data is opened), "eval": the last held-out evaluation
-    (`electra_fast.train.evaluate.evaluate`'s record with "step" and "split": "eval"; None without one)}`.
+    (`electra_fast.train.evaluate.evaluate`'s record with "step" and "split": "eval"; None without one), "stopped":
+    None, or what stopped the run early ("SIGTERM", "SIGUSR1"; "step" is then the step it stopped after, which its
+    last checkpoint holds: `electra_fast.train.preemption`)}`.
     """
     cfg = cfg.resolved()
-    env, device = init_distributed(cfg.device)
+    env, device = init_distributed(cfg.device, cfg.collective_timeout)
     threads = cfg.threads
     if threads is None and device.type == "cpu" and cfg.preset == "tiny":
         # The tiny model's matrices are too small to gain from intra-op threads, and spinning threads slow to a
@@ -76,7 +84,9 @@ def train(cfg: TrainConfig, resume: Optional[dict] = None) -> dict:
     try:
         if env.is_main:
             lock = lock_directory(cfg.output_dir, "--output-dir", "a pretrain run")
-        return _Run(cfg, resume, env, device).run()
+        run = _Run(cfg, resume, env, device)
+        with run.preemption:  # SIGTERM / SIGUSR1 now stop the run cleanly (electra_fast.train.preemption)
+            return run.run()
     finally:
         if lock is not None:
             lock.close()
@@ -124,6 +134,8 @@ class _Run:
             device.type == "cuda" and env.world_size == 1)
         # Written by the step loop, read by `finish`.
         self.record, self.eval_record, self.last_ckpt = {}, None, None
+        self.stopped = None  # the step after which a signal stopped the run
+        self.preemption = Preemption(env.rank, env.world_size, cfg.signal_check_interval, cfg.save_every_minutes)
 
     def run(self) -> dict:
         """Every phase in order; returns `train`'s summary."""
@@ -189,8 +201,11 @@ class _Run:
                                                             progress=False)
         if self.eval_set is not None and self.eval_set is not self.dataset and not has_token_types(self.model):
             self.eval_set = WithoutSegments(self.eval_set)  # the training dataset is wrapped already
+        # A run keeps the data order it started with: checkpoints written before the order was recorded used the
+        # whole-permutation order (data/order.py).
+        order = ORDER if self.resume is None else self.resume["data"].get("order", LEGACY_ORDER)
         self.plan = BatchPlan(train_rows, cfg.batch_size, world_size=env.world_size, rank=env.rank,
-                              accum_steps=cfg.grad_accum, seed=cfg.seed)
+                              accum_steps=cfg.grad_accum, seed=cfg.seed, order=order)
         self.train_step = TrainStep(
             self.model, self.optimizer, accum=self.plan.accum_steps, max_grad_norm=cfg.max_grad_norm,
             lr_schedule=warmup_linear_decay(cfg.steps, cfg.warmup_steps), amp_dtype=self.amp_dtype,
@@ -227,14 +242,21 @@ class _Run:
         runner = None  # the step itself, or its CUDA graphs
         self.model.train()
         self.window_steps, self.window_start = 0, time.perf_counter()
-        with prefetch:
+        self.preemption.restart_clock()  # timed checkpoints count from the first step, not from opening the data
+        # A rank stuck in a step (a collective waiting on a dead or hung rank) ends itself: electra_fast.train.watchdog.
+        watchdog = StepWatchdog(self.env.rank, cfg.collective_timeout if self.env.world_size > 1 else None)
+        with prefetch, watchdog:
             for step in range(self.start, cfg.steps):
+                watchdog.arm(step + 1)
                 batches = [next(prefetch) for _ in plan.chunks]  # the thread drew this step's indices
                 if runner is None:
                     runner = self.first_step_runner(batches)
                 runner(batches, seeds=[chunk_seed(cfg.seed, step, chunk) for chunk in plan.chunks])
                 self.window_steps += 1
                 self.after_step(step + 1)
+                watchdog.disarm()
+                if self.stopped is not None:
+                    break
 
     def first_step_runner(self, batches: list):
         """What runs every step: the eager `TrainStep`, or its CUDA-graph capture (on the first batch). The first
@@ -249,16 +271,47 @@ class _Run:
         return CUDAGraphStep(self.train_step, batches[0])
 
     def after_step(self, done: int) -> None:
-        """Evaluation, logging and a checkpoint after `done` steps, where their intervals fall (all at the end)."""
+        """Evaluation, logging and a checkpoint after `done` steps, where their intervals fall (all at the end);
+        on a signal the processes agreed on (`Preemption.decide`), the open window's metrics and a checkpoint, then
+        the loop stops."""
         cfg, last = self.cfg, done == self.cfg.steps
+        stop, timed = self.preemption.decide(done)
+        stop = stop and not last  # the run ends here anyway, and finishes as usual
         if self.eval_set is not None and (done % cfg.eval_interval == 0 or last):
             self.run_evaluation(done)
-        if done % cfg.log_interval == 0 or last:
+        if done % cfg.log_interval == 0 or last or stop:
             self.log_metrics(done)
         if self.bar is not None:
             self.bar.update()
-        if done % cfg.save_interval == 0 or last:
-            self.last_ckpt = self.checkpoint(done) or self.last_ckpt
+        if done % cfg.save_interval == 0 or last or stop or timed:
+            self.save(done, needed=last or stop)
+        if stop:
+            self.stopped = done
+
+    def save(self, step: int, needed: bool) -> None:
+        """`checkpoint(step)`, where a failed write (a full disk: any OSError) is decided the same way on every
+        process: an `InputError` naming the file where the checkpoint is `needed` (the end of the run, a stop on a
+        signal: nothing else would keep the state) or `on_save_error="stop"`; else one warning line, and the run goes
+        on to try again at the next save. Either way the previous checkpoint stays the newest (`save_checkpoint`
+        writes a temporary, removed on failure)."""
+        error = path = None
+        try:
+            path = self.checkpoint(step)
+        except OSError as e:
+            error = e
+        if self.preemption.all_ok(error is None):
+            self.last_ckpt = path or self.last_ckpt
+            self.preemption.restart_clock()
+            return
+        why = f"{error.strerror or error}" if error is not None else "failed on another rank"
+        kept = latest_checkpoint(self.ckpt_dir)
+        kept = f"the newest checkpoint is still {kept!r}" if kept else "no earlier checkpoint was written"
+        failed = f"could not write checkpoint {checkpoint_path(self.ckpt_dir, step)!r} ({why}); {kept}"
+        if needed or self.cfg.on_save_error == "stop":
+            raise InputError(f"{failed}: free space (or fix the directory), then run again with --resume auto")
+        if self.env.is_main:
+            print(f"electra-fast: warning: {failed}; training goes on and saves again at the next interval",
+                  file=sys.stderr, flush=True)
 
     def run_evaluation(self, done: int) -> None:
         """The held-out metrics (`electra_fast.train.evaluate`), logged as a "split": "eval" record."""
@@ -280,14 +333,20 @@ class _Run:
         self.window_steps, self.window_start = 0, now
 
     def checkpoint(self, step: int) -> Optional[str]:
-        """Save the run at `step` (rank 0 writes; every rank gathers under FSDP). -> the file, on rank 0."""
-        model_state, optim_state = full_state_dicts(self.model, self.optimizer, self.cfg.fsdp)  # collective under FSDP
+        """Save the run at `step` (rank 0 writes; under FSDP each rank its shard, and rank 0 the manifest,
+        `distributed.save_sharded`). -> the file, on rank 0."""
         step_state = self.train_step.state_dict()
+        extra = {"step_state": step_state, "rng": rng_state(),
+                 "data": {"batch": step, "batch_size": self.cfg.batch_size, "order": self.plan.order},
+                 **self.checkpoint_extra}
+        if self.cfg.fsdp:  # no rank gathers the whole state
+            return save_sharded(self.model, self.optimizer, extra, self.ckpt_dir, step, self.env,
+                                self.cfg.keep_checkpoints)
+        model_state, optim_state = full_state_dicts(self.model, self.optimizer, self.cfg.fsdp)
         if not self.env.is_main:
             return None
-        return save_checkpoint({"model": model_state, "optimizer": optim_state, "step_state": step_state,
-                                "rng": rng_state(), "data": {"batch": step, "batch_size": self.cfg.batch_size},
-                                **self.checkpoint_extra}, self.ckpt_dir, step, keep=self.cfg.keep_checkpoints)
+        return save_checkpoint({"model": model_state, "optimizer": optim_state, **extra}, self.ckpt_dir, step,
+                               keep=self.cfg.keep_checkpoints)
 
     def finish(self) -> dict:
         """Close the logs; the transformers export of the last checkpoint (rank 0); `train`'s summary."""
@@ -295,11 +354,18 @@ class _Run:
             self.bar.close()
         if self.log is not None:
             self.log.close()
-        if self.cfg.export and self.last_ckpt is not None:
+        if self.cfg.export and self.last_ckpt is not None and self.stopped is None:  # a stopped run is not done
             export(self.last_ckpt, self.out_dir)
+        stopped = None
+        if self.stopped is not None:
+            stopped = self.preemption.signal_name or "a signal to another rank"
+            if self.env.world_size > 1:  # each rank says where it stopped: the same step on all of them
+                print(f"electra-fast: rank {self.env.rank}: stopped after step {self.stopped} ({stopped})",
+                      file=sys.stderr, flush=True)
         self.env.barrier()
-        return {"step": max(self.start, self.cfg.steps), "output_dir": self.out_dir, "checkpoint": self.last_ckpt,
-                "metrics": self.record, "model": self.model, "skipped_lines": self.skipped, "eval": self.eval_record}
+        return {"step": max(self.start, self.cfg.steps) if stopped is None else self.stopped, "stopped": stopped,
+                "output_dir": self.out_dir, "checkpoint": self.last_ckpt, "metrics": self.record, "model": self.model,
+                "skipped_lines": self.skipped, "eval": self.eval_record}
 
 
 def find_resume_checkpoint(resume: str, output_dir: str) -> str:
@@ -313,4 +379,19 @@ def find_resume_checkpoint(resume: str, output_dir: str) -> str:
     return path
 
 
-__all__ = ["train", "chunk_seed", "find_resume_checkpoint"]
+def resume_state(resume: str, output_dir: str) -> Optional[dict]:
+    """The loaded checkpoint `--resume` means: a file, "latest" (`find_resume_checkpoint`), or "auto": the newest in
+    `output_dir/checkpoints` that verifies, skipping damaged files and unfinished writes with one warning line each
+    (rank 0 tells them), None (a fresh start) where there is no checkpoint at all, so a job script can always pass it.
+    """
+    if resume != "auto":
+        return load_checkpoint(find_resume_checkpoint(resume, output_dir))
+
+    def warn(line: str) -> None:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"electra-fast: warning: --resume auto: {line}", file=sys.stderr, flush=True)
+
+    return newest_intact_checkpoint(os.path.join(output_dir, "checkpoints"), warn)
+
+
+__all__ = ["train", "chunk_seed", "find_resume_checkpoint", "resume_state"]

@@ -55,7 +55,7 @@ def test_preset_overrides_and_errors():
     (dict(pad_token_id=97), "pad_token_id"),
     (dict(hidden_dropout_prob=1.0), "hidden_dropout_prob"),
     (dict(pad_vocab_multiple=0), "pad_vocab_multiple"),
-    (dict(initializer="xavier"), "initializer must be one of \\('truncated_normal', 'normal'\\) \\(or the older "
+    (dict(initializer="xavier"), "initializer must be one of \\('truncated_normal', 'normal'\\) \\(also accepted: "
                                  "'reference'\\), got 'xavier'"),
 ])
 def test_config_rejects_bad_values(changes, match):

@@ -13,6 +13,7 @@ import torch.distributed as dist
 pytest.importorskip("tokenizers")
 
 from electra_fast.io.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
+from electra_fast.train.distributed import consolidated_model  # noqa: E402
 from electra_fast.train.loop import TrainConfig, train  # noqa: E402
 from helpers import ROOT, read_metrics  # noqa: E402
 
@@ -65,8 +66,9 @@ BASE = dict(preset="tiny", steps=6, batch_size=8, seq_len=32, log_interval=1, sa
             progress=False, export=False, device="cpu", lr=2e-3)
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
-def test_two_ranks_match_one_process(dataset, tmp_path, fsdp):
+@pytest.mark.parametrize("fsdp,masking", [(False, "distinct"), (True, "distinct"), (False, "whole_word")],
+                         ids=["ddp", "fsdp2", "ddp-whole-word"])
+def test_two_ranks_match_one_process(dataset, tmp_path, fsdp, masking):
     if fsdp:
         pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs torch >= 2.6")
         from torch.distributed import fsdp as fsdp_mod
@@ -76,10 +78,14 @@ def test_two_ranks_match_one_process(dataset, tmp_path, fsdp):
     seed = int.from_bytes(os.urandom(2), "little")
     ddp_dir = tmp_path / "ddp"
     ddp_dir.mkdir()
-    torchrun(ddp_dir, {**BASE, "data": [dataset], "output_dir": str(ddp_dir / "run"), "seed": seed, "fsdp": fsdp})
+    torchrun(ddp_dir, {**BASE, "data": [dataset], "output_dir": str(ddp_dir / "run"), "seed": seed, "fsdp": fsdp,
+                       "masking": masking})
 
     # The single-process reference: the same global batch of 8 as 2 accumulated micro-batches of 4.
-    single = train(TrainConfig(**BASE, data=[dataset], output_dir=str(tmp_path / "single"), seed=seed, grad_accum=2))
+    single = train(TrainConfig(**BASE, data=[dataset], output_dir=str(tmp_path / "single"), seed=seed, grad_accum=2,
+                               masking=masking))
+    assert single["model"].masking == masking and (single["model"].vocab_word_starts is not None) == (
+        masking == "whole_word")
 
     seen = [json.load(open(ddp_dir / f"seen{r}.json")) for r in (0, 1)]
     assert len(seen[0]) == len(seen[1]) == BASE["steps"]
@@ -100,12 +106,14 @@ def test_two_ranks_match_one_process(dataset, tmp_path, fsdp):
         params = [torch.load(ddp_dir / f"params{r}.pt") for r in (0, 1)]
         for k in params[0]:
             assert torch.equal(params[0][k], params[1][k]), f"{k} differs between ranks"
-    else:  # sharded: rank 0's checkpoint holds the gathered full state
-        params = [load_checkpoint(latest_checkpoint(str(ddp_dir / "run" / "checkpoints")))["model"]]
+    else:  # sharded: each rank saved its part (no gather), put together here from the shards
+        manifest = load_checkpoint(latest_checkpoint(str(ddp_dir / "run" / "checkpoints")))
+        assert "model" not in manifest
+        params = [consolidated_model(manifest)]
     for k, v in ref.items():
         torch.testing.assert_close(params[0][k], v, rtol=1e-4, atol=2e-5, msg=lambda m: f"{k}: {m}")
 
-    if fsdp:  # resuming a sharded run from its (gathered) step-3 checkpoint repeats steps 4-6
+    if fsdp:  # resuming a sharded run from its step-3 checkpoint repeats steps 4-6
         resumed = tmp_path / "resumed"
         resumed.mkdir()
         ckpt = str(ddp_dir / "run" / "checkpoints" / "checkpoint-00000003.pt")

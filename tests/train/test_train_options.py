@@ -144,7 +144,10 @@ def test_kernel_options_reach_the_model_and_stay_out_of_the_saved_settings(datas
         train(dataclasses.replace(cfg, backend="cuda", output_dir=str(tmp_path / "cuda")))
 
 
-def test_older_spellings_are_mapped_and_their_checkpoints_resume(dataset, tmp_path, capsys):
+def test_older_spellings_are_mapped_and_their_checkpoints_resume(dataset, tmp_path, capsys, monkeypatch):
+    orders = []
+    plan = train_mod.BatchPlan
+    monkeypatch.setattr(train_mod, "BatchPlan", lambda *a, **k: orders.append(k["order"]) or plan(*a, **k))
     out = str(tmp_path / "run")
     args = ["pretrain", "--data", dataset, "-o", out, "--steps", "2", "--batch-size", "8", "--seq-len", "32",
             "--threads", "1", "--no-progress", "--no-export", "--device", "cpu", "--save-interval", "2"]
@@ -154,10 +157,14 @@ def test_older_spellings_are_mapped_and_their_checkpoints_resume(dataset, tmp_pa
     # A checkpoint written before the new names: its settings name the same choices.
     saved["config"].update(optimizer="reference", masking="reference")
     saved["model_spec"]["settings"]["masking"] = "reference"
+    # ... and no data order: such a run resumes on the whole-permutation order it started with.
+    assert saved["data"].pop("order") == "feistel-1"
     cfg = config(dataset, out, steps=3, optimizer="electra_adam", masking="with_replacement")
     assert train(cfg, resume=saved)["step"] == 3
+    assert orders == ["feistel-1", "permutation-0"]
+    assert checkpoint(out, 3)["data"]["order"] == "permutation-0"
     with pytest.raises(train_mod.InputError, match=r"--optimizer must be one of \('adamw', 'electra_adam'\) "
-                                                   r"\(or the older 'reference'\), got 'adam'"):
+                                                   r"\(also accepted: 'reference'\), got 'adam'"):
         train(dataclasses.replace(cfg, optimizer="adam"))
 
 
@@ -175,3 +182,37 @@ def test_first_step_token_ids_are_checked(dataset, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"input_ids must lie in \[0, vocab_size=\d+\), got values in "
                                          r"\[\d+, 1048576\]"):
         train(config(dataset, tmp_path / "run", steps=1))
+
+
+def test_whole_word_masking_trains_from_the_vocabulary_and_keeps_its_setting(dataset, tmp_path, monkeypatch):
+    from electra_fast.data import load_tokenizer
+
+    starts = []
+    real_mask = pretrainer_mod.mask_tokens
+    monkeypatch.setattr(pretrainer_mod, "mask_tokens", lambda ids, *a, **k: starts.append((ids, k.get(
+        "word_starts"))) or real_mask(ids, *a, **k))
+    out = str(tmp_path / "run")
+    args = ["pretrain", "--data", dataset, "-o", out, "--steps", "2", "--batch-size", "8", "--seq-len", "32",
+            "--threads", "1", "--no-progress", "--no-export", "--device", "cpu", "--save-interval", "2",
+            "--eval-interval", "0"]
+    assert main(args + ["--masking", "whole-word"]) == 0
+    saved = checkpoint(out, 2)
+    assert saved["config"]["masking"] == saved["model_spec"]["settings"]["masking"] == "whole_word"
+    # The oracle, from the WordPiece rule: a token begins a word unless it is a "##" piece; special tokens, and the
+    # token after one, begin words.
+    tok = load_tokenizer(dataset)
+    vocab = {i: t for t, i in tok.get_vocab().items()}
+    specials = {tok.token_to_id(t) for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]")}
+    assert len(starts) == 2
+    for ids, got in starts:
+        want = torch.tensor([[not vocab[i].startswith("##") or i in specials or (c > 0 and row[c - 1] in specials)
+                              for c, i in enumerate(row)] for row in ids.tolist()])
+        assert got is not None and torch.equal(got, want)
+    assert (~want).any()
+    cfg = config(dataset, out, steps=3, masking="whole_word", eval_interval=0)
+    with pytest.raises(train_mod.InputError, match="--masking distinct differs from the checkpoint's whole_word: "
+                                                   "resume with --masking whole_word"):
+        train(dataclasses.replace(cfg, masking="distinct"), resume=saved)
+    starts.clear()
+    assert train(cfg, resume=saved)["step"] == 3  # the lookup rebuilt from the run's tokenizer
+    assert len(starts) == 1 and starts[0][1] is not None
