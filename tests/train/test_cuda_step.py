@@ -191,3 +191,58 @@ def test_cuda_graph_step_requires_capturable_optimizer():
     opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3, device="cuda"), fused=True)
     with pytest.raises(ValueError, match="capturable=True"):
         CUDAGraphStep(TrainStep(model, opt), {"input_ids": ids, "attention_mask": mask})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cuda_graph_whole_word_step_draws_fresh_whole_words(device, monkeypatch):
+    """Whole-word masking inside the captured step: the vocabulary lookup and the masking op are recorded into the
+    graph, so every replay draws new words, and each drawn word is whole. The positions and weights of each replay
+    are copied into static buffers by a wrapper around the op (the copy is captured with it)."""
+    import electra_fast.pretraining.rtd_step as rtd_step
+
+    table = torch.zeros(V, dtype=torch.bool)
+    table[:5] = True  # special tokens are words of their own
+    table[5:25:3] = True  # of the batch's ids 5..24, every third begins a word; the others continue one
+    model = make(device)
+    model.masking = "whole_word"
+    model.set_vocab_word_starts(table)
+    seq_len = SEQ_LEN[torch.device(device).type]
+    n = max(1, int(0.155 * seq_len))
+    buffers = {"positions": torch.full((B, n), -1, device=device), "weights": torch.full((B, n), -1.0, device=device)}
+    real_mask = rtd_step.mask_tokens
+
+    def recording(*args, **kwargs):
+        assert "word_starts" in kwargs  # the step asked for whole words
+        masked, positions, weights = real_mask(*args, **kwargs)
+        buffers["positions"].copy_(positions)
+        buffers["weights"].copy_(weights)
+        return masked, positions, weights
+
+    monkeypatch.setattr(rtd_step, "mask_tokens", recording)
+    eager, step = graph_step(model, device)
+    for g in eager.optimizer.param_groups:
+        g["lr"].fill_(0.0)
+    ids, mask = batch(device)
+    starts = table.to(device)[ids]
+    starts[:, 0] = True
+    word = starts.long().cumsum(1) - 1  # word id of each token, as the op numbers words
+    drawn = set()
+    for _ in range(6):
+        step([{"input_ids": ids, "attention_mask": mask}])
+        positions, weights = buffers["positions"].cpu(), buffers["weights"].cpu()
+        assert set(weights.unique().tolist()) <= {0.0, 1.0}
+        chosen = torch.zeros(B, seq_len, dtype=torch.bool)
+        for b in range(B):
+            real = positions[b][weights[b] == 1]
+            assert len(real) <= round(float(mask[b].sum()) * 0.15) and torch.all(real[1:] > real[:-1])
+            chosen[b, real] = True
+        # A word is drawn whole or not at all, and only of real tokens.
+        w, c, m = word.cpu(), chosen, mask.cpu().bool()
+        for b in range(B):
+            for k in w[b].unique():
+                members = w[b] == k
+                assert c[b][members].all() or not c[b][members].any(), (b, k)
+                assert not c[b][members].any() or m[b][members].all(), (b, k)
+        assert chosen.sum() > 0
+        drawn.add(tuple(chosen.flatten().tolist()))
+    assert len(drawn) > 3  # randomness is not frozen into the graph
