@@ -295,3 +295,30 @@ def call_lm_head(hidden=None, weight=None, bias=None, targets=None, weights=None
                                        torch.tensor([0, 5, 2]) if targets is None else targets,
                                        torch.ones(3) if weights is None else weights, **kw)
 
+
+
+def documents(sentences, rng, longest: int) -> list:
+    """`sentences` cut into consecutive documents of 1..`longest` sentences (lengths drawn from `rng`)."""
+    docs, i = [], 0
+    while i < len(sentences):
+        n = rng.randint(1, longest)
+        docs.append(sentences[i:i + n])
+        i += n
+    return docs
+
+
+def document_text(docs) -> str:
+    """Documents as `prepare` reads text: one sentence per line, a blank line after each document."""
+    return "".join("".join(s + "\n" for s in d) + "\n" for d in docs)
+
+
+def dataset_files(directory) -> dict:
+    """Every file of a dataset (relative path -> bytes), the lock file aside."""
+    out = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            if name != ".electra-fast.lock":
+                path = os.path.join(root, name)
+                with open(path, "rb") as f:
+                    out[os.path.relpath(path, directory)] = f.read()
+    return out

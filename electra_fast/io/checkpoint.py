@@ -65,16 +65,13 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def save_checkpoint(state: dict, directory: str, step: int, keep: int = 3) -> str:
-    """Write `state` atomically as `checkpoint-<step>.pt`, then delete all but the `keep` newest (0: keep all)."""
-    os.makedirs(directory, exist_ok=True)
-    path = checkpoint_path(directory, step)
+def _save_atomic(obj: dict, path: str) -> None:
+    """`torch.save(obj)` to `path` or nothing: a hidden temporary beside it, flushed to disk, then renamed (a failed
+    or killed write leaves no file under `path`; the temporary is removed on failure, or by the next save)."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            # One host copy of every device tensor, hashed and saved (torch.save would copy each one again).
-            payload = _on_cpu({"format": FORMAT, "step": step, **state}, {})
-            torch.save({**payload, "checksum": payload_checksum(payload)}, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -82,7 +79,16 @@ def save_checkpoint(state: dict, directory: str, step: int, keep: int = 3) -> st
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    _fsync_dir(directory)
+    _fsync_dir(os.path.dirname(path))
+
+
+def save_checkpoint(state: dict, directory: str, step: int, keep: int = 3) -> str:
+    """Write `state` atomically as `checkpoint-<step>.pt`, then delete all but the `keep` newest (0: keep all)."""
+    os.makedirs(directory, exist_ok=True)
+    path = checkpoint_path(directory, step)
+    # One host copy of every device tensor, hashed and saved (torch.save would copy each one again).
+    payload = _on_cpu({"format": FORMAT, "step": step, **state}, {})
+    _save_atomic({**payload, "checksum": payload_checksum(payload)}, path)
     for name in os.listdir(directory):  # half-written files of killed runs
         if _NAME.match(name.split(".tmp-")[0]) and ".tmp-" in name and not name.endswith(f".tmp-{os.getpid()}"):
             os.remove(os.path.join(directory, name))
@@ -207,24 +213,13 @@ def shard_path(directory: str, step: int, rank: int, world_size: int) -> str:
 
 
 def save_shard(state: dict, directory: str, step: int, rank: int, world_size: int) -> Tuple[str, int]:
-    """Write one process's part of a sharded checkpoint atomically (a temporary, flushed and renamed, as
-    `save_checkpoint` writes). -> (its checksum, its size in bytes), which the manifest records."""
+    """Write one process's part of a sharded checkpoint atomically (`_save_atomic`). -> (its checksum, its size in
+    bytes), which the manifest records."""
     os.makedirs(directory, exist_ok=True)
     path = shard_path(directory, step, rank, world_size)
     payload = _on_cpu({"format": SHARD_FORMAT, "step": step, "rank": rank, "world_size": world_size, **state}, {})
     checksum = payload_checksum(payload)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({**payload, "checksum": checksum}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(directory)
+    _save_atomic({**payload, "checksum": checksum}, path)
     return checksum, os.path.getsize(path)
 
 

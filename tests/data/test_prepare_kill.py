@@ -18,6 +18,7 @@ pytest.importorskip("tokenizers")
 
 from electra_fast.cli import main  # noqa: E402
 from electra_fast.data import PretrainingData, builtin_lines, save_tokenizer, train_tokenizer  # noqa: E402
+from helpers import dataset_files, document_text, documents  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SENTENCES = [line for line in builtin_lines() if line]
@@ -25,25 +26,14 @@ SENTENCES = [line for line in builtin_lines() if line]
 
 def hashes(directory):
     """relative path -> SHA-256 of every file of a dataset, the lock file aside."""
-    out = {}
-    for root, _, names in os.walk(directory):
-        for name in names:
-            if name != ".electra-fast.lock":
-                path = os.path.join(root, name)
-                with open(path, "rb") as f:
-                    out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-    return out
+    return {name: hashlib.sha256(data).hexdigest() for name, data in dataset_files(directory).items()}
 
 
 def corpus(path, copies, seed):
     rng = random.Random(seed)
     with open(path, "w", encoding="utf-8") as f:
         for _ in range(copies):
-            i = 0
-            while i < len(SENTENCES):
-                n = rng.randint(1, 30)
-                f.write("".join(s + "\n" for s in SENTENCES[i:i + n]) + "\n")
-                i += n
+            f.write(document_text(documents(SENTENCES, rng, 30)))
 
 
 def recorded_shards(out):

@@ -18,6 +18,7 @@ from electra_fast.data import train_tokenizer  # noqa: E402
 from electra_fast.data.corpus import LineReader, document_to_lines  # noqa: E402
 from electra_fast.data.shards import FORMAT, FORMAT_V1  # noqa: E402
 from electra_fast.errors import InputError  # noqa: E402
+from helpers import dataset_files, document_text, documents  # noqa: E402
 
 SENTENCES = [line for line in builtin_lines() if line][:2400]
 SEQ_LEN, SHARD, CHUNK = 32, 37, 6000  # shards end inside documents; ~10 chunks: the workers share the input
@@ -31,26 +32,10 @@ def tok():
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """Documents of 1-30 sentences, one sentence per line, a blank line after each; as one file."""
-    rng, docs, i = random.Random(5), [], 0
-    while i < len(SENTENCES):
-        n = rng.randint(1, 30)
-        docs.append(SENTENCES[i:i + n])
-        i += n
+    docs = documents(SENTENCES, random.Random(5), 30)
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("".join("".join(s + "\n" for s in d) + "\n" for d in docs), encoding="utf-8")
+    path.write_text(document_text(docs), encoding="utf-8")
     return str(path), docs
-
-
-def files(directory):
-    """Every file of a dataset (relative path -> bytes), the lock file aside."""
-    out = {}
-    for root, _, names in os.walk(directory):
-        for name in names:
-            if name != ".electra-fast.lock":
-                path = os.path.join(root, name)
-                with open(path, "rb") as f:
-                    out[os.path.relpath(path, directory)] = f.read()
-    return out
 
 
 def run(corpus_path, out, tok, **kw):
@@ -69,7 +54,7 @@ def test_workers_write_the_same_bytes(corpus, tok, reference, tmp_path):
     ref_dir, ref_index = reference
     assert ref_index["format"] == FORMAT and len(ref_index["shards"]) > 5
     run(corpus[0], tmp_path / "two", tok, workers=2)
-    want, got = files(ref_dir), files(tmp_path / "two")
+    want, got = dataset_files(ref_dir), dataset_files(tmp_path / "two")
     assert sorted(got) == sorted(want) and "index.json" in got
     for name in want:
         assert got[name] == want[name], name
@@ -127,7 +112,7 @@ def test_resume_after_a_stop_gives_the_uninterrupted_bytes(corpus, tok, referenc
     resumed = []
     index = run(corpus[0], out, tok, workers=2, resume=True, on_shard=resumed.append)
     assert resumed[0] == 4  # it went on after the kept shards, not from the start
-    want, got = files(reference[0]), files(out)
+    want, got = dataset_files(reference[0]), dataset_files(out)
     assert sorted(got) == sorted(want)
     for name in want:
         assert got[name] == want[name], name

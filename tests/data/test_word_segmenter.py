@@ -19,6 +19,7 @@ from electra_fast.data.corpus import LineReader  # noqa: E402
 from electra_fast.data.segment import get_segmenter, token_starts  # noqa: E402
 from electra_fast.data.tokenizer import special_ids  # noqa: E402
 from electra_fast.errors import InputError  # noqa: E402
+from helpers import document_text, documents  # noqa: E402
 
 SENTENCES = [line for line in builtin_lines() if line][:700]
 SEQ_LEN, SEED = 24, 5
@@ -31,13 +32,9 @@ def tok():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    rng, docs, i = random.Random(2), [], 0
-    while i < len(SENTENCES):
-        n = rng.randint(1, 12)
-        docs.append(SENTENCES[i:i + n])
-        i += n
+    docs = documents(SENTENCES, random.Random(2), 12)
     path = tmp_path_factory.mktemp("seg") / "corpus.txt"
-    path.write_text("".join("".join(s + "\n" for s in d) + "\n" for d in docs), encoding="utf-8")
+    path.write_text(document_text(docs), encoding="utf-8")
     return str(path), docs
 
 
