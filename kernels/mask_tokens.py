@@ -16,10 +16,11 @@ CUDA-graph replays draw fresh ones.
   one Philox word (multiply-shift: bias below C / 2^32). The output row is the lookup table: each candidate's
   column is stored at its rank, the slots read their draw back after a barrier, then the row is overwritten with
   the masked ids. No loop over slots; positions stay in draw order, as the reference's.
-- Whole words (WHOLE_WORD, docs/algorithm.md#whole-word-masking): a word lives at its start column, keyed by that
-  column's key as above. Word ids are the running count of starts; the last token of each word (the next column
-  starts one: word_starts read shifted) writes its column and the running count of non-candidates to a scratch
-  entry at [row, word id], which gives each start its word's length and whether all its tokens are candidates.
+- Whole words (WHOLE_WORD, docs/algorithm.md#whole-word-masking): words begin where word_starts says, at column 0,
+  at every non-candidate and after one (so a special token or padding is a word of its own, and a word is a
+  candidate when its start is). A word lives at its start column, keyed by that column's key as above. Word ids are
+  the running count of starts; the last token of each word (the next column starts one: the rule read one column
+  on) writes its column to a scratch entry at [row, word id], which gives each start its word's length.
   Then rounds of "take the smallest-key candidate word that fits in the capacity left" (two row reductions each)
   while any row of the program has one: the same words as the walk in key order that skips a word that does not
   fit. The starts write taken-or-not to the scratch, every token reads its word's; slots as without replacement.
@@ -55,6 +56,26 @@ def _round_half_even(x):
 
 
 @triton.jit
+def _candidates(ids_ptr, mask_ptr, special_ptr, offs, valid, S):
+    """Real tokens that are not special ids (False outside `valid`)."""
+    ids = tl.load(ids_ptr + offs, mask=valid, other=0)
+    real = tl.load(mask_ptr + offs, mask=valid, other=0) != 0
+    special = ids != ids  # all False, the shape of offs
+    for i in range(S):  # a handful of ids: scalar loads, no [.., S] tile
+        special |= ids == tl.load(special_ptr + i)
+    return real & (special == 0)
+
+
+@triton.jit
+def _word_start(starts_ptr, ids_ptr, mask_ptr, special_ptr, offs, in_row, col2, cand, S):
+    """Where words begin: word_starts, column 0, every non-candidate and the token after one (a special token or
+    padding is always a word of its own: docs/contracts.md)."""
+    after = in_row & (col2 > 0)
+    after_bad = after & (_candidates(ids_ptr, mask_ptr, special_ptr, offs - 1, after, S) == 0)
+    return (tl.load(starts_ptr + offs, mask=in_row, other=0) != 0) | (col2 == 0) | (cand == 0) | after_bad
+
+
+@triton.jit
 def _mask_tokens_kernel(ids_ptr, mask_ptr, special_ptr, seed_ptr, out_ptr, positions_ptr, weights_ptr, starts_ptr,
                         B, L, N, S, mask_prob, mask_token_id, ROWS: tl.constexpr, BLOCK_L: tl.constexpr,
                         LOG2_BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -63,12 +84,8 @@ def _mask_tokens_kernel(ids_ptr, mask_ptr, special_ptr, seed_ptr, out_ptr, posit
     col = tl.arange(0, BLOCK_L)
     offs = row[:, None] * L + col[None, :]
     in_row = (row[:, None] < B) & (col[None, :] < L)
-    ids = tl.load(ids_ptr + offs, mask=in_row, other=0)
     real = tl.load(mask_ptr + offs, mask=in_row, other=0) != 0
-    special = tl.zeros([ROWS, BLOCK_L], tl.int1)
-    for i in range(S):  # a handful of ids: scalar loads, no [.., S] tile
-        special |= ids == tl.load(special_ptr + i)
-    cand = real & (special == 0)
+    cand = _candidates(ids_ptr, mask_ptr, special_ptr, offs, in_row, S)
     n_cands = tl.sum(cand.to(tl.int32), 1)
     k = _round_half_even(tl.sum(real.to(tl.int32), 1).to(tl.float32) * mask_prob)
     k = tl.minimum(tl.maximum(k, 1), N)
@@ -97,20 +114,20 @@ def _mask_tokens_kernel(ids_ptr, mask_ptr, special_ptr, seed_ptr, out_ptr, posit
                  mask=to_mask)
     elif WHOLE_WORD:
         col2 = tl.broadcast_to(col[None, :], [ROWS, BLOCK_L])
-        # Words start at column 0 and where word_starts says; a word ends where the next column starts one.
-        start = (tl.load(starts_ptr + offs, mask=in_row, other=0) != 0) | (col2 == 0)
-        last = tl.load(starts_ptr + offs + 1, mask=in_row & (col2 + 1 < L), other=1) != 0
-        bad = tl.cumsum((cand == 0).to(tl.int32), 1)  # non-candidates up to and including the column
+        start = _word_start(starts_ptr, ids_ptr, mask_ptr, special_ptr, offs, in_row, col2, cand, S)
+        # A word ends where the next column starts one (the same rule, one column on).
+        nxt = in_row & (col2 + 1 < L)
+        last = (nxt == 0) | (cand == 0) | (tl.load(starts_ptr + offs + 1, mask=nxt, other=0) != 0) | \
+            (_candidates(ids_ptr, mask_ptr, special_ptr, offs + 1, nxt, S) == 0)
         # Scans other than sums would be simpler but run element by element in the interpreter (the CPU tests), so
-        # word-level values go through scratch: the output row, at [row, word id] (written whole below). Word w's
-        # end column and the non-candidates up to it, packed (the launcher bounds L so that this fits).
+        # word-level values go through scratch: the output row, at [row, word id] (written whole below), gets each
+        # word's end column, which its start reads back.
         scratch = out_ptr + row[:, None] * L + tl.cumsum(start.to(tl.int32), 1) - 1
-        tl.store(scratch, (bad * BLOCK_L + col2).to(out_ptr.dtype.element_ty), mask=in_row & last)
+        tl.store(scratch, col2.to(out_ptr.dtype.element_ty), mask=in_row & last)
         tl.debug_barrier()  # other threads' stores become visible (bar.sync orders global memory in the CTA)
-        packed = tl.load(scratch, mask=in_row & start, other=0).to(tl.int32)
-        length = packed % BLOCK_L - col2 + 1
-        # A candidate word: as many non-candidates up to its end as before its start.
-        word = in_row & start & (packed // BLOCK_L == bad - (cand == 0).to(tl.int32))
+        length = tl.load(scratch, mask=in_row & start, other=0).to(tl.int32) - col2 + 1
+        # A non-candidate is a word of its own, so a word is a candidate when its start is.
+        word = in_row & start & cand
         r_hi, r_lo, _, _ = tl.randint4x(seed, offs)
         bits = ((r_hi.to(tl.int64) & 0x7FFFFFFF) << 32) | (r_lo.to(tl.int64) & 0xFFFFFFFF)
         # Only words still open keep their key (MAX otherwise); a taken word's length turns negative, its mark.
@@ -128,7 +145,7 @@ def _mask_tokens_kernel(ids_ptr, mask_ptr, special_ptr, seed_ptr, out_ptr, posit
             best = tl.min(key, 1)
         tl.debug_barrier()  # every thread has read the scratch before it is rewritten
         # Reloaded rather than held through the rounds (registers).
-        start = (tl.load(starts_ptr + offs, mask=in_row, other=0) != 0) | (col2 == 0)
+        start = _word_start(starts_ptr, ids_ptr, mask_ptr, special_ptr, offs, in_row, col2, cand, S)
         scratch = out_ptr + row[:, None] * L + tl.cumsum(start.to(tl.int32), 1) - 1
         tl.store(scratch, (length < 0).to(out_ptr.dtype.element_ty), mask=in_row & start)
         tl.debug_barrier()
@@ -185,9 +202,6 @@ def _mask_tokens_op(input_ids: torch.Tensor, attention_mask: torch.Tensor, speci
         rows = pow2(tile // block_l, hi=pow2(b))
         # An empty tensor may have a null pointer; with S = 0 the kernel reads none of it.
         specials = special_ids if special_ids.numel() else input_ids
-        if word_starts is not None and (seq_len + 1) * block_l >= 2**31:
-            raise ValueError(f"the Triton whole-word masking kernel takes sequences up to 32768 tokens (its scratch "
-                             f"packs two counts in an int32), got input_ids of shape {tuple(input_ids.shape)}")
         starts = input_ids if word_starts is None else loadable(word_starts)  # unread without WHOLE_WORD
         _mask_tokens_kernel[(triton.cdiv(b, rows),)](
             input_ids, loadable(attention_mask), specials, seed, masked, positions, weights, starts, b, seq_len, n,

@@ -50,7 +50,10 @@ def whole_words(candidate, word_starts, scores, k, n: int):
     K_b <= n slots, so n rounds take them all; a round with nothing that fits changes nothing."""
     seq_len = candidate.shape[1]
     col = torch.arange(seq_len, device=candidate.device)
-    starts = word_starts | (col == 0)  # continuation pieces before a row's first start form a word at column 0
+    # Continuation pieces before a row's first start form a word at column 0; a non-candidate (special token,
+    # padding) is a word of its own, so the token after one begins a word whatever word_starts says there.
+    after_bad = torch.nn.functional.pad(~candidate[:, :-1], (1, 0), value=False)
+    starts = word_starts | (col == 0) | ~candidate | after_bad
     word = starts.long().cumsum(1) - 1  # word id of every token; word-level tensors below are indexed by it
     length = torch.zeros_like(word).scatter_add_(1, word, torch.ones_like(word))
     bad = torch.zeros_like(word).scatter_add_(1, word, (~candidate).long())
@@ -144,8 +147,8 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] 
         generator: torch RNG for the draws (default: the global one, so `torch.manual_seed` applies).
         word_starts: optional `[B, L]` bool, True where a token begins a word (a continuation piece False): whole-word
             masking (docs/algorithm.md#whole-word-masking). A word is a start and the False tokens after it (pieces
-            before a row's first start form a word at column 0); a word is a candidate when all its tokens are
-            (so mark special tokens and padding True: a word that swallows one is never chosen). The candidate
+            before a row's first start form a word at column 0); a non-candidate (special token, padding) is always
+            a word of its own, and the token after it begins one, whatever `word_starts` says there. The candidate
             words are walked in a uniformly random order, each taken while its length fits in what is left of K_b,
             skipped otherwise. Needs `replacement=False`.
 

@@ -181,10 +181,9 @@ class ElectraPretrainer(nn.Module):
         """The batch's word starts for whole-word masking: given, else looked up from the ids (on the device)."""
         if masking != "whole_word" or word_starts is not None or self.vocab_word_starts is None:
             return word_starts
-        # A token after a special one begins a word: else it would join the special token's word, which is never
-        # chosen (byte-level BPE's first word has no "Ġ"; a row cut inside a word starts with a continuation).
-        after_special = torch.isin(input_ids, self.special_token_ids.to(input_ids.dtype))
-        return self.vocab_word_starts[input_ids] | torch.cat([after_special[:, :1], after_special[:, :-1]], 1)
+        # Where a special token or padding meets a word (byte-level BPE's first word has no "Ġ"; a row cut inside a
+        # word starts with a continuation), mask_tokens itself begins a word.
+        return self.vocab_word_starts[input_ids]
 
     def _pair(self) -> tuple:
         """The adapters built with the pretrainer; built again only if a model was replaced since."""
@@ -210,9 +209,8 @@ class ElectraPretrainer(nn.Module):
         return step(gen, disc, input_ids, attention_mask, token_type_ids, mlm_weight=self.mlm_weight,
                     disc_weight=self.disc_weight, rng=rng, **self._step_kwargs(input_ids, word_starts))
 
-    def _step_kwargs(self, input_ids: torch.Tensor, word_starts: Optional[torch.Tensor] = None,
-                     masking: Optional[str] = None) -> dict:
-        masking = self.masking if masking is None else check_masking(masking)
+    def _step_kwargs(self, input_ids: torch.Tensor, word_starts: Optional[torch.Tensor] = None) -> dict:
+        masking = self.masking
         return dict(mask_token_id=self.mask_token_id, special_token_ids=self.special_token_ids,
                     mask_prob=self.mask_prob, temperature=self.temperature, disallow_correct=self.disallow_correct,
                     options=self._options, validate=self.validate, masking=masking, dims=self._dims,
@@ -220,17 +218,15 @@ class ElectraPretrainer(nn.Module):
 
     def scores(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                token_type_ids: Optional[torch.Tensor] = None, *, rng: Optional[torch.Generator] = None,
-               word_starts: Optional[torch.Tensor] = None, masking: Optional[str] = None) -> dict:
+               word_starts: Optional[torch.Tensor] = None) -> dict:
         """The step's per-token outputs for evaluation (the training step keeps no `[B, L]` logits): masking and
         sampling as `forward` (pass `rng` for fixed ones), then `{"disc_logits" [B, L] fp32, "is_replaced" [B, L]
         bool, "mlm_loss" 0-dim (mean over the masked slots), "gen_correct" [N] bool, "gen_weights" [N] (1 = a real
-        slot)}`. Call it under `torch.no_grad()` and `eval()` for scores without dropout. `masking`: another masking
-        than the model's for these scores (e.g. to compare models trained with different ones on one held-out
-        set); None: the model's."""
+        slot)}`. Call it under `torch.no_grad()` and `eval()` for scores without dropout."""
         gen, disc = self._pair()
         mlm_loss, correct, w, disc_ids, is_replaced = generate(gen, disc, input_ids, attention_mask, token_type_ids,
                                                                rng=rng,
-                                                               **self._step_kwargs(input_ids, word_starts, masking))
+                                                               **self._step_kwargs(input_ids, word_starts))
         features, projection = disc.disc_head(disc.encode(disc_ids, attention_mask, token_type_ids))
         logits = F.linear(features, projection.weight, projection.bias).squeeze(-1).float()
         return {"disc_logits": logits, "is_replaced": is_replaced.bool(), "mlm_loss": mlm_loss.float(),

@@ -56,7 +56,10 @@ def k_choices(n_real: int, mask_prob: float, n: int, n_cands: int) -> set:
 
 
 def whole_words(starts, cands) -> list:
-    """The candidate words of a row as column lists: a start and the non-starts after it (a word at column 0 first)."""
+    """The candidate words of a row as column lists: a start and the non-starts after it (a word at column 0 first);
+    a non-candidate is a word of its own and the token after it begins one."""
+    cands = set(cands)
+    starts = [s or c not in cands or (c > 0 and c - 1 not in cands) for c, s in enumerate(starts)]
     firsts = [0] + [c for c in range(1, len(starts)) if starts[c]]
     words = [list(range(a, b)) for a, b in zip(firsts, firsts[1:] + [len(starts)])]
     return [w for w in words if set(w) <= set(cands)]

@@ -33,8 +33,11 @@ BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
 
 # ---------------------------------------------------------------- the oracle: BERT's walk, literally, in numpy
 
-def words_of(starts) -> list:
-    """[(first, last)] column ranges: a start and the non-starts after it; leading non-starts form a word at 0."""
+def words_of(starts, cand=None) -> list:
+    """[(first, last)] column ranges: a start and the non-starts after it; leading non-starts form a word at 0.
+    Given the candidates, a non-candidate is a word of its own and the token after it begins one."""
+    if cand is not None:
+        starts = [s or not cand[c] or (c > 0 and not cand[c - 1]) for c, s in enumerate(starts)]
     firsts = [0] + [c for c in range(1, len(starts)) if starts[c]]
     return [(a, b - 1) for a, b in zip(firsts, firsts[1:] + [len(starts)])]
 
@@ -77,7 +80,7 @@ def oracle(ids, mask, starts, special, scores, keep, mask_prob, n):
     masked, positions, weights = ids.copy(), np.zeros((b, n), np.int64), np.zeros((b, n), np.float32)
     for r in range(b):
         cand = [bool(mask[r, c] != 0) and int(ids[r, c]) not in special for c in range(seq_len)]
-        words = [w for w in words_of(starts[r].tolist()) if all(cand[w[0]:w[1] + 1])]
+        words = [w for w in words_of(starts[r].tolist(), cand) if all(cand[w[0]:w[1] + 1])]
         order = sorted(range(len(words)), key=lambda i: (scores[r, words[i][0]], words[i][0]))
         k = num_to_predict(int((mask[r] != 0).sum()), mask_prob, n)
         chosen = sorted(c for i in walk([b_ - a + 1 for a, b_ in words], order, k)
@@ -151,7 +154,7 @@ def check_rows(ids, mask, starts, masked, positions, weights, mask_prob, special
     fills = []
     for r in range(b):
         cand = [bool(mask[r, c] != 0) and int(ids[r, c]) not in special for c in range(seq_len)]
-        words = [w for w in words_of(starts[r].tolist()) if all(cand[w[0]:w[1] + 1])]
+        words = [w for w in words_of(starts[r].tolist(), cand) if all(cand[w[0]:w[1] + 1])]
         k = num_to_predict(int((mask[r] != 0).sum()), mask_prob, n)
         fill = int(weights[r].sum())
         assert weights[r, :fill].eq(1).all() and weights[r, fill:].eq(0).all(), (r, weights[r])
@@ -181,10 +184,10 @@ def test_rules_on_random_rows(poison, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_words_that_never_fit_or_hold_a_special(poison, backend):
-    """Row 0: continuation pieces before the first start form a word with [CLS] (never chosen), the rest fits.
-    Row 1: every word longer than K_b = 2: nothing drawn, nothing masked. Row 2: padding that continues the last
-    word makes it a non-candidate. Row 3: no word starts at all: one word holding [CLS], nothing drawn."""
+def test_words_that_never_fit_or_meet_a_special(poison, backend):
+    """Row 0: a continuation piece right after [CLS] begins a word (the special is a word of its own). Row 1: every
+    word longer than K_b = 2: nothing drawn, nothing masked. Row 2: padding marked as a continuation still ends the
+    word before it. Row 3: no word starts at all: [CLS], one word of 6 (too long) and [SEP]: nothing drawn."""
     t, f = True, False
     ids = torch.tensor([[CLS, 5, 6, 7, 8, 9, SEP, PAD], [5, 6, 7, 8, 9, 10, 11, 12],
                         [CLS, 5, 6, 7, 8, PAD, PAD, PAD], [CLS, 5, 6, 7, 8, 9, 10, SEP]])
@@ -195,7 +198,7 @@ def test_words_that_never_fit_or_hold_a_special(poison, backend):
     # K_b = round(7 * 0.3) = 2, round(8 * 0.3) = 2, round(5 * 0.3) = 2, 2.
     assert check_rows(ids, mask, starts, masked, positions, weights, 0.3) == [2, 0, 2, 0]
     assert positions[1].eq(0).all() and torch.equal(masked[1], ids[1]) and torch.equal(masked[3], ids[3])
-    assert set(positions[0, :2].tolist()) <= {2, 3, 4, 5} and positions[2, :2].tolist() == [1, 2]
+    assert set(positions[0, :2].tolist()) <= {1, 2, 3, 4, 5} and positions[2, :2].tolist() in ([1, 2], [3, 4])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -218,10 +221,10 @@ def test_mask_fraction_per_token(backend):
 
 # ---------------------------------------------------------------- the chosen word sets, against every order
 
-# [CLS] | 1 | 2 2 | 3 3 3 | 1 | 2 2 | 3 3 3 | 11 [MASK] | [SEP] | [SEP]: six candidate words of lengths 1, 2, 3,
-# 1, 2, 3, a word holding [MASK] (never a candidate), K_b = round(17 * 0.3) = 5 < 12 tokens: walks skip words.
+# [CLS] | 1 | 2 2 | 3 3 3 | 1 | 2 2 | 3 3 3 | [MASK] | [MASK] | [SEP] | [SEP]: six candidate words of lengths 1, 2,
+# 3, 1, 2, 3 and specials (never candidates), K_b = round(17 * 0.3) = 5 < 12 tokens: walks skip words.
 ROW_LENGTHS = [1, 2, 3, 1, 2, 3]
-ROW_IDS = [CLS, 5, 6, 6, 7, 7, 7, 8, 9, 9, 10, 10, 10, 11, MASK, SEP, SEP]
+ROW_IDS = [CLS, 5, 6, 6, 7, 7, 7, 8, 9, 9, 10, 10, 10, MASK, MASK, SEP, SEP]
 ROW_STARTS = [1, 1, 1, 0, 1, 0, 0, 1, 1, 0, 1, 0, 0, 1, 0, 1, 1]
 WORD_AT = {1: 0, 2: 1, 4: 2, 7: 3, 8: 4, 10: 5}  # start column -> word
 
@@ -339,11 +342,3 @@ def test_bad_input_errors_name_the_argument(bad, exc, words):
         bad()
     for word in words:
         assert word in str(info.value), (word, str(info.value))
-
-
-@pytest.mark.skipif(not HAVE_TRITON, reason="the Triton backend needs a CUDA GPU or TRITON_INTERPRET=1")
-def test_triton_kernel_refuses_rows_its_scratch_cannot_pack():
-    ids = torch.full((1, 32769), 5, device=DEVICE)
-    with pytest.raises(ValueError, match=r"up to 32768 tokens.*\(1, 32769\)"):
-        ops.mask_tokens(ids, mask_token_id=MASK, special_token_ids=SPECIAL, backend="triton",
-                        word_starts=torch.ones_like(ids, dtype=torch.bool))
