@@ -80,15 +80,6 @@ def apply_fsdp(model) -> None:
     register_fsdp_forward_method(model, "scores")  # evaluation's entry point gathers the parameters as forward does
 
 
-def full_state_dicts(model, optimizer, fsdp: bool) -> tuple:
-    """Full (unsharded) CPU model and optimizer state dicts; a collective under FSDP (every rank calls it)."""
-    if not fsdp:
-        return model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
 def load_state_dicts(model, optimizer, model_state, optim_state, fsdp: bool) -> None:
     if not fsdp:
         model.load_state_dict(model_state)
@@ -224,5 +215,5 @@ def grad_sync(model, ddp, fsdp: bool) -> Optional[Callable]:
     return sync
 
 
-__all__ = ["Dist", "init_distributed", "apply_fsdp", "full_state_dicts", "load_state_dicts", "save_sharded",
+__all__ = ["Dist", "init_distributed", "apply_fsdp", "load_state_dicts", "save_sharded",
            "load_sharded", "consolidated_model", "grad_sync"]

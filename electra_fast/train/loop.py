@@ -43,7 +43,7 @@ from electra_fast.io.checkpoint import (checkpoint_path, latest_checkpoint, list
 from electra_fast.ops import available_backends
 from electra_fast.train.build import WithoutSegments, check_token_ids, has_token_types, place, restore, run_model
 from electra_fast.train.config import TrainConfig
-from electra_fast.train.distributed import Dist, full_state_dicts, grad_sync, init_distributed, save_sharded
+from electra_fast.train.distributed import Dist, grad_sync, init_distributed, save_sharded
 from electra_fast.train.evaluate import evaluate, heldout
 from electra_fast.train.export import export, model_spec
 from electra_fast.train.metrics_log import MetricsLog, ProgressBar, _summary_writer_class, _wandb_module
@@ -134,6 +134,7 @@ class _Run:
             device.type == "cuda" and env.world_size == 1)
         # Written by the step loop, read by `finish`.
         self.record, self.eval_record, self.last_ckpt = {}, None, None
+        self.watchdog = StepWatchdog(env.rank, None)  # a no-op until the step loop arms its own
         self.stopped = None  # the step after which a signal stopped the run
         self.preemption = Preemption(env.rank, env.world_size, cfg.signal_check_interval, cfg.save_every_minutes)
 
@@ -244,7 +245,8 @@ class _Run:
         self.window_steps, self.window_start = 0, time.perf_counter()
         self.preemption.restart_clock()  # timed checkpoints count from the first step, not from opening the data
         # A rank stuck in a step (a collective waiting on a dead or hung rank) ends itself: electra_fast.train.watchdog.
-        watchdog = StepWatchdog(self.env.rank, cfg.collective_timeout if self.env.world_size > 1 else None)
+        self.watchdog = watchdog = StepWatchdog(self.env.rank,
+                                                cfg.collective_timeout if self.env.world_size > 1 else None)
         with prefetch, watchdog:
             for step in range(self.start, cfg.steps):
                 watchdog.arm(step + 1)
@@ -284,7 +286,11 @@ class _Run:
         if self.bar is not None:
             self.bar.update()
         if done % cfg.save_interval == 0 or last or stop or timed:
+            # A write may take long (a large model, a network file system), and the other ranks wait for it: the
+            # watchdog pauses, the process group's own timeout still bounds the wait.
+            self.watchdog.disarm()
             self.save(done, needed=last or stop)
+            self.watchdog.arm(done)
         if stop:
             self.stopped = done
 
@@ -342,11 +348,10 @@ class _Run:
         if self.cfg.fsdp:  # no rank gathers the whole state
             return save_sharded(self.model, self.optimizer, extra, self.ckpt_dir, step, self.env,
                                 self.cfg.keep_checkpoints)
-        model_state, optim_state = full_state_dicts(self.model, self.optimizer, self.cfg.fsdp)
         if not self.env.is_main:
             return None
-        return save_checkpoint({"model": model_state, "optimizer": optim_state, **extra}, self.ckpt_dir, step,
-                               keep=self.cfg.keep_checkpoints)
+        return save_checkpoint({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), **extra},
+                               self.ckpt_dir, step, keep=self.cfg.keep_checkpoints)
 
     def finish(self) -> dict:
         """Close the logs; the transformers export of the last checkpoint (rank 0); `train`'s summary."""

@@ -3,7 +3,9 @@
 A collective waits for every rank. When one rank dies or hangs (a stuck disk, a deadlocked data thread, a GPU that
 stopped answering), the others wait inside an all-reduce; torch's own process-group timeout (30 minutes for gloo,
 10 for NCCL) may come late, and a hang without it never ends. `StepWatchdog` is a daemon thread armed around each
-training step: if the step has not finished `timeout_s` seconds later it prints one line naming the rank and the
+training step and what follows it (logging, evaluation), though not around a checkpoint write, which may rightly
+take long (the process group's timeout bounds the others' wait for it): if the step has not finished `timeout_s`
+seconds later it prints one line naming the rank and the
 step to stderr and ends the process with `WATCHDOG_EXIT_CODE` (`os._exit`: the main thread is stuck and cannot be
 asked to stop). torchrun then sees a failed worker, stops the others and restarts the group (`--max-restarts`), which
 continues from the last checkpoint with `--resume auto`.
