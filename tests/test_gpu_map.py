@@ -80,7 +80,8 @@ MAP = {
     **{f"{CS}::{name}": on_cpu(device="cpu") for name in (
         "test_bf16_step_is_finite_and_close_to_fp32", "test_cuda_graph_step_with_dropout_takes_flash_varlen_and_trains",
         "test_cuda_graph_step_draws_fresh_samples_and_trains",
-        "test_cuda_graph_accumulation_replays_equal_the_eager_step", "test_cuda_graph_skips_a_non_finite_step")},
+        "test_cuda_graph_accumulation_replays_equal_the_eager_step", "test_cuda_graph_skips_a_non_finite_step",
+        "test_cuda_graph_whole_word_step_draws_fresh_whole_words")},
     # CUDAGraphStep checks the LR before the optimizer, and only a CUDA tensor passes that check; the LR refusals
     # that come first are the CPU's.
     f"{CS}::test_cuda_graph_step_requires_capturable_optimizer": elsewhere(

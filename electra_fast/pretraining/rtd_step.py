@@ -101,7 +101,7 @@ def check_masking(masking) -> str:
     return check_choice(masking, "masking", MASKINGS, aliases=MASKING_ALIASES)
 
 
-def check_word_starts(word_starts: Optional[torch.Tensor], input_ids: torch.Tensor, masking: str):
+def check_word_starts(word_starts: Optional[torch.Tensor], masking: str):
     """The `[B, L]` word starts whole-word masking needs (None for the other maskings, which ignore them)."""
     if masking != "whole_word":
         return None
@@ -111,9 +111,7 @@ def check_word_starts(word_starts: Optional[torch.Tensor], input_ids: torch.Tens
                          "electra_fast.word_starts_from_vocab(tokenizer)[input_ids]), or give ElectraPretrainer the "
                          "vocabulary's word starts to look them up from the ids (from_preset / from_pretrained with "
                          "tokenizer=, vocab_word_starts=, or set_vocab_word_starts(tokenizer)); got None")
-    check_tensor(word_starts, "word_starts", ndim=2)
-    check_shape(word_starts, "word_starts", input_ids.shape, "same as input_ids")
-    return word_starts
+    return word_starts  # its shape, dtype and device: mask_tokens checks them
 
 
 def check_token_id(value, name: str, vocab_size: int) -> int:
@@ -181,16 +179,13 @@ def generate(gen: Adapter, disc: Adapter, input_ids, attention_mask, token_type_
     check_token_id(mask_token_id, "mask_token_id", dims["vocab_size"])
     masking = check_masking(masking)
     with_replacement = masking == "with_replacement"
-    word_kw = {}
-    if masking == "whole_word":  # only then: the other maskings run the op exactly as before
-        word_kw["word_starts"] = check_word_starts(word_starts, input_ids, masking)
     backend = options.backend
     b, _ = input_ids.shape
 
     masked_ids, positions, weights = mask_tokens(input_ids, attention_mask, mask_prob=mask_prob,
                                                  mask_token_id=mask_token_id, special_token_ids=special_token_ids,
                                                  replacement=with_replacement, generator=rng, backend=backend,
-                                                 **word_kw)
+                                                 word_starts=check_word_starts(word_starts, masking))
     # Generator: encoder over all L tokens, LM head at the N slots only.
     slots = masked_gather(gen.encode(masked_ids, attention_mask, token_type_ids), positions, backend=backend)
     targets = input_ids.gather(1, positions).reshape(-1)
