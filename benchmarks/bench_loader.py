@@ -60,7 +60,7 @@ def plan_memory(n: int, world: int, env) -> list:
 def generate(directory: str, size_gb: float, seq_len: int, vocab: int = 30522) -> None:
     import numpy as np
 
-    from electra_fast.data.shards import FORMAT, write_json
+    from electra_fast.data.shards import FORMAT, save_npy, write_json
 
     per_shard = (64 << 20) // (2 * seq_len)
     total = int(size_gb * 1e9) // (2 * seq_len)
@@ -73,10 +73,7 @@ def generate(directory: str, size_gb: float, seq_len: int, vocab: int = 30522) -
         lens = np.full((n, 2), seq_len, dtype=np.int32)
         lens[:, 1] = rng.integers(3, seq_len - 1, n)
         for part, array in (("ids", ids), ("len", lens)):
-            with open(os.path.join(folder, f"shard-{k:05d}-{part}.npy"), "wb") as f:
-                np.save(f, array)
-                f.flush()
-                os.fsync(f.fileno())
+            save_npy(os.path.join(folder, f"shard-{k:05d}-{part}.npy"), array)
         shards.append({"name": f"shards-bench/shard-{k:05d}", "num_examples": n})
         k, done = k + 1, done + n
     write_json(os.path.join(directory, "index.json"),

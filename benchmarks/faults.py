@@ -43,7 +43,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from electra_fast.io.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint  # noqa: E402
-from electra_fast.train.distributed import consolidated_model  # noqa: E402
+from electra_fast.train.distributed import model_weights  # noqa: E402
 
 # The CLI with a fault injected from the environment: FAULT="kill RANK STEP" (on torchrun's first attempt only),
 # FAULT="disk STEP" (torch.save fails with ENOSPC on checkpoint STEP).
@@ -197,8 +197,7 @@ class Bench:
 
 
 def final_weights(out: str) -> dict:
-    state = load_checkpoint(latest_checkpoint(os.path.join(out, "checkpoints")))
-    return consolidated_model(state) if "sharded" in state else state["model"]
+    return model_weights(load_checkpoint(latest_checkpoint(os.path.join(out, "checkpoints"))))
 
 
 def compare(got: dict, want: dict) -> tuple:

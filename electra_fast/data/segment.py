@@ -17,6 +17,7 @@ import re
 from bisect import bisect_right
 from typing import Callable, List, Sequence, Tuple
 
+from electra_fast.data.word_starts import word_starts_from_word_ids
 from electra_fast.errors import InputError
 
 SEGMENTERS = ("whitespace", "chars", "jieba")
@@ -65,10 +66,8 @@ def token_starts(words: Words, offsets: Sequence) -> List[bool]:
     """Per token (its `(start, end)` character offsets in the line), True if it starts a word (see the module
     docstring): its first character lies in white space, or in another word than the previous token's."""
     starts, ends = words
-    out, previous = [], None
+    word_ids = []
     for start, _ in offsets:
         i = bisect_right(starts, start) - 1
-        word = i if i >= 0 and start < ends[i] else -1
-        out.append(previous is None or word < 0 or word != previous)
-        previous = word
-    return out
+        word_ids.append(i if i >= 0 and start < ends[i] else None)  # None: white space, a word of its own
+    return word_starts_from_word_ids(word_ids)

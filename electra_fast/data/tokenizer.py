@@ -112,6 +112,23 @@ def special_ids(tok, where: str = "tokenizer") -> Dict[str, int]:
     return ids
 
 
+def open_tokenizer(tokenizer):
+    """A path (tokenizer.json, vocab.txt, a directory) read as a `tokenizers.Tokenizer` with BERT's special tokens,
+    else, where a transformers `tokenizer_config.json` names them by role, as transformers' `AutoTokenizer`; a
+    tokenizer object as it is."""
+    if not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    path = os.fspath(tokenizer)
+    try:
+        return load_tokenizer(path)
+    except ValueError:  # not BERT's special tokens
+        if not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+            raise
+        from electra_fast.model.hf_format import require_transformers
+
+        return require_transformers().AutoTokenizer.from_pretrained(path)
+
+
 def tokenizer_ids(tokenizer) -> dict:
     """`{"vocab_size", "mask_token_id", "special_token_ids", "pad_token_id"}` from a tokenizer.
 
@@ -120,16 +137,7 @@ def tokenizer_ids(tokenizer) -> dict:
     ([UNK] stays maskable, as in the reference); or a transformers tokenizer, whose special tokens other than its
     unknown token are never masked.
     """
-    if isinstance(tokenizer, (str, os.PathLike)):
-        path = os.fspath(tokenizer)
-        try:
-            tokenizer = load_tokenizer(path)
-        except ValueError:  # not BERT's special tokens: transformers' tokenizer_config.json names them by role
-            if not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
-                raise
-            from electra_fast.model.hf_format import require_transformers
-
-            tokenizer = require_transformers().AutoTokenizer.from_pretrained(path)
+    tokenizer = open_tokenizer(tokenizer)
     if hasattr(tokenizer, "all_special_ids"):  # transformers
         missing = [name for name in ("mask_token_id", "pad_token_id") if getattr(tokenizer, name, None) is None]
         if missing:

@@ -14,7 +14,6 @@ This module imports torch only where it returns a tensor: the workers of `prepar
 """
 from __future__ import annotations
 
-import os
 import warnings
 from typing import List, Optional, Sequence
 
@@ -33,26 +32,11 @@ def word_starts_from_word_ids(word_ids: Sequence[Optional[int]]) -> List[bool]:
     return starts
 
 
-def _load(tokenizer):
-    """A path (tokenizer.json, vocab.txt, a directory) read as `tokenizer_ids` reads it; objects as they are."""
-    if not isinstance(tokenizer, (str, os.PathLike)):
-        return tokenizer
-    from electra_fast.data.tokenizer import load_tokenizer
-
-    path = os.fspath(tokenizer)
-    try:
-        return load_tokenizer(path)
-    except ValueError:  # not BERT's special tokens: a transformers directory names them in tokenizer_config.json
-        if not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
-            raise
-        from electra_fast.model.hf_format import require_transformers
-
-        return require_transformers().AutoTokenizer.from_pretrained(path)
-
-
 def _vocabulary(tokenizer) -> tuple:
     """`(size, {token: id}, ids of special/added tokens, the WordPiece continuation prefix or None)`."""
-    tok = _load(tokenizer)
+    from electra_fast.data.tokenizer import open_tokenizer
+
+    tok = open_tokenizer(tokenizer)
     backend = getattr(tok, "backend_tokenizer", None)  # a transformers fast tokenizer wraps a tokenizers.Tokenizer
     if hasattr(tok, "all_special_ids"):  # transformers, fast or slow
         vocab = dict(tok.get_vocab())

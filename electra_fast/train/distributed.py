@@ -187,6 +187,11 @@ def load_sharded(model, optimizer, manifest: dict) -> None:
     set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(full_state_dict=False))
 
 
+def model_weights(checkpoint: dict) -> dict:
+    """The whole model state dict of a loaded checkpoint, sharded (`consolidated_model`) or not."""
+    return consolidated_model(checkpoint) if "sharded" in checkpoint else checkpoint["model"]
+
+
 def consolidated_model(manifest: dict) -> dict:
     """The whole model state dict of a sharded checkpoint, from all its shards (each verified) on this process:
     what exporting it needs (one CPU copy of the weights, no optimizer state)."""
@@ -216,4 +221,4 @@ def grad_sync(model, ddp, fsdp: bool) -> Optional[Callable]:
 
 
 __all__ = ["Dist", "init_distributed", "apply_fsdp", "load_state_dicts", "save_sharded",
-           "load_sharded", "consolidated_model", "grad_sync"]
+           "load_sharded", "consolidated_model", "model_weights", "grad_sync"]

@@ -17,7 +17,7 @@ from electra_fast.model.hf_format import require_transformers
 from electra_fast.pretraining.families import is_slim
 from electra_fast.pretraining.families.rtd_head import RTDDiscriminator
 from electra_fast.pretraining.pretrainer import ElectraPretrainer
-from electra_fast.train.distributed import consolidated_model
+from electra_fast.train.distributed import model_weights
 
 
 def _transformers_spec(module) -> dict:
@@ -81,7 +81,7 @@ def export(checkpoint: str, output_dir: str) -> str:
         checkpoint = found
     state = load_checkpoint(checkpoint)
     model = model_from_spec(state["model_spec"])
-    model.load_state_dict(consolidated_model(state) if "sharded" in state else state["model"])
+    model.load_state_dict(model_weights(state))
     ensure_writable(output_dir, "--output")
     tmp = os.path.join(output_dir, f".export-{os.getpid()}")
     model.save_pretrained(tmp)
