@@ -37,7 +37,8 @@ class PretrainingData:
         self.index = read_index(directory)
         self.seq_len = int(self.index["seq_len"])
         self.vocab_size = int(self.index["vocab_size"])
-        # Which tokens start a word: only datasets prepared with a word segmenter carry it (see `shards`).
+        # Which tokens start a word: only datasets prepared with a word segmenter carry it (see `shards`); `gather`
+        # delivers them while this is True (a reader that has no use for them sets it False).
         self.word_starts = bool(self.index.get("word_starts", False))
         self._ids, self._lens, self._starts_bits, counts = [], [], [], []
         for shard in self.index["shards"]:

@@ -41,6 +41,7 @@ from electra_fast.errors import InputError, lock_directory
 from electra_fast.io.checkpoint import (checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
                                         newest_intact_checkpoint, rng_state, save_checkpoint)
 from electra_fast.ops import available_backends
+from electra_fast.pretraining.rtd_step import check_masking
 from electra_fast.train.build import WithoutSegments, check_token_ids, has_token_types, place, restore, run_model
 from electra_fast.train.config import TrainConfig
 from electra_fast.train.distributed import Dist, grad_sync, init_distributed, save_sharded
@@ -167,6 +168,8 @@ class _Run:
             cfg.data, os.path.join(self.out_dir, "data"), tokenizer=tokenizer, seq_len=cfg.seq_len,
             vocab_size=cfg.vocab_size, seed=cfg.seed, is_main=env.is_main, barrier=env.barrier,
             progress=cfg.progress and env.is_main, trainer="unigram" if cfg.arch == "deberta-v3" else "wordpiece")
+        if check_masking(cfg.masking) != "whole_word":
+            self.dataset.word_starts = False  # a segmented dataset's bits: read by whole-word masking only
         self.skipped = self.dataset.index.get("skipped_lines", 0)
         if self.skipped and env.is_main:  # told before the run, not after: the data is what it is for all its steps
             print(f"electra-fast: warning: skipped {self.skipped} lines of the text that were not UTF-8: convert the "

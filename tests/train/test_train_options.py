@@ -198,15 +198,14 @@ def test_whole_word_masking_trains_from_the_vocabulary_and_keeps_its_setting(dat
     assert main(args + ["--masking", "whole-word"]) == 0
     saved = checkpoint(out, 2)
     assert saved["config"]["masking"] == saved["model_spec"]["settings"]["masking"] == "whole_word"
-    # The oracle, from the WordPiece rule: a token begins a word unless it is a "##" piece; special tokens, and the
-    # token after one, begin words.
+    # The oracle, from the WordPiece rule: a token begins a word unless it is a "##" piece; special tokens begin
+    # words (that the token after one does too is mask_tokens' own rule, tested with the op).
     tok = load_tokenizer(dataset)
     vocab = {i: t for t, i in tok.get_vocab().items()}
     specials = {tok.token_to_id(t) for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]")}
     assert len(starts) == 2
     for ids, got in starts:
-        want = torch.tensor([[not vocab[i].startswith("##") or i in specials or (c > 0 and row[c - 1] in specials)
-                              for c, i in enumerate(row)] for row in ids.tolist()])
+        want = torch.tensor([[not vocab[i].startswith("##") or i in specials for i in row] for row in ids.tolist()])
         assert got is not None and torch.equal(got, want)
     assert (~want).any()
     cfg = config(dataset, out, steps=3, masking="whole_word", eval_interval=0)
@@ -216,3 +215,34 @@ def test_whole_word_masking_trains_from_the_vocabulary_and_keeps_its_setting(dat
     starts.clear()
     assert train(cfg, resume=saved)["step"] == 3  # the lookup rebuilt from the run's tokenizer
     assert len(starts) == 1 and starts[0][1] is not None
+
+
+def test_segmented_data_gives_its_word_starts_to_whole_word_masking_only(tmp_path, monkeypatch):
+    """A dataset prepared with a word segmenter: whole-word masking masks by its stored word starts (not the
+    vocabulary's); the other maskings get no word starts gathered or copied at all."""
+    from electra_fast.data import builtin_lines, prepare, train_tokenizer
+    from electra_fast.data.loader import PretrainingData
+
+    lines = list(builtin_lines())[:600]
+    data = str(tmp_path / "data")
+    prepare(iter(lines), data, train_tokenizer(iter(lines), vocab_size=600), seq_len=32, word_segmenter="chars")
+    gathered, given = [], []
+    gather = PretrainingData.gather
+    monkeypatch.setattr(PretrainingData, "gather",
+                        lambda self, *a, **k: gathered.append(gather(self, *a, **k)) or gathered[-1])
+    real_mask = pretrainer_mod.mask_tokens
+    monkeypatch.setattr(pretrainer_mod, "mask_tokens",
+                        lambda *a, **k: given.append(k.get("word_starts")) or real_mask(*a, **k))
+    for masking in ("distinct", "whole_word"):
+        gathered.clear(), given.clear()
+        train(config(data, tmp_path / masking, steps=1, masking=masking, eval_interval=0))
+        batch = gathered[0]
+        if masking == "distinct":
+            assert "word_starts" not in batch and given == [None]
+        else:
+            # "chars": every character a word, so every token starts one (a vocabulary lookup would say False at
+            # the "##" pieces the WordPiece tokenizer makes of longer words).
+            assert batch["word_starts"].all() and torch.equal(given[0], batch["word_starts"])
+            from electra_fast import word_starts_from_vocab
+            table = word_starts_from_vocab(PretrainingData(data).tokenizer())
+            assert not table[batch["input_ids"]].all()  # the vocabulary's word starts would differ
